@@ -1,0 +1,1 @@
+"""dit_core: the Diffusion Transformer, its diffusion process and samplers, in pure PyTorch."""
