@@ -1,0 +1,124 @@
+"""Local paths and ``s3://`` URIs behind one small API (pyarrow.fs).
+
+S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), never from params. Writes are atomic: a local file is written under a
+temporary name and renamed; an S3 object becomes visible only when its upload completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or an ``s3://bucket/key`` URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        return _s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under a folder or prefix (as URIs of the same kind), sorted; [] if it does not exist."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [f"s3://{f}" for f in files] if is_s3(uri) else files
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri} does not exist") from e
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write atomically: readers see the old content or the whole new content, never a part."""
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str | os.PathLike, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def delete(uri: str | os.PathLike) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Fail early, naming the destination, when it cannot be written (bad bucket, read-only dir)."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        raise PermissionError(f"cannot write to {uri}: {e}. Check the path, bucket and AWS credentials.") from e
