@@ -122,3 +122,64 @@ def check_writable(uri: str | os.PathLike) -> None:
         delete(probe)
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
         raise PermissionError(f"cannot write to {uri}: {e}. Check the path, bucket and AWS credentials.") from e
+
+
+# Folder outputs that appear whole or not at all (used by the prepare and encode stages).
+
+def begin_output(uri: str | os.PathLike) -> str:
+    """Start writing a folder output; returns where to write it. Locally: a fresh temporary sibling
+    folder that ``commit_output`` renames into place. On S3 (no rename): the destination itself,
+    emptied first, so that stale files of an earlier run cannot pass for part of this one; there
+    the marker file the stage writes last (manifest.json, stats.json) is what says "complete"."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs, path = resolve(uri)
+        fs.delete_dir_contents(path, missing_dir_ok=True)  # the contents: never the bucket itself
+        return uri
+    path = Path(uri).absolute()
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    return str(staging)
+
+
+def commit_output(staging: str, uri: str | os.PathLike) -> None:
+    """Finish ``begin_output``: replace the destination folder with the staging one."""
+    uri = str(uri)
+    if is_s3(uri):
+        return
+    import shutil
+
+    path = Path(uri).absolute()
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+
+
+def abort_output(staging: str, uri: str | os.PathLike) -> None:
+    """Remove what a failed ``begin_output`` left (locally the staging folder; on S3 the partial
+    files, none of which is the completion marker)."""
+    if is_s3(uri):
+        fs, path = resolve(uri)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    elif os.path.isdir(staging):
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> str:
+    """Copy every file under ``uri`` (local or s3://) into ``local_dir``; returns ``local_dir``."""
+    root = str(uri).rstrip("/")
+    for f in list_files(root):
+        rel = f[len(root):].lstrip("/")
+        dest = Path(local_dir, rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(read_bytes(f))
+    return str(local_dir)
+
+
+def upload_folder(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy every file under a local folder to ``uri`` (local or s3://)."""
+    for f in sorted(Path(local_dir).rglob("*")):
+        if f.is_file():
+            write_bytes(join(uri, str(f.relative_to(local_dir))), f.read_bytes())

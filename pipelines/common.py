@@ -1,0 +1,65 @@
+"""Helpers every stage module uses: params, parquet on local/S3 storage, the prepared-data contract.
+
+A stage reads its section of ``params.yaml`` (stage name = module name = section) and takes its
+input/output paths from the command line that ``dvc.yaml`` gives it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from ray_jobs import storage
+
+PARAMS_FILE = "params.yaml"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def load_params(section: str | None = None, path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
+    """One section of params.yaml (or all of it). The same file DVC tracks, read directly so a
+    stage also runs outside ``dvc repro`` (e.g. ``python -m pipelines.prepare``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p.absolute()} not found: run the stage from the project root or pass --params")
+    params = yaml.safe_load(p.read_text()) or {}
+    if section is None:
+        return params
+    if section not in params:
+        raise KeyError(f"{p} has no section {section!r}; add it (see params.yaml in the repository)")
+    return dict(params[section] or {})
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    """Write a table atomically to a local path or an s3:// URI."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_manifest(prepared: str) -> dict[str, Any]:
+    """The prepared data's manifest; its presence is what marks the folder complete."""
+    uri = storage.join(prepared, MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} not found: {prepared} is not a complete prepared data set; run the prepare stage")
+    return storage.read_json(uri)
+
+
+def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: list[str] | None = None) -> pa.Table:
+    """All shards of one split, in manifest order."""
+    shards = manifest["splits"][split]["shards"]
+    tables = [read_parquet(storage.join(prepared, s), columns) for s in shards]
+    if not tables:
+        raise ValueError(f"split {split!r} of {prepared} is empty; lower prepare.val_fraction or add data")
+    return pa.concat_tables(tables)

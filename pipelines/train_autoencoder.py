@@ -1,0 +1,133 @@
+"""train_autoencoder stage: the autoencoder folder that ``encode`` uses (docs/CONTRACTS.md).
+
+- ``train_autoencoder.pretrained: null`` (default): train a small diffusers ``AutoencoderKL`` on the
+  prepared training split; its scale factor is 1/std of its posterior means on that split.
+- ``pretrained: <folder or HF id>``: import a pretrained ``AutoencoderKL`` (e.g.
+  ``stabilityai/sd-vae-ft-ema`` from the local Hugging Face cache, offline) with its own scale factor,
+  so the exact weights used are tracked by DVC like any other output.
+
+    python -m pipelines.train_autoencoder --prepared data/prepared --out models/autoencoder \
+        --metrics metrics/autoencoder.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dit_core.autoencoders import (
+    Autoencoder,
+    SmallAutoencoderConfig,
+    TrainConfig,
+    data_scale_factor,
+    load_autoencoder,
+    reconstruction_mse,
+    save_autoencoder,
+    train_small_autoencoder,
+)
+from dit_core.data import pngs_to_batch
+from pipelines.common import load_params, read_manifest, read_split
+from ray_jobs import storage
+
+SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
+
+
+def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int | None, seed: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images``."""
+    pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
+    if max_images is not None and len(pngs) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
+        pngs = [pngs[i] for i in keep]
+    return pngs_to_batch(pngs)
+
+
+def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor, batch_size: int) -> float:
+    """``auto``: the record's own (pretrained config / trained 1/std); ``data``: 1/std on ``images``;
+    a number: that number."""
+    if setting == "auto":
+        return ae.scale_factor
+    if setting == "data":
+        return data_scale_factor(ae, images, batch_size)
+    try:
+        return float(setting)
+    except (TypeError, ValueError):
+        raise ValueError(f"train_autoencoder.scale_factor={setting!r}: use auto, data or a number") from None
+
+
+def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str], None] = print) -> tuple[Autoencoder, dict[str, Any]]:
+    """The pure core of the stage: train or import, then measure on the val split."""
+    manifest = read_manifest(prepared)
+    image_size = int(manifest["image_size"])
+    train_images = load_images(prepared, manifest, "train", params["max_images"], params["seed"])
+    eval_batch = int(params["eval_batch_size"])
+    if params["pretrained"]:
+        ae = load_autoencoder(params["pretrained"])
+        ae.latent_shape(image_size)  # fails early, naming both, if image_size does not fit
+        metrics: dict[str, Any] = {"pretrained": str(params["pretrained"])}
+    else:
+        model = SmallAutoencoderConfig(
+            latent_channels=int(params["latent_channels"]),
+            block_channels=tuple(int(c) for c in params["block_channels"]),
+            layers_per_block=int(params["layers_per_block"]),
+        )
+        train = TrainConfig(
+            steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
+            kl_weight=float(params["kl_weight"]), seed=int(params["seed"]),
+        )
+        every = max(1, train.steps // 10)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == train.steps - 1:
+                log(f"train_autoencoder: step {step}/{train.steps} loss {loss:.5f}")
+
+        ae_id = SMALL_ID.format(downsample=model.downsample, channels=model.latent_channels)
+        ae, metrics = train_small_autoencoder(train_images, model, train, ae_id, log=progress)
+    ae.record.scale_factor = resolve_scale(ae, params["scale_factor"], train_images, eval_batch)
+    ae.record.image_size = image_size
+    if manifest["splits"]["val"]["count"]:
+        val = load_images(prepared, manifest, "val", params["max_images"], params["seed"])
+        metrics["val_reconstruction_mse"] = reconstruction_mse(ae, val, eval_batch)
+    metrics.update(scale_factor=ae.scale_factor, latent_shape=list(ae.latent_shape(image_size)), id=ae.id)
+    return ae, metrics
+
+
+def publish(ae: Autoencoder, out: str) -> None:
+    """Save locally (atomic rename) or, for s3://, save to a temporary folder and upload it with
+    the record last, so a reader that finds autoencoder.json finds the weights too."""
+    if not storage.is_s3(out):
+        save_autoencoder(ae, out)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, "autoencoder")
+        save_autoencoder(ae, local)
+        record = (local / "autoencoder.json").read_bytes()
+        (local / "autoencoder.json").unlink()
+        storage.begin_output(out)
+        storage.upload_folder(local, out)
+        storage.write_bytes(storage.join(out, "autoencoder.json"), record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
+    p.add_argument("--out", required=True, help="autoencoder folder or s3:// URI")
+    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
+    p.add_argument("--params", default="params.yaml")
+    a = p.parse_args(argv)
+    ae, metrics = build_autoencoder(a.prepared, load_params("train_autoencoder", a.params))
+    publish(ae, a.out)
+    if a.metrics:
+        storage.write_bytes(a.metrics, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+    print(f"train_autoencoder: {ae.id} scale_factor {ae.scale_factor:.5f} -> {a.out}; {metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Ray Data job: prepared image shards -> autoencoder latents (docs/CONTRACTS.md, ``data/latents/``).
+
+Reads the prepared parquet shards, encodes them in ``map_batches`` with an actor pool whose actors
+hold the autoencoder (one GPU per actor where the cluster has GPUs, a fraction of a CPU otherwise),
+stores the unscaled posterior (mean, std) of each image and of its horizontal flip with its label,
+writes parquet latent shards and then ``stats.json``, the file that marks the output complete.
+
+    python -m ray_jobs.encode --prepared data/prepared --autoencoder models/autoencoder --out data/latents
+    ray job submit --working-dir . -- python -m ray_jobs.encode --prepared s3://b/prepared ...
+
+``RAY_ADDRESS`` set: runs on that cluster; unset: starts a local Ray runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.data import pngs_to_batch
+
+from . import storage
+
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+SPLITS = ("train", "val")
+LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+MODES = ("posterior", "sample")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    prepared: str
+    autoencoder: str  # folder (local or s3://) or a Hugging Face id in the local cache
+    output: str
+    batch_size: int
+    mode: str  # posterior: mean and std; sample: one sample per view in `mean`, std 0
+    seed: int
+    num_actors: int | None  # None: one per GPU, else cpu_actors
+    cpu_actors: int
+    actor_num_cpus: float
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"encode.mode={self.mode!r} is not one of {MODES}")
+        if self.batch_size < 1 or self.cpu_actors < 1:
+            raise ValueError("encode.batch_size and encode.cpu_actors must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# The actor: loads the autoencoder once, encodes batches
+# --------------------------------------------------------------------------------------------
+
+class EncodeBatch:
+    """Callable class for ``map_batches``: the autoencoder arrives once per actor (an object ref
+    resolved by Ray), moves to this actor's GPU if it has one, and encodes every batch it gets."""
+
+    def __init__(self, autoencoder: Any, mode: str, seed: int):
+        import ray
+
+        if isinstance(autoencoder, ray.ObjectRef):  # constructor kwargs are passed as given, not resolved
+            autoencoder = ray.get(autoencoder)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ae = autoencoder.to(self.device)
+        self.mode, self.seed = mode, seed
+
+    def _views(self, x: torch.Tensor, keys: list[str]) -> list[np.ndarray]:
+        out = []
+        for flip, x_view in ((False, x), (True, x.flip(-1))):
+            mean, std = self.ae.encode(x_view)
+            if self.mode == "sample":
+                # One sample per (image, view), seeded by its key: the same on every run and actor.
+                noise = torch.stack([
+                    torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(
+                        self.seed * 2 + int(flip) + 2 * zlib.crc32(k.encode())))
+                    for k in keys
+                ]).to(mean.device)
+                mean, std = mean + std * noise, torch.zeros_like(std)
+            out += [mean.flatten(1).cpu().numpy(), std.flatten(1).cpu().numpy()]
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch.column("key").to_pylist()
+        x = pngs_to_batch(batch.column("image").to_pylist())
+        arrays = self._views(x, keys)
+        columns = {name: _list_array(a) for name, a in zip(LATENT_COLUMNS, arrays)}
+        columns["label"] = batch.column("label").cast(pa.int32())
+        columns["key"] = batch.column("key")
+        return pa.table(columns)
+
+
+def _list_array(a: np.ndarray) -> pa.Array:
+    """(N, D) float32 -> list<float32> (the contract's column type; fixed-size lists would tie
+    readers to one latent size)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1]).cast(pa.list_(pa.float32()))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+def resolve_autoencoder(uri: str) -> Autoencoder:
+    """Load on the driver (local folder, s3:// folder or HF id in the local cache); the actors get
+    it through the object store, so worker nodes need neither the files nor the credentials."""
+    if storage.is_s3(uri):
+        if not storage.exists(storage.join(uri, "autoencoder.json")):
+            raise FileNotFoundError(f"{uri}/autoencoder.json not found: {uri} is not a complete autoencoder folder")
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_autoencoder(storage.download_folder(uri, tmp))
+    return load_autoencoder(uri)
+
+
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` when set; otherwise start a private local runtime (``address="local"``
+    never joins another cluster on this machine, e.g. a test suite's)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+
+def actor_resources(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
+    """(pool size, per-actor resources): a whole GPU per actor where GPUs exist, else a CPU fraction."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        return (cfg.num_actors or gpus), {"num_gpus": 1}
+    return (cfg.num_actors or cfg.cpu_actors), {"num_cpus": cfg.actor_num_cpus}
+
+
+def encode_split(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) -> None:
+    """One split: read its shards, encode them with the actor pool, write parquet to ``dest``."""
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}.parquet"
+
+    fs, _ = storage.resolve(cfg.prepared)
+    paths = [storage.resolve(storage.join(cfg.prepared, s))[1] for s in shards]
+    pool_size, resources = actor_resources(cfg)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"])
+    ds = ds.map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"autoencoder": ae_ref, "mode": cfg.mode, "seed": cfg.seed},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool_size),
+        **resources,
+    )
+    out_fs, out_path = storage.resolve(dest)
+    # OVERWRITE: `dest` is this run's own fresh folder, and Ray requires it for uuid-free names.
+    ds.write_parquet(out_path, filesystem=out_fs, filename_provider=PartNames(), mode=ray.data.SaveMode.OVERWRITE)
+
+
+def latent_stats(output: str, splits: dict[str, list[str]], latent_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Channel mean/std of the train split's posterior means and an order-independent content
+    fingerprint, read back from the written shards (so they describe exactly what is on disk)."""
+    channels = latent_shape[0]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    n = 0
+    row_hashes: list[str] = []
+    counts = {}
+    for split, files in splits.items():
+        counts[split] = 0
+        for f in files:
+            fs, path = storage.resolve(f)
+            table = pq.read_table(path, filesystem=fs)
+            counts[split] += table.num_rows
+            flat = {c: table.column(c).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1) for c in LATENT_COLUMNS}
+            for c in LATENT_COLUMNS:
+                if flat[c].shape[1] != int(np.prod(latent_shape)):
+                    raise ValueError(f"{f}: column {c} has {flat[c].shape[1]} values per row, expected {latent_shape}")
+            if split == "train":
+                m = flat["mean"].reshape(table.num_rows, channels, -1).astype(np.float64)
+                total += m.sum(axis=(0, 2))
+                total_sq += (m ** 2).sum(axis=(0, 2))
+                n += m.shape[0] * m.shape[2]
+            labels = table.column("label").to_pylist()
+            for i, key in enumerate(table.column("key").to_pylist()):
+                h = hashlib.sha256(f"{split}\t{key}\t{labels[i]}\t".encode())
+                for c in LATENT_COLUMNS:
+                    h.update(flat[c][i].tobytes())
+                row_hashes.append(h.hexdigest())
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 0))
+    fingerprint = hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "counts": counts, "fingerprint": fingerprint}
+
+
+def encode(cfg: EncodeConfig) -> dict[str, Any]:
+    """Run the job; returns the stats.json contents."""
+    import ray
+
+    cfg.validate()
+    manifest_uri = storage.join(cfg.prepared, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"{manifest_uri} not found: {cfg.prepared} is not a complete prepared data set; run prepare")
+    manifest = storage.read_json(manifest_uri)
+    ae = resolve_autoencoder(cfg.autoencoder)
+    latent_shape = ae.latent_shape(int(manifest["image_size"]))
+    init_ray()
+    ae_ref = ray.put(ae.to("cpu"))
+    staging = storage.begin_output(cfg.output)
+    try:
+        written: dict[str, list[str]] = {}
+        for split in SPLITS:
+            shards = manifest["splits"][split]["shards"]
+            written[split] = []
+            if shards:
+                dest = storage.join(staging, split)
+                encode_split(cfg, ae_ref, shards, dest)
+                written[split] = storage.list_files(dest, ".parquet")
+        stats = {
+            "autoencoder_id": ae.id,
+            "autoencoder_path": cfg.autoencoder,
+            "scale_factor": ae.scale_factor,
+            "latent_shape": list(latent_shape),
+            "num_classes": manifest["num_classes"],
+            "class_names": manifest["class_names"],
+            "input_fingerprint": manifest["fingerprint"],
+            "mode": cfg.mode,
+            "shards": {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
+            **latent_stats(staging, written, latent_shape),
+        }
+        expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
+        if stats["counts"] != expected:
+            raise RuntimeError(f"encoded {stats['counts']} rows but {cfg.prepared} holds {expected}")
+        storage.write_json(storage.join(staging, STATS), stats)  # last: marks the output complete
+        storage.commit_output(staging, cfg.output)
+    except BaseException:
+        storage.abort_output(staging, cfg.output)
+        raise
+    return stats
+
+
+def config_from(prepared: str, autoencoder: str, output: str, params: dict[str, Any]) -> EncodeConfig:
+    return EncodeConfig(prepared=prepared, autoencoder=autoencoder, output=output, **params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ray job submit`` entry point; settings default to the ``encode`` section of params.yaml."""
+    import yaml
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--autoencoder", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--params", default="params.yaml", help="YAML file whose `encode` section gives the settings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. batch_size=64")
+    a = p.parse_args(argv)
+    with open(a.params) as f:
+        params = dict(yaml.safe_load(f)["encode"])
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in params:
+            raise SystemExit(f"--set {item}: unknown setting {key!r}; known: {sorted(params)}")
+        params[key] = yaml.safe_load(value)
+    stats = encode(config_from(a.prepared, a.autoencoder, a.out, params))
+    print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "counts")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
