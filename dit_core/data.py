@@ -85,7 +85,7 @@ def prepare_image(data: bytes, image_size: int, allow_upsample: bool = False) ->
     """
     img, note = decode_image(data)
     if not allow_upsample and min(img.size) < image_size:
-        raise BadImage(f"image is {img.size[0]}x{img.size[1]}, smaller than image_size={image_size}")
+        raise BadImage(f"smaller than image_size ({img.size[0]}x{img.size[1]} < {image_size})")
     return png_bytes(center_crop(img, image_size)), note
 
 

@@ -1,0 +1,157 @@
+"""Data-stage test helpers: planted image folders, small params, a throwaway copy of the project
+for DVC, and subprocess environments for stage runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+IMAGE_SIZE = 16  # the tests' image size: the project default (params.yaml prepare.image_size)
+
+
+def repo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def encode_image(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def random_rgb(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@dataclass
+class PlantedFolder:
+    """What was planted, so the test can compare it with the manifest."""
+
+    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> bytes
+    empty_dirs: list[str] = field(default_factory=list)
+    good: dict[str, int] = field(default_factory=dict)  # class -> usable images (incl. converted)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    converted: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped_reasons.values())
+
+    @property
+    def num_inputs(self) -> int:
+        return sum(self.good.values()) + self.num_skipped
+
+    def write_local(self, root: Path) -> Path:
+        for rel, data in self.files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        for d in self.empty_dirs:
+            (root / d).mkdir(parents=True, exist_ok=True)
+        return root
+
+    def write_s3(self, uri: str) -> str:
+        from ray_jobs import storage
+
+        for rel, data in self.files.items():
+            storage.write_bytes(storage.join(uri, rel), data)
+        fs, path = storage.resolve(uri)
+        for d in self.empty_dirs:
+            fs.create_dir(f"{path}/{d}")  # an S3 "folder" marker object, as consoles create
+        return uri
+
+
+def planted_folder(per_class: int = 12, seed: int = 0) -> PlantedFolder:
+    """Two classes of good RGB images, one of each convertible mode, and one of each bad input."""
+    rng = np.random.default_rng(seed)
+    big = IMAGE_SIZE + 8  # larger than image_size and not square: exercises the centre crop
+    p = PlantedFolder()
+    for cls in ("cat", "dog"):
+        for i in range(per_class):
+            fmt = "JPEG" if i % 2 else "PNG"
+            p.files[f"{cls}/img{i:03d}.{fmt.lower()}"] = encode_image(random_rgb(rng, big, big - 4), fmt)
+        p.good[cls] = per_class
+    # Converted, not skipped: grayscale, palette, RGBA, 16-bit grayscale.
+    rgb = random_rgb(rng, big, big)
+    p.files["cat/sub/gray.png"] = encode_image(rgb.convert("L"))
+    p.files["cat/palette.png"] = encode_image(rgb.convert("P"))
+    p.files["dog/rgba.png"] = encode_image(rgb.convert("RGBA"))
+    wide = (rng.integers(0, 65536, (big, big))).astype(np.uint16)
+    p.files["dog/sixteen.png"] = encode_image(Image.fromarray(wide))
+    p.good["cat"] += 2
+    p.good["dog"] += 2
+    p.converted = {"L to RGB": 1, "P to RGB": 1, "RGBA composited on white": 1, "I;16 to RGB": 1}
+    # Skipped, each with a counted reason.
+    good_png = encode_image(random_rgb(rng, big, big))
+    p.files["cat/corrupt.png"] = rng.integers(0, 256, 500, dtype=np.uint8).tobytes()
+    p.files["cat/truncated.png"] = good_png[: len(good_png) // 2]
+    p.files["dog/notes.txt"] = b"not an image at all\n"
+    p.files["dog/empty.jpg"] = b""
+    p.files["dog/tiny.png"] = encode_image(random_rgb(rng, IMAGE_SIZE // 2, IMAGE_SIZE // 2))
+    p.files["README.txt"] = b"images are in class folders\n"
+    p.files["cat/.DS_Store"] = b"\x00hidden files are not inputs"
+    p.empty_dirs = ["bird"]
+    p.skipped_reasons = {
+        "not a decodable image": 3,
+        "empty file": 1,
+        "smaller than image_size": 1,
+        "file is not inside a class folder": 1,
+        "empty class folder": 1,
+    }
+    return p
+
+
+def prepare_params(**overrides: Any) -> dict[str, Any]:
+    params = dict(repo_params()["prepare"])
+    params.update(overrides)
+    return params
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a stage subprocess: the venv first on PATH (dvc.yaml says `python`), no
+    inherited RAY_ADDRESS (a stage must start its own local Ray, beside any test cluster)."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+PROJECT_FILES = ("dit_core", "ray_jobs", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore")
+
+
+def copy_project(dest: Path) -> Path:
+    """A fresh git + DVC project holding this checkout's code, dvc.yaml and params.yaml (what a
+    clean clone has), so DVC runs never touch the shared checkout's data, cache or lock file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    (dest / ".gitignore").write_text("/data/\n/models/\n__pycache__/\n")
+    env = stage_env({"PYTHONPATH": str(dest)})
+    run(["git", "init", "-q"], dest, env)
+    run([str(VENV_BIN / "dvc"), "init", "-q"], dest, env)
+    run([str(VENV_BIN / "dvc"), "config", "core.analytics", "false"], dest, env)
+    return dest

@@ -1,0 +1,130 @@
+"""The Ray Data encode job: on the shared two-node cluster (latents equal a direct encode, flips,
+labels, stats.json true to the shards), and as a stage subprocess with its own local Ray reading
+and writing S3 while the test cluster keeps working."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
+from dit_core.data import pngs_to_batch
+from pipelines.prepare import PrepareConfig, prepare
+from pipelines.train_autoencoder import publish
+from ray_jobs import storage
+from ray_jobs.encode import LATENT_COLUMNS, config_from, encode
+from tests.fixtures_data import IMAGE_SIZE, REPO, planted_folder, prepare_params, repo_params, run, stage_env
+
+SCALE = 0.5  # an arbitrary record value: stats.json must carry the autoencoder's, whatever it is
+
+
+def tiny_autoencoder() -> Autoencoder:
+    p = repo_params()["train_autoencoder"]
+    cfg = SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"])
+    torch.manual_seed(0)
+    return Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", SCALE, cfg.latent_channels, cfg.downsample))
+
+
+def encode_params(**overrides) -> dict:
+    p = dict(repo_params()["encode"])
+    p.update(batch_size=8)  # several batches per block, even on the small planted set
+    p.update(overrides)
+    return p
+
+
+def read_latents(out: str, stats: dict, split: str) -> pa.Table:
+    fs, _ = storage.resolve(out)
+    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(out, s))[1], filesystem=fs)
+                            for s in stats["shards"][split])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    images = planted_folder(per_class=10).write_local(root / "images")
+    prepared = str(root / "prepared")
+    prepare(PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(images), max_skipped_fraction=0.5)),
+            prepared, log=lambda _: None)
+    ae = tiny_autoencoder()
+    save_autoencoder(ae, root / "ae")
+    return {"root": root, "prepared": prepared, "ae_path": str(root / "ae"), "ae": ae}
+
+
+def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
+    out = str(tmp_path / "latents")
+    stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params()))
+    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
+    assert stats["counts"] == {s: manifest["splits"][s]["count"] for s in ("train", "val")}
+    assert stats["latent_shape"] == [4, 8, 8] and stats["scale_factor"] == SCALE
+    assert stats["autoencoder_id"] == "tiny" and stats["input_fingerprint"] == manifest["fingerprint"]
+    assert storage.read_json(f"{out}/stats.json") == stats
+
+    train = read_latents(out, stats, "train")
+    for col in LATENT_COLUMNS:
+        assert train.schema.field(col).type == pa.list_(pa.float32())
+    assert train.schema.field("label").type == pa.int32()
+    latents = {c: np.stack(train.column(c).to_numpy(zero_copy_only=False)).reshape(-1, *stats["latent_shape"])
+               for c in LATENT_COLUMNS}
+
+    # the job's latents are what the autoencoder gives for the same images (and their flips)
+    prepared = pa.concat_tables(pq.read_table(f"{inputs['prepared']}/{s}") for s in manifest["splits"]["train"]["shards"])
+    by_key = {k: i for i, k in enumerate(prepared.column("key").to_pylist())}
+    rows = [by_key[k] for k in train.column("key").to_pylist()]
+    x = pngs_to_batch([prepared.column("image")[i].as_py() for i in rows])
+    mean, std = inputs["ae"].encode(x)
+    mean_flip, _ = inputs["ae"].encode(x.flip(-1))
+    assert np.allclose(latents["mean"], mean.numpy(), atol=1e-4)
+    assert np.allclose(latents["std"], std.numpy(), atol=1e-4)
+    assert np.allclose(latents["mean_flip"], mean_flip.numpy(), atol=1e-4)
+    assert not np.allclose(latents["mean_flip"], latents["mean"], atol=1e-3)
+    assert train.column("label").to_pylist() == [prepared.column("label")[i].as_py() for i in rows]
+
+    # stats.json states the channel statistics of the train means it wrote
+    assert np.allclose(stats["channel_mean"], latents["mean"].mean(axis=(0, 2, 3)), atol=1e-5)
+    assert np.allclose(stats["channel_std"], latents["mean"].std(axis=(0, 2, 3)), atol=1e-4)
+
+    # a second run over the same inputs has the same content fingerprint, whatever the row order
+    again = encode(config_from(inputs["prepared"], inputs["ae_path"], str(tmp_path / "again"), encode_params(batch_size=5)))
+    assert again["fingerprint"] == stats["fingerprint"]
+
+
+def test_sample_mode_stores_seeded_samples(ray_cluster, inputs, tmp_path):
+    out = str(tmp_path / "sampled")
+    stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params(mode="sample")))
+    table = read_latents(out, stats, "val")
+    std = np.stack(table.column("std").to_numpy(zero_copy_only=False))
+    assert np.all(std == 0)  # the sample itself sits in `mean`: the training recipe stays the same
+    again = encode(config_from(inputs["prepared"], inputs["ae_path"], str(tmp_path / "s2"), encode_params(mode="sample")))
+    assert again["fingerprint"] == stats["fingerprint"]
+
+
+def test_encode_refuses_incomplete_prepared_data(inputs, tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        encode(config_from(str(tmp_path / "half"), inputs["ae_path"], str(tmp_path / "out"), encode_params()))
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_subprocess_on_s3_beside_the_test_cluster(ray_cluster, inputs, s3_bucket, s3_server):
+    """`python -m pipelines.encode` with s3:// in and out starts its own local Ray while the
+    session's cluster runs; both keep working."""
+    import ray
+
+    bucket = f"s3://{s3_bucket}"
+    storage.upload_folder(inputs["prepared"], f"{bucket}/prepared")
+    publish(inputs["ae"], f"{bucket}/autoencoder")
+    run([sys.executable, "-m", "pipelines.encode", "--prepared", f"{bucket}/prepared", "--autoencoder",
+         f"{bucket}/autoencoder", "--out", f"{bucket}/latents"], REPO, stage_env(s3_server), timeout=300)
+    stats = storage.read_json(f"{bucket}/latents/stats.json")
+    manifest = storage.read_json(f"{bucket}/prepared/manifest.json")
+    assert stats["counts"]["train"] == manifest["splits"]["train"]["count"]
+    assert stats["autoencoder_path"] == f"{bucket}/autoencoder" and stats["latent_shape"] == [4, 8, 8]
+    train = read_latents(f"{bucket}/latents", stats, "train")
+    assert train.num_rows == stats["counts"]["train"]
+    assert len(train.column("mean")[0].as_py()) == int(np.prod(stats["latent_shape"]))
+    assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42  # the test cluster is still there

@@ -1,0 +1,225 @@
+"""The prepare stage and the image helpers: modes, ADM centre crop, bad input, the three sources,
+the skip threshold, atomic output, and S3 in and out against the session's moto server."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dit_core.data import BadImage, center_crop, prepare_image
+from pipelines.prepare import PrepareConfig, _reason_kind, prepare
+from ray_jobs import storage
+from tests.fixtures_data import IMAGE_SIZE, encode_image, planted_folder, prepare_params, random_rgb
+
+
+def decode_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def read_shards(out: str, manifest: dict, split: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(out, s))[1], filesystem=storage.resolve(out)[0])
+                            for s in manifest["splits"][split]["shards"])
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers in dit_core.data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,note", [
+    ("RGB", None), ("L", "L to RGB"), ("P", "P to RGB"), ("RGBA", "RGBA composited on white"),
+    ("I;16", "I;16 to RGB"), ("CMYK", "CMYK to RGB"),
+])
+def test_every_mode_becomes_an_rgb_square(mode, note):
+    rgb = random_rgb(np.random.default_rng(0), 30, 20)
+    if mode == "I;16":
+        img = Image.fromarray(np.full((20, 30), 65535, np.uint16))
+    else:
+        img = rgb.convert(mode)
+    png, got = prepare_image(encode_image(img, "TIFF" if mode == "CMYK" else "PNG"), IMAGE_SIZE)
+    out = decode_png(png)
+    assert (out.mode, out.size, got) == ("RGB", (IMAGE_SIZE, IMAGE_SIZE), note)
+    if mode == "I;16":  # full-scale 16-bit white stays white instead of clipping/overflowing
+        assert np.asarray(out).min() == 255
+
+
+def test_rgba_is_composited_on_white():
+    img = Image.new("RGBA", (IMAGE_SIZE, IMAGE_SIZE), (255, 0, 0, 0))  # fully transparent red
+    png, _ = prepare_image(encode_image(img), IMAGE_SIZE)
+    assert np.all(np.asarray(decode_png(png)) == 255)
+
+
+def test_centre_crop_keeps_the_middle_square():
+    # a wide image: blue margins, a red centre square; ADM keeps the centre, drops the margins
+    arr = np.zeros((64, 192, 3), np.uint8)
+    arr[..., 2] = 255
+    arr[:, 64:128] = (255, 0, 0)
+    out = np.asarray(center_crop(Image.fromarray(arr), IMAGE_SIZE)).astype(int)
+    assert out.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.abs(out - [255, 0, 0]).max() <= 2
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"GIF89a not really", "not a decodable image"),
+    (encode_image(Image.new("RGB", (40, 40)))[:60], "not a decodable image"),  # truncated
+    (encode_image(Image.new("RGB", (8, 40))), "smaller than image_size"),
+])
+def test_bad_bytes_raise_bad_image_with_reason(data, reason):
+    with pytest.raises(BadImage) as e:
+        prepare_image(data, IMAGE_SIZE)
+    assert e.value.reason.startswith(reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+def test_digits_default(tmp_path):
+    cfg = PrepareConfig.from_params(prepare_params())
+    out = str(tmp_path / "prepared")
+    manifest = prepare(cfg, out)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["count"] + val["count"] == 1797 and manifest["num_classes"] == 10
+    assert val["count"] == pytest.approx(1797 * cfg.val_fraction, abs=10)
+    assert all(val["per_class"][str(c)] > 0 for c in range(10))  # stratified
+    assert manifest["skipped"] == []
+    table = read_shards(out, manifest, "train")
+    assert table.schema.field("label").type == pa.int32() and table.num_rows == train["count"]
+    assert dict(Counter(table.column("label").to_pylist())) == {int(k): v for k, v in train["per_class"].items()}
+    img = decode_png(table.column("image")[0].as_py())
+    assert (img.mode, img.size) == ("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # 8x8 upsampled by design
+    keys = set(table.column("key").to_pylist()) | set(read_shards(out, manifest, "val").column("key").to_pylist())
+    assert len(keys) == 1797  # every digit exactly once across the splits
+    # same params -> same content; another seed -> another split
+    assert prepare(cfg, str(tmp_path / "again"))["fingerprint"] == manifest["fingerprint"]
+    other = PrepareConfig.from_params(prepare_params(seed=cfg.seed + 1))
+    assert prepare(other, str(tmp_path / "other"))["fingerprint"] != manifest["fingerprint"]
+
+
+def test_imagefolder_with_planted_bad_files(tmp_path):
+    planted = planted_folder()
+    root = planted.write_local(tmp_path / "images")
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root), max_skipped_fraction=0.5))
+    out = str(tmp_path / "prepared")
+    manifest = prepare(cfg, out)
+    assert manifest["class_names"] == ["cat", "dog"]  # the empty "bird" folder is no class
+    assert manifest["skipped_reasons"] == planted.skipped_reasons
+    assert len(manifest["skipped"]) == planted.num_skipped
+    assert {s["key"] for s in manifest["skipped"]} >= {"cat/corrupt.png", "dog/empty.jpg", "bird/", "README.txt"}
+    assert manifest["converted"]["by_reason"] == planted.converted
+    assert manifest["num_inputs"] == planted.num_inputs
+    per_class = Counter()
+    for split in ("train", "val"):
+        for k, v in manifest["splits"][split]["per_class"].items():
+            per_class[manifest["class_names"][int(k)]] += v
+    assert dict(per_class) == planted.good
+    assert no_leftovers(tmp_path)
+
+
+def test_too_many_skipped_fails_and_leaves_nothing(tmp_path):
+    planted = planted_folder()
+    root = planted.write_local(tmp_path / "images")
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root)))  # default 1%
+    with pytest.raises(RuntimeError, match="max_skipped_fraction") as e:
+        prepare(cfg, str(tmp_path / "prepared"))
+    assert "cat/corrupt.png" in str(e.value) or "README.txt" in str(e.value)
+    assert not (tmp_path / "prepared").exists()
+    assert no_leftovers(tmp_path)
+
+
+def test_failed_rerun_keeps_no_half_output(tmp_path):
+    """A run that fails after an earlier success must not leave a folder that mixes the two."""
+    planted = planted_folder()
+    root = planted.write_local(tmp_path / "images")
+    out = tmp_path / "prepared"
+    prepare(PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root), max_skipped_fraction=0.5)), str(out))
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(RuntimeError):
+        prepare(PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root))), str(out))
+    assert (out / "manifest.json").read_bytes() == before  # the old, complete output is untouched
+    assert no_leftovers(tmp_path)
+
+
+def test_parquet_source(tmp_path):
+    rng = np.random.default_rng(1)
+    big = IMAGE_SIZE + 4
+    images = [{"bytes": encode_image(random_rgb(rng, big, big)), "path": None} for _ in range(20)]
+    images[3] = {"bytes": None, "path": None}  # a missing image
+    labels = ["zebra" if i % 2 else "ant" for i in range(20)]
+    labels[5] = None  # a missing label
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for part in range(2):  # two files, as a Hugging Face dataset export would have
+        sl = slice(part * 10, part * 10 + 10)
+        pq.write_table(pa.table({"img": images[sl], "class": labels[sl]}), folder / f"data-{part}.parquet")
+    cfg = PrepareConfig.from_params(prepare_params(
+        source="parquet", path=str(folder), image_column="img", label_column="class", max_skipped_fraction=0.2))
+    out = str(tmp_path / "prepared")
+    manifest = prepare(cfg, out)
+    assert manifest["class_names"] == ["ant", "zebra"]
+    assert manifest["skipped_reasons"] == {"empty file": 1, "missing label": 1}
+    assert {s["key"] for s in manifest["skipped"]} == {"data-0.parquet#3", "data-0.parquet#5"}
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 18
+    table = read_shards(out, manifest, "train")
+    assert set(table.column("label").to_pylist()) <= {0, 1}
+
+
+def test_parquet_source_missing_column_names_it(tmp_path):
+    pq.write_table(pa.table({"pixels": [b"x"], "label": [0]}), tmp_path / "d.parquet")
+    cfg = PrepareConfig.from_params(prepare_params(source="parquet", path=str(tmp_path / "d.parquet")))
+    with pytest.raises(ValueError, match=r"no column 'image'.*image_column"):
+        prepare(cfg, str(tmp_path / "prepared"))
+
+
+def test_bad_params_are_named():
+    with pytest.raises(ValueError, match="prepare.source"):
+        PrepareConfig.from_params(prepare_params(source="flickr"))
+    with pytest.raises(ValueError, match="prepare.path"):
+        PrepareConfig.from_params(prepare_params(source="imagefolder", path=None))
+    with pytest.raises(KeyError, match="imagesize"):
+        PrepareConfig.from_params(prepare_params(imagesize=32))
+
+
+def test_reason_kind_strips_details():
+    assert _reason_kind("not a decodable image (OSError: x, y)") == "not a decodable image"
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 (moto_server on 127.0.0.1)
+# ---------------------------------------------------------------------------------------------
+
+def test_s3_imagefolder_to_s3(s3_bucket, tmp_path):
+    planted = planted_folder(per_class=6)
+    src = planted.write_s3(f"s3://{s3_bucket}/raw/images")
+    out = f"s3://{s3_bucket}/prepared"
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=src, max_skipped_fraction=0.5))
+    manifest = prepare(cfg, out)
+    assert manifest["skipped_reasons"] == planted.skipped_reasons
+    assert manifest["converted"]["by_reason"] == planted.converted
+    assert storage.read_json(f"{out}/manifest.json")["fingerprint"] == manifest["fingerprint"]
+    table = read_shards(out, manifest, "train")
+    assert table.num_rows == manifest["splits"]["train"]["count"]
+    # the same source prepared locally gives the same content
+    local = planted.write_local(tmp_path / "images")
+    cfg_local = PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(local), max_skipped_fraction=0.5))
+    assert prepare(cfg_local, str(tmp_path / "prepared"))["fingerprint"] == manifest["fingerprint"]
+
+
+def test_unreadable_bucket_is_a_clear_error(s3_server, tmp_path):
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path="s3://no-such-bucket-here/images"))
+    with pytest.raises((PermissionError, FileNotFoundError), match="no-such-bucket-here"):
+        prepare(cfg, str(tmp_path / "prepared"))
+    assert not (tmp_path / "prepared").exists()
