@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -92,12 +92,15 @@ class EncodeBatch:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows of prepared shards (with their file ``path``) -> latent rows with their ``split``."""
         keys = batch.column("key").to_pylist()
         x = pngs_to_batch(batch.column("image").to_pylist())
         arrays = self._views(x, keys)
         columns = {name: _list_array(a) for name, a in zip(LATENT_COLUMNS, arrays)}
         columns["label"] = batch.column("label").cast(pa.int32())
         columns["key"] = batch.column("key")
+        # prepared shards live at <prepared>/<split>/part-NNNNN.parquet
+        columns["split"] = pa.array([p.rsplit("/", 2)[-2] for p in batch.column("path").to_pylist()], pa.string())
         return pa.table(columns)
 
 
@@ -146,19 +149,15 @@ def actor_resources(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
     return (cfg.num_actors or cfg.cpu_actors), {"num_cpus": cfg.actor_num_cpus}
 
 
-def encode_split(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) -> None:
-    """One split: read its shards, encode them with the actor pool, write parquet to ``dest``."""
+def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) -> None:
+    """All splits in one Ray Data execution (one actor pool start): read the shards, encode with the
+    actor pool, write parquet partitioned by split to ``dest/split=<name>/``."""
     import ray
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
 
     fs, _ = storage.resolve(cfg.prepared)
     paths = [storage.resolve(storage.join(cfg.prepared, s))[1] for s in shards]
     pool_size, resources = actor_resources(cfg)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"])
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"], include_paths=True)
     ds = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"autoencoder": ae_ref, "mode": cfg.mode, "seed": cfg.seed},
@@ -168,13 +167,27 @@ def encode_split(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) -
         **resources,
     )
     out_fs, out_path = storage.resolve(dest)
-    # OVERWRITE: `dest` is this run's own fresh folder, and Ray requires it for uuid-free names.
-    ds.write_parquet(out_path, filesystem=out_fs, filename_provider=PartNames(), mode=ray.data.SaveMode.OVERWRITE)
+    ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["split"])
 
 
-def latent_stats(output: str, splits: dict[str, list[str]], latent_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """Channel mean/std of the train split's posterior means and an order-independent content
-    fingerprint, read back from the written shards (so they describe exactly what is on disk)."""
+def arrange_shards(staging: str) -> dict[str, list[str]]:
+    """Move Ray's ``split=<name>/<uuid>.parquet`` files to the contract's ``<name>/part-NNNNN.parquet``."""
+    fs, base = storage.resolve(staging)
+    written: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        files = storage.list_files(storage.join(staging, f"split={split}"), ".parquet")
+        for i, f in enumerate(files):
+            name = f"{split}/part-{i:05d}.parquet"
+            fs.create_dir(f"{base}/{split}", recursive=True)
+            fs.move(storage.resolve(f)[1], f"{base}/{name}")
+            written[split].append(storage.join(staging, name))
+        storage.delete(storage.join(staging, f"split={split}"))
+    return written
+
+
+def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Channel mean/std of the train split's posterior means and an order-independent hash of the
+    rows, read back from the written shards (so they describe exactly what is on disk)."""
     channels = latent_shape[0]
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
@@ -204,8 +217,21 @@ def latent_stats(output: str, splits: dict[str, list[str]], latent_shape: tuple[
                 row_hashes.append(h.hexdigest())
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 0))
-    fingerprint = hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
-    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "counts": counts, "fingerprint": fingerprint}
+    content = hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "counts": counts, "content_sha256": content}
+
+
+def latents_fingerprint(input_fingerprint: str, ae: Autoencoder, cfg: EncodeConfig) -> str:
+    """What identifies the latents: the prepared data, the autoencoder's weights and record, and the
+    encode settings that change values. Not the float bytes, whose last bits vary with batch size,
+    device and thread count (``content_sha256`` pins those)."""
+    h = hashlib.sha256(f"{input_fingerprint}\t{json.dumps(asdict(ae.record), sort_keys=True)}\t{cfg.mode}\t".encode())
+    if cfg.mode == "sample":
+        h.update(f"seed={cfg.seed}".encode())
+    for name, tensor in sorted(ae.vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def encode(cfg: EncodeConfig) -> dict[str, Any]:
@@ -223,14 +249,9 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     ae_ref = ray.put(ae.to("cpu"))
     staging = storage.begin_output(cfg.output)
     try:
-        written: dict[str, list[str]] = {}
-        for split in SPLITS:
-            shards = manifest["splits"][split]["shards"]
-            written[split] = []
-            if shards:
-                dest = storage.join(staging, split)
-                encode_split(cfg, ae_ref, shards, dest)
-                written[split] = storage.list_files(dest, ".parquet")
+        shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+        encode_splits(cfg, ae_ref, shards, staging)
+        written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
             "autoencoder_path": cfg.autoencoder,
@@ -241,7 +262,8 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
             "input_fingerprint": manifest["fingerprint"],
             "mode": cfg.mode,
             "shards": {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
-            **latent_stats(staging, written, latent_shape),
+            "fingerprint": latents_fingerprint(manifest["fingerprint"], ae, cfg),
+            **latent_stats(written, latent_shape),
         }
         expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
         if stats["counts"] != expected:

@@ -17,7 +17,7 @@ from dit_core.data import pngs_to_batch
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.train_autoencoder import publish
 from ray_jobs import storage
-from ray_jobs.encode import LATENT_COLUMNS, config_from, encode
+from ray_jobs.encode import LATENT_COLUMNS, EncodeBatch, config_from, encode, latents_fingerprint
 from tests.fixtures_data import IMAGE_SIZE, REPO, planted_folder, prepare_params, repo_params, run, stage_env
 
 SCALE = 0.5  # an arbitrary record value: stats.json must carry the autoencoder's, whatever it is
@@ -88,19 +88,34 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     assert np.allclose(stats["channel_mean"], latents["mean"].mean(axis=(0, 2, 3)), atol=1e-5)
     assert np.allclose(stats["channel_std"], latents["mean"].std(axis=(0, 2, 3)), atol=1e-4)
 
-    # a second run over the same inputs has the same content fingerprint, whatever the row order
-    again = encode(config_from(inputs["prepared"], inputs["ae_path"], str(tmp_path / "again"), encode_params(batch_size=5)))
-    assert again["fingerprint"] == stats["fingerprint"]
+    # the fingerprint identifies data + autoencoder + settings: batching does not change it
+    assert latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(batch_size=3))) \
+        == stats["fingerprint"]
+    assert latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(mode="sample"))) \
+        != stats["fingerprint"]
 
 
-def test_sample_mode_stores_seeded_samples(ray_cluster, inputs, tmp_path):
-    out = str(tmp_path / "sampled")
-    stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params(mode="sample")))
-    table = read_latents(out, stats, "val")
-    std = np.stack(table.column("std").to_numpy(zero_copy_only=False))
-    assert np.all(std == 0)  # the sample itself sits in `mean`: the training recipe stays the same
-    again = encode(config_from(inputs["prepared"], inputs["ae_path"], str(tmp_path / "s2"), encode_params(mode="sample")))
-    assert again["fingerprint"] == stats["fingerprint"]
+def test_sample_mode_is_seeded_per_key(inputs):
+    """The actor's batch function, called directly: in sample mode each row's noise comes from its
+    key, so a row gets the same sample in any batch, on any actor; std is stored as 0."""
+    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
+    table = pq.read_table(f"{inputs['prepared']}/{manifest['splits']['train']['shards'][0]}")
+    table = table.append_column("path", pa.array([f"{inputs['prepared']}/train/part-00000.parquet"] * table.num_rows))
+    sampler = EncodeBatch(inputs["ae"], "sample", seed=0)
+    whole = sampler(table)
+    pieces = pa.concat_tables([sampler(table.slice(0, 3)), sampler(table.slice(3))])
+    assert np.allclose(np.stack(whole.column("mean").to_numpy(zero_copy_only=False)),
+                       np.stack(pieces.column("mean").to_numpy(zero_copy_only=False)), atol=1e-5)
+    assert np.all(np.stack(whole.column("std").to_numpy(zero_copy_only=False)) == 0)
+    assert set(whole.column("split").to_pylist()) == {"train"}
+    posterior = EncodeBatch(inputs["ae"], "posterior", seed=0)(table)
+    mean = np.stack(posterior.column("mean").to_numpy(zero_copy_only=False))
+    std = np.stack(posterior.column("std").to_numpy(zero_copy_only=False))
+    z = (np.stack(whole.column("mean").to_numpy(zero_copy_only=False)) - mean) / std
+    assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2  # a draw from N(mean, std^2)
+    other_seed = EncodeBatch(inputs["ae"], "sample", seed=1)(table)
+    assert not np.allclose(np.stack(other_seed.column("mean").to_numpy(zero_copy_only=False)),
+                           np.stack(whole.column("mean").to_numpy(zero_copy_only=False)))
 
 
 def test_encode_refuses_incomplete_prepared_data(inputs, tmp_path):
