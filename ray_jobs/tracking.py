@@ -1,0 +1,202 @@
+"""MLflow behind one small module: where tracking goes, one run per training (found again by its
+name when a training resumes), params, metrics, the registered model.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo>/mlflow.db``. Nothing that
+looks like a credential (``AWS_*`` names, or the values of those variables, or URI passwords) is
+ever written to params, tags or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from dit_core.training import flatten
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DB = REPO / "mlflow.db"
+RUN_NAME_TAG = "dit.run_name"          # finds the MLflow run of a training again on resume
+STEP_TAG = "step"
+MODEL_INFO_PATH = "model_info/model_info.json"  # docs/CONTRACTS.md
+MAX_PARAM_CHARS = 6000                 # MLflow's limit on a param value
+_SECRET_NAME = re.compile(r"(secret|password|token|credential|access_key|session_key|^aws_)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(://[^:/@]+):[^@/]+@")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+
+
+def registry_uri() -> str:
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
+
+
+def configure_tracking(uri: str | None = None, registry: str | None = None) -> str:
+    """Point this process's MLflow client at ``uri`` (default: ``tracking_uri()``); returns it."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry or (registry_uri() if uri == tracking_uri() else uri))
+    return uri
+
+
+def redact(text: str) -> str:
+    """``text`` with URI passwords and the values of credential-like environment variables masked."""
+    text = _URI_PASSWORD.sub(r"\1:***@", text)
+    for name, value in os.environ.items():
+        if value and len(value) >= 4 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened params as strings, without credential-like keys, secrets redacted, values truncated."""
+    out = {}
+    for key, value in flatten(params).items():
+        if _SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+            continue
+        out[key] = redact(str(value))[:MAX_PARAM_CHARS]
+    return out
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """The checkout's commit (with ``-dirty`` when it has changes), or ``unknown`` outside git
+    (e.g. a ``ray job submit`` working dir)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def start_run(experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """The id of the MLflow run of training ``run_name`` in ``experiment``: the existing one when
+    the training resumes, else a new one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+    if tags:
+        set_tags(run_id, tags)
+    return run_id
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in safe_params(tags).items():
+        client.set_tag(run_id, k, v)
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Log the flattened params; on a resumed run only those not logged yet (MLflow params are
+    immutable; a changed value is recorded as a tag ``changed.<key>``)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    new = {k: v for k, v in safe_params(params).items() if k not in logged}
+    changed = {k: v for k, v in safe_params(params).items() if k in logged and logged[k] != v}
+    items = [Param(k, v) for k, v in new.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    for k, v in changed.items():
+        client.set_tag(run_id, f"changed.{k}", v)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def registered_version(run_id: str, name: str, step: int) -> str | None:
+    """The version of ``name`` this run already registered for ``step`` (a re-run registers once)."""
+    from mlflow import MlflowClient
+
+    for mv in MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if mv.tags.get(STEP_TAG) == str(step):
+            return str(mv.version)
+    return None
+
+
+def log_model(
+    run_id: str,
+    model: Any,
+    registered_model: str,
+    model_info: Mapping[str, Any],
+    tags: Mapping[str, Any],
+    step: int,
+) -> str:
+    """Log ``model`` (the EMA DiT) as the run's ``model`` and ``model_info/model_info.json``,
+    register it as a new version of ``registered_model``, tag the version; returns the version.
+
+    Pickle serialization: the default "pt2" (torch.export) format needs one tensor input, and a
+    DiT takes three (x, t, y); the loader needs ``dit_core`` importable, as any of our jobs has it.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    existing = registered_version(run_id, registered_model, step)
+    if existing is not None:
+        return existing
+    import torch
+
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(dict(model_info), MODEL_INFO_PATH)
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name="model",
+            serialization_format="pickle",
+            registered_model_name=registered_model,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            step=step,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for k, v in {**safe_params(tags), STEP_TAG: str(step)}.items():
+        client.set_model_version_tag(registered_model, version, k, v)
+    return version
+
+
+__all__ = [
+    "MODEL_INFO_PATH",
+    "configure_tracking",
+    "finish_run",
+    "git_commit",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "redact",
+    "registered_version",
+    "registry_uri",
+    "safe_params",
+    "set_tags",
+    "start_run",
+    "tracking_uri",
+]

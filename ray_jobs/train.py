@@ -1,0 +1,481 @@
+"""Ray Train job: a class-conditional DiT on the latent shards (docs/CONTRACTS.md, ``data/latents/``).
+
+``train_loop_per_worker(config)`` runs on every worker: it reads the train split, takes its own
+slice of every epoch (order from (seed, epoch)), trains with DDP (or FSDP), keeps an EMA of the
+weights, logs the loss averaged over all workers to MLflow from rank 0, and checkpoints to
+``storage_path`` every ``checkpoint_every`` steps and at the end. A run with the same name resumes
+from its latest checkpoint; ``max_failures`` restarts the workers from it after a failure. At the
+end rank 0 logs the EMA model to MLflow and registers it.
+
+    python -m ray_jobs.train --latents data/latents --set steps=200 batch_size=64
+    ray job submit --address http://head:8265 --working-dir . -- \\
+        python -m ray_jobs.train --params configs/imagenet256-xl2.yaml --latents s3://bucket/latents
+
+``RAY_ADDRESS`` set: runs on that cluster; unset: a local Ray runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dit_core.diffusion import create_diffusion, training_losses
+from dit_core.models import DiT, DiTConfig, preset_config
+from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
+
+from . import storage, tracking
+
+STATS = "stats.json"
+STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
+LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+STRATEGIES = ("ddp", "fsdp")
+# DiTConfig fields that the data decides; a preset or `model` overrides may not contradict them.
+DATA_FIELDS = ("input_size", "in_channels", "num_classes")
+# Settings that may change when a run resumes (everything else must match its checkpoint).
+RESUMABLE_CHANGES = frozenset({
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu",
+    "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage_path", "name", "experiment",
+    "registered_model", "tracking", "compile", "latents",
+})
+# Environment a worker needs and Ray does not forward by itself (credentials stay out of config).
+FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    latents: str                                  # folder or s3:// URI with stats.json and train/ shards
+    storage_path: str = "checkpoints"             # checkpoints: local folder or s3:// URI
+    name: str | None = None                       # None: <registered_model>-<hash of the settings>
+    experiment: str = "dit"                       # MLflow experiment
+    registered_model: str = "dit-digits"
+    tracking: bool = True                         # MLflow run + registered model
+    # model: a paper preset (e.g. "DiT-XL/2") and/or explicit DiTConfig fields
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    # optimisation
+    steps: int = 1000                             # optimizer steps in all
+    batch_size: int = 128                         # global: all workers, all accumulation micro-batches
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    seed: int = 0
+    bf16: bool = True                             # autocast on GPU
+    compile: bool = False
+    grad_checkpointing: bool = False
+    strategy: str = "ddp"                         # ddp | fsdp
+    # bookkeeping
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    # scaling
+    num_workers: int = 2
+    use_gpu: bool | None = None                   # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy={self.strategy!r}; choose one of {STRATEGIES}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "num_workers", "diffusion_steps"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be a positive integer")
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by num_workers x grad_accum = "
+                f"{self.num_workers} x {self.grad_accum}; pick a multiple of {self.num_workers * self.grad_accum}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be positive")
+        unknown = set(self.model) - {f.name for f in fields(DiTConfig)}
+        if unknown:
+            raise ValueError(f"train.model has unknown DiTConfig fields {sorted(unknown)}; known: {[f.name for f in fields(DiTConfig)]}")
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the trained weights; a resumed run must share them."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model from stats.json (run on the driver to validate, and on every worker)
+# --------------------------------------------------------------------------------------------
+
+def read_stats(latents: str) -> dict[str, Any]:
+    uri = storage.join(latents, STATS)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first")
+    stats = storage.read_json(uri)
+    for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
+        if key not in stats:
+            raise ValueError(f"{uri} has no {key!r}; it does not follow docs/CONTRACTS.md (re-run encode)")
+    return stats
+
+
+def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
+    """The DiT for this data: a preset and/or explicit fields, with shape and classes from stats.json."""
+    c, h, w = stats["latent_shape"]
+    if h != w:
+        raise ValueError(f"latents are {h}x{w}; DiT needs square latents")
+    data = {"input_size": h, "in_channels": c, "num_classes": int(stats["num_classes"])}
+    clash = {k: (cfg.model[k], v) for k, v in data.items() if k in cfg.model and cfg.model[k] != v}
+    if clash:
+        raise ValueError(
+            f"train.model {', '.join(f'{k}={a}' for k, (a, _) in clash.items())} contradicts the latents "
+            f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{STATS}); remove those keys"
+        )
+    fields_ = {"class_dropout_prob": cfg.class_dropout_prob, "learn_sigma": cfg.learn_sigma,
+               "grad_checkpointing": cfg.grad_checkpointing, **{k: v for k, v in cfg.model.items() if k not in data}, **data}
+    if cfg.preset:
+        return preset_config(cfg.preset, **fields_)  # raises naming the preset if unknown / overridden
+    missing = {"depth", "hidden_size", "num_heads"} - set(cfg.model)
+    if missing:
+        raise ValueError(f"train.preset is null, so train.model must give {sorted(missing)} (or set a preset, e.g. DiT-S/2)")
+    return DiTConfig(**fields_)
+
+
+def diffusion_settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {"noise_schedule": cfg.noise_schedule, "diffusion_steps": cfg.diffusion_steps, "learn_sigma": cfg.learn_sigma}
+
+
+def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
+    names = (stats.get("shards") or {}).get("train")
+    files = [storage.join(latents, n) for n in names] if names else storage.list_files(storage.join(latents, "train"), ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no train shards under {latents}/train; re-run the encode stage")
+    return files
+
+
+def load_latents(latents: str, stats: dict[str, Any]) -> LatentArrays:
+    """The train split as (N, C, H, W) arrays, in shard order."""
+    shape = tuple(stats["latent_shape"])
+    tables = []
+    for f in train_shards(latents, stats):
+        fs, path = storage.resolve(f)
+        tables.append(pq.read_table(path, filesystem=fs, columns=[*LATENT_COLUMNS, "label"]))
+    table = pa.concat_tables(tables)
+    n = table.num_rows
+    arrays = {}
+    for c in LATENT_COLUMNS:
+        flat = table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        if flat.size != n * int(np.prod(shape)):
+            raise ValueError(f"{latents}: column {c} has {flat.size // max(n, 1)} values per row; stats.json says {list(shape)}")
+        arrays[c] = flat.astype(np.float32, copy=False).reshape(n, *shape)
+    return LatentArrays(labels=table.column("label").to_numpy().astype(np.int64), **arrays)
+
+
+def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"]], sort_keys=True, default=str).encode())
+    return f"{cfg.registered_model}-{digest.hexdigest()[:10]}"
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop (one per worker)
+# --------------------------------------------------------------------------------------------
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    saved = state.get("identity")
+    if saved is not None and saved != json.loads(json.dumps(cfg.identity(), default=str)):
+        diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
+        raise ValueError(
+            f"the checkpoint of run {state['config'].get('name')!r} was trained with other settings ({diff}); "
+            "use a new train.name (or name: null) or delete its checkpoints to start over"
+        )
+    return state
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    stats = read_stats(cfg.latents)
+    data = load_latents(cfg.latents, stats)
+    mcfg = model_config(cfg, stats)
+    diffusion = create_diffusion(None, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
+                                 diffusion_steps=cfg.diffusion_steps)
+    plan = BatchPlan(len(data), cfg.per_worker_batch, world, cfg.grad_accum, cfg.seed)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = DiT(mcfg)
+    ema = EMA(model, cfg.ema_decay)
+    state: dict[str, Any] = {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, cfg)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+    start_step = int(state.get("step", 0))
+    ema.model.to(device)
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)          # Ray: DDP / FSDP
+    raw = _unwrap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if "optimizer" in state:
+        opt.load_state_dict(state["optimizer"])
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+    run_id = None
+    if rank == 0 and cfg.tracking:
+        tracking.configure_tracking()
+        run_id = tracking.start_run(cfg.experiment, config["run_name"], tags={
+            "preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"]})
+        tracking.log_params(run_id, {
+            **flatten(asdict(cfg)), "run_name": config["run_name"], "git_commit": config["git_commit"],
+            "data_fingerprint": stats["fingerprint"], "world_size": world,
+            **flatten({"model_config": mcfg.to_dict()}), "num_parameters": sum(p.numel() for p in raw.parameters()),
+        })
+
+    def save(step: int, metrics: dict[str, Any]) -> None:
+        """Every rank calls it (ray.train.report is a barrier); rank 0 writes the state."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "model_config": mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": stats,
+                    "config": flatten(asdict(cfg)) | {"name": config["run_name"]}, "data_fingerprint": stats["fingerprint"],
+                    "identity": json.loads(json.dumps(cfg.identity(), default=str)), "mlflow_run_id": run_id,
+                }, os.path.join(tmp, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")   # Ray
+
+    window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+    window_start, window_steps = time.perf_counter(), 0
+    metrics: dict[str, Any] = {}
+    model.train()
+    for step in range(start_step, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+        for micro in range(cfg.grad_accum):
+            rows, flips = plan.rows(step, micro, rank)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank, micro, 0))
+            x, y = latent_batch(data, rows, flips, float(stats["scale_factor"]), gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            torch.manual_seed(derive_seed(cfg.seed, step, rank, micro, 1))  # timesteps, noise, label dropout
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = training_losses(diffusion, lambda xt, tt: forward(xt, tt, y), x, t)["loss"].mean()
+            (loss / cfg.grad_accum).backward()
+            window_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(raw)
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            if world > 1:
+                dist.all_reduce(window_loss)  # the loss of every worker, not rank 0's alone
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "loss": float(window_loss[0] / window_loss[1]),
+                "lr": opt.param_groups[0]["lr"],
+                "steps_per_sec": window_steps / elapsed,
+                "images_per_sec": window_steps * cfg.batch_size / elapsed,
+                "peak_memory_mb": _peak_memory_mb(device),
+                "epoch": plan.epoch_of(step),
+            }
+            if run_id:
+                tracking.log_metrics(run_id, metrics, step=done)
+            if rank == 0:
+                print(f"step {done}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+            window_loss.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save(done, {**metrics, "step": done, "mlflow_run_id": run_id or ""})
+
+    if rank == 0 and run_id:
+        final = copy.deepcopy(ema.model).cpu()
+        version = tracking.log_model(
+            run_id, final, cfg.registered_model,
+            model_info={"model_config": mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": stats},
+            tags={"preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"], "run_name": config["run_name"]},
+            step=max(cfg.steps, start_step),
+        )
+        tracking.finish_run(run_id)
+        print(f"registered {cfg.registered_model} version {version} (MLflow run {run_id})", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    name: str
+    checkpoint: str                 # URI of the final checkpoint directory
+    step: int
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    registered_model: str | None
+    version: str | None
+
+    def pointer(self) -> dict[str, Any]:
+        """``models/dit.json`` (docs/CONTRACTS.md)."""
+        return {
+            "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id, "registered_model": self.registered_model,
+            "version": self.version,
+            "model_uri": f"models:/{self.registered_model}/{self.version}" if self.version else None,
+        }
+
+
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` when set (or to the runtime this process is already part of);
+    otherwise start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+
+
+def _forwarded_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
+    return env
+
+
+def _checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
+    path = checkpoint.path
+    return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Validate, run the TorchTrainer, return where the final checkpoint and model version are."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg.validate()
+    stats = read_stats(cfg.latents)
+    model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
+    storage.check_writable(cfg.storage_path)
+    name = cfg.name or default_name(cfg, stats)
+    init_ray()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    fs, path = storage.resolve(cfg.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg), "run_name": name, "git_commit": tracking.git_commit()},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint under {cfg.storage_path}")
+    metrics = dict(result.metrics or {})
+    run_id = metrics.pop("mlflow_run_id", None) or None
+    version = None
+    if cfg.tracking and run_id:
+        tracking.configure_tracking()
+        version = tracking.registered_version(run_id, cfg.registered_model, int(metrics.get("step", cfg.steps)))
+    return TrainResult(
+        name=name, checkpoint=_checkpoint_uri(result.checkpoint, cfg.storage_path), step=int(metrics.get("step", 0)),
+        metrics=metrics, mlflow_run_id=run_id, registered_model=cfg.registered_model if version else None, version=version,
+    )
+
+
+def config_from(latents: str, params: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(params) - known
+    if unknown:
+        raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(known - {'latents'})}")
+    return TrainConfig(latents=latents, **params)
+
+
+def load_train_params(path: str, overrides: list[str]) -> dict[str, Any]:
+    """The ``train`` section of a params file with ``KEY=VALUE`` overrides (values parsed as YAML)."""
+    import yaml
+
+    with open(path) as f:
+        params = dict((yaml.safe_load(f) or {}).get("train") or {})
+    known = {f.name for f in fields(TrainConfig)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ray job submit`` entry point; settings default to the ``train`` section of params.yaml."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--latents", required=True, help="latents folder or s3:// URI (encode's output)")
+    p.add_argument("--params", default="params.yaml", help="YAML file whose `train` section gives the settings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. steps=100")
+    p.add_argument("--result", help="write the result (checkpoint, run, version, metrics) as JSON here")
+    a = p.parse_args(argv)
+    result = train(config_from(a.latents, load_train_params(a.params, a.set)))
+    out = {"name": result.name, "step": result.step, "metrics": result.metrics, **result.pointer()}
+    if a.result:
+        storage.write_json(a.result, out)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
