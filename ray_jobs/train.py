@@ -41,6 +41,7 @@ from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten
 from . import storage, tracking
 
 STATS = "stats.json"
+RESULT_PREFIX = "TRAIN_RESULT "               # the line of a job's log that holds its result (JSON)
 STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
 LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
 STRATEGIES = ("ddp", "fsdp")
@@ -49,7 +50,7 @@ DATA_FIELDS = ("input_size", "in_channels", "num_classes")
 # Settings that may change when a run resumes (everything else must match its checkpoint).
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu",
-    "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage_path", "name", "experiment",
+    "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "placement_strategy", "storage_path", "name", "experiment",
     "registered_model", "tracking", "compile", "latents",
 })
 # Environment a worker needs and Ray does not forward by itself (credentials stay out of config).
@@ -96,6 +97,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"              # SPREAD / STRICT_SPREAD: one worker per node
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -223,6 +225,7 @@ def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -262,6 +265,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     forward = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
+    nodes = [None] * world
+    if world > 1:
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     run_id = None
     if rank == 0 and cfg.tracking:
         tracking.configure_tracking()
@@ -269,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"]})
         tracking.log_params(run_id, {
             **flatten(asdict(cfg)), "run_name": config["run_name"], "git_commit": config["git_commit"],
-            "data_fingerprint": stats["fingerprint"], "world_size": world,
+            "data_fingerprint": stats["fingerprint"], "world_size": world, "num_nodes": len(set(nodes)),
             **flatten({"model_config": mcfg.to_dict()}), "num_parameters": sum(p.numel() for p in raw.parameters()),
         })
 
@@ -413,7 +419,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": asdict(cfg), "run_name": name, "git_commit": tracking.git_commit()},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                                placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=path,
@@ -473,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"name": result.name, "step": result.step, "metrics": result.metrics, **result.pointer()}
     if a.result:
         storage.write_json(a.result, out)
-    print(json.dumps(out, default=str))
+    print(RESULT_PREFIX + json.dumps(out, default=str), flush=True)
     return 0
 
 

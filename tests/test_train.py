@@ -1,0 +1,237 @@
+"""The Ray Train job on the session's two-node Ray cluster: DDP training, the train stage's outputs,
+MLflow params / metrics / registered model, exact resume, and recovery after a worker is killed.
+
+One TorchTrainer run (the stage's) is shared by the assertions about it; the resume and the
+worker-kill tests each add their own runs, with the same settings so their weights can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fixtures_latents import write_synthetic_latents
+
+SHAPE = (4, 8, 8)
+NUM_CLASSES = 4
+STEPS = 30
+CHECKPOINT_EVERY = 10
+LOG_EVERY = 5
+FAKE_SECRET = "fake-secret-value-never-logged-7731"
+
+# Small enough for 2 CPU cores; STRICT_SPREAD puts the two workers on the two nodes.
+PARAMS: dict[str, Any] = {
+    "model": {"depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2},
+    "steps": STEPS,
+    "batch_size": 32,
+    "lr": 1.0e-3,
+    "warmup_steps": 5,
+    "grad_clip": 1.0,
+    "ema_decay": 0.9,
+    "seed": 7,
+    "log_every": LOG_EVERY,
+    "checkpoint_every": CHECKPOINT_EVERY,
+    "num_workers": 2,
+    "cpus_per_worker": 1,
+    "placement_strategy": "STRICT_SPREAD",
+    "max_failures": 2,
+    "experiment": "dit-test",
+    "registered_model": "dit-test",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_cluster):
+    """Latents, storage and an MLflow SQLite store for the module; a fake AWS secret is set (and
+    forwarded to the workers) so the tests can check that it never reaches MLflow."""
+    root = tmp_path_factory.mktemp("train")
+    stats = write_synthetic_latents(root / "latents", n=256, num_classes=NUM_CLASSES, shape=SHAPE)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_REGISTRY_URI", uri)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    yield {"root": root, "latents": str(root / "latents"), "stats": stats, "storage": str(root / "ckpt"), "mlflow": uri}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def stage_run(workspace):
+    """The train stage (pipelines/train.py) on the cluster the test process is connected to."""
+    from pipelines.train import run_stage
+
+    params = {**PARAMS, "name": "main", "storage_path": workspace["storage"]}
+    metrics, pointer = workspace["root"] / "metrics" / "train.json", workspace["root"] / "models" / "dit.json"
+    t0 = time.time()
+    result = run_stage(workspace["latents"], params, str(metrics), str(pointer))
+    print(f"stage run: {time.time() - t0:.1f}s")
+    return {"result": result, "metrics": json.loads(metrics.read_text()), "pointer": json.loads(pointer.read_text())}
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    from ray_jobs.tracking import configure_tracking
+
+    configure_tracking()
+    return MlflowClient()
+
+
+def _run_id(client, run_name: str) -> str:
+    runs = client.search_runs([client.get_experiment_by_name("dit-test").experiment_id],
+                              filter_string=f"tags.`dit.run_name` = '{run_name}'")
+    assert len(runs) == 1, f"{len(runs)} MLflow runs for {run_name}"
+    return runs[0].info.run_id
+
+
+def _state(checkpoint_dir: str) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir, "state.pt"), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_on_two_nodes_loss_falls(workspace, stage_run):
+    client = _client()
+    run = client.get_run(stage_run["pointer"]["mlflow_run_id"])
+    assert run.data.params["num_nodes"] == "2" and run.data.params["world_size"] == "2"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in history] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    first, last = history[0][1], history[-1][1]
+    assert last < 0.8 * first, history
+    for name in ("images_per_sec", "steps_per_sec", "peak_memory_mb"):
+        assert client.get_metric_history(run.info.run_id, name)[-1].value > 0
+
+
+@pytest.mark.timeout(300)
+def test_stage_writes_metrics_pointer_and_checkpoint(workspace, stage_run):
+    m, pointer = stage_run["metrics"], stage_run["pointer"]
+    assert m["steps"] == STEPS and m["final_loss"] > 0 and m["images_per_sec"] > 0
+    assert pointer["model_uri"] == f"models:/dit-test/{pointer['version']}"
+    assert Path(pointer["checkpoint"]).name == f"checkpoint_{STEPS:08d}"
+    state = _state(pointer["checkpoint"])
+    assert {"model", "ema", "optimizer", "step", "model_config", "diffusion", "latents", "config", "data_fingerprint"} <= set(state)
+    assert state["step"] == STEPS
+    assert state["data_fingerprint"] == workspace["stats"]["fingerprint"] == state["latents"]["fingerprint"]
+    assert state["config"]["lr"] == PARAMS["lr"] and state["model_config"]["depth"] == PARAMS["model"]["depth"]
+    # EMA and raw weights differ after training (the EMA lags), and only the last checkpoints are kept.
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    kept = sorted(p.name for p in Path(pointer["checkpoint"]).parent.glob("checkpoint_[0-9]*"))
+    assert kept == [f"checkpoint_{s:08d}" for s in (STEPS - CHECKPOINT_EVERY, STEPS)]
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_params_metrics_and_registered_model(workspace, stage_run):
+    import mlflow
+
+    from dit_core.models import load_checkpoint
+    from ray_jobs.tracking import git_commit
+
+    client = _client()
+    pointer = stage_run["pointer"]
+    run = client.get_run(pointer["mlflow_run_id"])
+    params = run.data.params
+    assert params["lr"] == str(PARAMS["lr"]) and params["model.depth"] == "2" and params["model_config.hidden_size"] == "64"
+    assert params["data_fingerprint"] == workspace["stats"]["fingerprint"]
+    assert params["git_commit"].split("-")[0] == git_commit().split("-")[0]
+    everything = json.dumps([params, run.data.tags])
+    assert FAKE_SECRET not in everything and "AWS_SECRET" not in everything
+    mv = client.get_model_version("dit-test", pointer["version"])
+    assert mv.run_id == run.info.run_id
+    assert mv.tags["preset"] == "custom" and mv.tags["data_fingerprint"] == workspace["stats"]["fingerprint"]
+    info = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model_info/model_info.json",
+                                                               dst_path=str(workspace["root"] / "info"))).read_text())
+    assert info["model_config"]["depth"] == 2 and info["latents"]["latent_shape"] == list(SHAPE)
+
+    registered = mlflow.pytorch.load_model(pointer["model_uri"]).eval()
+    ema = load_checkpoint(Path(pointer["checkpoint"], "state.pt")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(6, *SHAPE, generator=g), torch.tensor([0, 10, 100, 500, 900, 999]), torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        out = registered(x, t, y)
+        assert torch.equal(out, ema(x, t, y))
+        assert out.abs().max() > 0  # a trained model, not the zero-initialised one
+
+
+@pytest.mark.timeout(400)
+def test_resume_equals_uninterrupted_run(workspace, stage_run):
+    """Stop after 2 checkpoints' worth of steps, resume to the end: weights, optimizer, EMA and step
+    equal those of the uninterrupted stage run (same seed and settings, other name)."""
+    from ray_jobs.train import config_from, train
+
+    base = {**PARAMS, "name": "resume", "storage_path": workspace["storage"], "tracking": False}
+    first = train(config_from(workspace["latents"], {**base, "steps": 2 * CHECKPOINT_EVERY}))
+    assert first.step == 2 * CHECKPOINT_EVERY
+    second = train(config_from(workspace["latents"], base))
+    assert second.step == STEPS
+    resumed, reference = _state(second.checkpoint), _state(stage_run["pointer"]["checkpoint"])
+    assert resumed["step"] == reference["step"] == STEPS
+    for part in ("model", "ema"):
+        for k, v in reference[part].items():
+            torch.testing.assert_close(resumed[part][k], v, rtol=0, atol=1e-6, msg=f"{part}.{k}")
+    ref_opt, res_opt = reference["optimizer"], resumed["optimizer"]
+    assert ref_opt["param_groups"] == res_opt["param_groups"]
+    for i, s in ref_opt["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(res_opt["state"][i][k], v, rtol=0, atol=1e-6)
+
+    # Resuming with settings that change the weights is refused, naming the fix.
+    with pytest.raises(Exception, match="new train.name"):
+        train(config_from(workspace["latents"], {**base, "steps": STEPS + 10, "lr": 5e-4}))
+
+
+def _training_worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            pids.append(p.info["pid"])
+    return pids
+
+
+@pytest.mark.timeout(400)
+def test_killed_worker_restarts_from_checkpoint(workspace):
+    """SIGKILL one training worker after the first checkpoint: Ray restarts the worker group from
+    it, the run reaches its last step, and the MLflow loss has no gap, repeating at most the steps
+    since the checkpoint."""
+    import signal
+
+    from ray_jobs.train import config_from, train
+
+    steps, every = 80, 20
+    params = {**PARAMS, "name": "killed", "storage_path": workspace["storage"], "steps": steps,
+              "checkpoint_every": every, "log_every": LOG_EVERY}
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(result=train(config_from(workspace["latents"], params))), daemon=True)
+    thread.start()
+    first_ckpt = Path(workspace["storage"], "killed", f"checkpoint_{every:08d}")
+    deadline = time.time() + 200
+    while not first_ckpt.exists() and time.time() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert first_ckpt.exists(), "the run never wrote its first checkpoint"
+    client = _client()
+    run_id = _run_id(client, "killed")
+    while time.time() < deadline and thread.is_alive() and max(
+            (m.step for m in client.get_metric_history(run_id, "loss")), default=0) < every + 2 * LOG_EVERY:
+        time.sleep(0.05)  # some steps past the checkpoint, so the restart must repeat them
+    pids = _training_worker_pids()
+    assert pids, "no training worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "result" in out
+    result = out["result"]
+    assert result.step == steps
+
+    assert _run_id(client, "killed") == run_id  # the restarted workers continued the same MLflow run
+    logged = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(set(logged)) == list(range(LOG_EVERY, steps + 1, LOG_EVERY))  # no gap
+    repeats = len(logged) - len(set(logged))
+    assert 0 < repeats <= every // LOG_EVERY, logged  # it did restart, and repeated < one interval
+    assert _state(result.checkpoint)["step"] == steps
