@@ -211,6 +211,25 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+IDENTITY_FILE = "train_identity.json"   # beside a run's checkpoints: the settings it was started with
+
+
+def check_identity(cfg: TrainConfig, name: str) -> None:
+    """Record the run's weight-deciding settings at its first start; refuse to resume it with others."""
+    uri = storage.join(cfg.storage_path, name, IDENTITY_FILE)
+    current = json.loads(json.dumps(cfg.identity(), default=str))
+    if not storage.exists(uri):
+        storage.write_json(uri, current)
+        return
+    saved = storage.read_json(uri)
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"run {name!r} under {cfg.storage_path} was started with other values of {diff}; "
+            "use a new train.name (or name: null) or delete its checkpoints to start over"
+        )
+
+
 def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -410,6 +429,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
+    check_identity(cfg, name)
     init_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}

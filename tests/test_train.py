@@ -235,3 +235,52 @@ def test_killed_worker_restarts_from_checkpoint(workspace):
     repeats = len(logged) - len(set(logged))
     assert 0 < repeats <= every // LOG_EVERY, logged  # it did restart, and repeated < one interval
     assert _state(result.checkpoint)["step"] == steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast checks of the pure parts (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+def test_batch_plan_splits_each_epoch_between_ranks_reproducibly():
+    import numpy as np
+
+    from dit_core.training import BatchPlan
+
+    plan = BatchPlan(num_rows=50, per_rank=4, world_size=3, grad_accum=2, seed=1)
+    assert plan.batches_per_epoch == 4
+    seen = [plan.rows(step, micro, rank)[0] for step in range(2) for micro in range(2) for rank in range(3)]
+    flat = np.concatenate(seen)
+    assert len(flat) == len(set(flat.tolist())) == 48  # epoch 0: disjoint rows across ranks and steps
+    again = BatchPlan(num_rows=50, per_rank=4, world_size=3, grad_accum=2, seed=1)
+    assert all(np.array_equal(a[0], again.rows(*k)[0]) and np.array_equal(a[1], again.rows(*k)[1])
+               for a, k in ((plan.rows(5, 1, 2), (5, 1, 2)),))
+    assert not np.array_equal(plan.rows(0, 0, 0)[0], plan.rows(2, 0, 0)[0])  # epoch 1 reshuffles
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    from ray_jobs.train import config_from, model_config, read_stats
+
+    with pytest.raises(FileNotFoundError, match="run the encode stage"):
+        read_stats(str(tmp_path / "missing"))
+    stats = write_synthetic_latents(tmp_path / "lat", n=8, num_classes=2, shape=SHAPE)
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        model_config(config_from(str(tmp_path / "lat"), {"preset": "DiT-Q/3"}), stats)
+    with pytest.raises(ValueError, match="contradicts the latents"):
+        model_config(config_from(str(tmp_path / "lat"), {"model": {"depth": 1, "hidden_size": 32, "num_heads": 2, "in_channels": 3}}), stats)
+    with pytest.raises(ValueError, match="not divisible"):
+        config_from("x", {"batch_size": 30, "num_workers": 4}).validate()
+    with pytest.raises(ValueError, match="unknown train settings"):
+        config_from("x", {"learning_rate": 1})
+    assert model_config(config_from("x", {"preset": "DiT-S/2"}), stats).hidden_size == 384
+
+
+def test_ema_update():
+    from dit_core.training import EMA
+
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.75)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, before + 1.0)  # 0.75 * w + 0.25 * (w + 4)

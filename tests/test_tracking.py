@@ -1,0 +1,64 @@
+"""ray_jobs/tracking.py on a real MLflow SQLite store: one run per training name, params that never
+hold credentials, idempotent registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_core.models import DiT, DiTConfig
+from ray_jobs import tracking
+
+
+def test_default_uri_is_sqlite_in_repo(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tracking.REPO / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_safe_params_drop_and_redact_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    params = tracking.safe_params({
+        "train": {"lr": 1e-4, "model": {"depth": 6}},
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "storage": "s3://bucket/path?sig=s3cr3t-value-xyz",
+        "server": "http://user:hunter2@mlflow:5000",
+    })
+    assert params["train.lr"] == "0.0001" and params["train.model.depth"] == "6"
+    assert "aws_access_key_id" not in params
+    assert "s3cr3t-value-xyz" not in params["storage"] and "hunter2" not in params["server"]
+
+
+def test_run_is_found_again_and_params_stay_immutable(mlflow_sqlite):
+    from mlflow import MlflowClient
+
+    tracking.configure_tracking()
+    first = tracking.start_run("exp", "run-a", tags={"preset": "custom"})
+    tracking.log_params(first, {"lr": 0.1, "steps": 10})
+    again = tracking.start_run("exp", "run-a")
+    other = tracking.start_run("exp", "run-b")
+    assert again == first and other != first
+    tracking.log_params(again, {"lr": 0.1, "steps": 20})  # a resumed run with more steps: no error
+    run = MlflowClient().get_run(first)
+    assert run.data.params == {"lr": "0.1", "steps": "10"} and run.data.tags["changed.steps"] == "20"
+    tracking.log_metrics(first, {"loss": 1.5}, step=3)
+    assert [(m.step, m.value) for m in MlflowClient().get_metric_history(first, "loss")] == [(3, 1.5)]
+
+
+@pytest.mark.timeout(120)
+def test_log_model_registers_once_per_step(mlflow_sqlite):
+    import mlflow
+
+    tracking.configure_tracking()
+    run_id = tracking.start_run("exp", "reg")
+    model = DiT(DiTConfig(input_size=4, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3))
+    torch.nn.init.normal_(model.final_layer.linear.weight)
+    info = {"model_config": model.config.to_dict(), "diffusion": {}, "latents": {}}
+    v1 = tracking.log_model(run_id, model, "reg-model", info, {"preset": "custom"}, step=5)
+    assert tracking.log_model(run_id, model, "reg-model", info, {"preset": "custom"}, step=5) == v1
+    loaded = mlflow.pytorch.load_model(f"models:/reg-model/{v1}")
+    x, t, y = torch.randn(2, 2, 4, 4), torch.tensor([1, 2]), torch.tensor([0, 2])
+    assert torch.equal(loaded.eval()(x, t, y), model.eval()(x, t, y))
+    mv = mlflow.MlflowClient().get_model_version("reg-model", v1)
+    assert mv.tags == {"preset": "custom", "step": "5"}
