@@ -175,9 +175,10 @@ def load_autoencoder(path_or_id: str | os.PathLike, scale_factor: float | None =
             vae = AutoencoderKL.from_pretrained(ref, local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"autoencoder {ref!r} not found: give a local folder holding a diffusers AutoencoderKL (config.json "
-            f"and weights), or put the model into the local Hugging Face cache first (e.g. `hf download {ref}` on "
-            f"a machine with internet, then copy ~/.cache/huggingface here). Nothing is downloaded at run time. "
+            f"autoencoder {ref!r} not found: there is no folder {str(local.absolute())!r} holding a diffusers "
+            f"AutoencoderKL (config.json and weights; for models/autoencoder run the train_autoencoder stage), and no "
+            f"Hugging Face model {ref!r} in the local Hugging Face cache (fetch it once on a machine with internet, "
+            f"e.g. `hf download {ref}`, and copy ~/.cache/huggingface here). Nothing is downloaded at run time. "
             f"({type(e).__name__}: {e})"
         ) from e
     record_path = local / RECORD

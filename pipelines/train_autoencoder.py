@@ -39,21 +39,24 @@ from ray_jobs import storage
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
 
 
-def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int | None, seed: int) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images``."""
+def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int, seed: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images`` (all in memory: the
+    caps keep large data sets, e.g. ImageNet at 256, within RAM)."""
     pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
-    if max_images is not None and len(pngs) > max_images:
+    if len(pngs) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
         pngs = [pngs[i] for i in keep]
     return pngs_to_batch(pngs)
 
 
-def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor, batch_size: int) -> float:
+def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor | None, batch_size: int) -> float:
     """``auto``: the record's own (pretrained config / trained 1/std); ``data``: 1/std on ``images``;
     a number: that number."""
     if setting == "auto":
         return ae.scale_factor
     if setting == "data":
+        if images is None:
+            raise ValueError("scale_factor=data needs the training images")
         return data_scale_factor(ae, images, batch_size)
     try:
         return float(setting)
@@ -62,11 +65,11 @@ def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor, b
 
 
 def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str], None] = print) -> tuple[Autoencoder, dict[str, Any]]:
-    """The pure core of the stage: train or import, then measure on the val split."""
+    """The pure core of the stage: train or import, then measure on (a subset of) the val split."""
     manifest = read_manifest(prepared)
     image_size = int(manifest["image_size"])
-    train_images = load_images(prepared, manifest, "train", params["max_images"], params["seed"])
-    eval_batch = int(params["eval_batch_size"])
+    seed, eval_batch, eval_images = int(params["seed"]), int(params["eval_batch_size"]), int(params["eval_max_images"])
+    train_images: torch.Tensor | None = None
     if params["pretrained"]:
         ae = load_autoencoder(params["pretrained"])
         ae.latent_shape(image_size)  # fails early, naming both, if image_size does not fit
@@ -79,7 +82,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
         )
         train = TrainConfig(
             steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
-            kl_weight=float(params["kl_weight"]), seed=int(params["seed"]),
+            kl_weight=float(params["kl_weight"]), seed=seed,
         )
         every = max(1, train.steps // 10)
 
@@ -88,11 +91,14 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
                 log(f"train_autoencoder: step {step}/{train.steps} loss {loss:.5f}")
 
         ae_id = SMALL_ID.format(downsample=model.downsample, channels=model.latent_channels)
+        train_images = load_images(prepared, manifest, "train", int(params["max_images"]), seed)
         ae, metrics = train_small_autoencoder(train_images, model, train, ae_id, log=progress)
+    if params["scale_factor"] == "data" and train_images is None:
+        train_images = load_images(prepared, manifest, "train", int(params["max_images"]), seed)
     ae.record.scale_factor = resolve_scale(ae, params["scale_factor"], train_images, eval_batch)
     ae.record.image_size = image_size
     if manifest["splits"]["val"]["count"]:
-        val = load_images(prepared, manifest, "val", params["max_images"], params["seed"])
+        val = load_images(prepared, manifest, "val", eval_images, seed)
         metrics["val_reconstruction_mse"] = reconstruction_mse(ae, val, eval_batch)
     metrics.update(scale_factor=ae.scale_factor, latent_shape=list(ae.latent_shape(image_size)), id=ae.id)
     return ae, metrics
