@@ -223,3 +223,33 @@ def test_unreadable_bucket_is_a_clear_error(s3_server, tmp_path):
     with pytest.raises((PermissionError, FileNotFoundError), match="no-such-bucket-here"):
         prepare(cfg, str(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()
+
+
+def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
+    """SIGKILL the stage once it has written shards: no output folder, no manifest anywhere."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.fixtures_data import REPO, repo_params, stage_env
+
+    params = repo_params()
+    params["prepare"]["rows_per_shard"] = 10  # many small shards: a long window with partial output
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.prepare", "--out", str(out), "--params",
+                             str(tmp_path / "params.yaml")], cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".prepared.tmp-*/train/*.parquet")):
+            assert proc.poll() is None, "prepare finished before it could be killed"
+            assert time.time() < deadline, "prepare wrote no shard in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not out.exists()
+    assert not list(tmp_path.rglob("manifest.json"))
