@@ -505,4 +505,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not __main__'s: Ray then ships train_loop_per_worker by
+    # reference (ray_jobs.train on the workers' path) instead of pickling this script by value.
+    from ray_jobs.train import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,106 @@
+"""`ray job submit` of the training job against a Ray head started by the test (its own ports and
+temp dir, beside the session's cluster), and the train stage submitting through the job client
+when RAY_ADDRESS is a dashboard address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+from fixtures_latents import write_synthetic_latents
+
+BIN = Path(sys.executable).parent
+JOB_PARAMS = {
+    "model": {"depth": 1, "hidden_size": 32, "num_heads": 2},
+    "steps": 6, "batch_size": 16, "log_every": 3, "checkpoint_every": 3, "num_workers": 1, "cpus_per_worker": 1,
+    "experiment": "dit-job", "registered_model": "dit-job", "max_failures": 0,
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{env.get('PATH', '')}")  # same mode on head and client
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in its own process group; the group is ended at the end."""
+    tmp = tmp_path_factory.mktemp("rayhead")
+    dash = free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+           f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--temp-dir={Path('/tmp') / ('rh' + str(dash))}"]
+    log = (tmp / "head.log").open("w")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"Ray head did not come up; see {tmp / 'head.log'}")
+                time.sleep(1)
+        yield {"address": address, "root": tmp}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def job_data(ray_head):
+    root = ray_head["root"]
+    write_synthetic_latents(root / "latents", n=64, num_classes=2, shape=(4, 8, 8))
+    return {"latents": str(root / "latents"), "storage": str(root / "ckpt"), "mlflow": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+@pytest.mark.timeout(300)
+def test_ray_job_submit_cli(ray_head, job_data):
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**JOB_PARAMS, "storage_path": job_data["storage"], "name": "cli"}.items()]
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": job_data["mlflow"]}}
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "-m", "ray_jobs.train", "--latents", job_data["latents"], "--params", "/dev/null", "--set", *sets],
+        env=_env(), capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from ray_jobs.train import RESULT_PREFIX
+
+    line = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)][-1]
+    result = json.loads(line[len(RESULT_PREFIX):])
+    assert result["step"] == 6 and result["model_uri"] == "models:/dit-job/1"
+    assert Path(result["checkpoint"], "state.pt").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_train_stage_submits_to_dashboard_address(ray_head, job_data, tmp_path, monkeypatch):
+    from pipelines.train import run_stage
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", job_data["mlflow"])
+    params = {**JOB_PARAMS, "storage_path": job_data["storage"], "name": "stage"}
+    run_stage(job_data["latents"], params, str(tmp_path / "train.json"), str(tmp_path / "dit.json"))
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    pointer = json.loads((tmp_path / "dit.json").read_text())
+    assert metrics["steps"] == 6 and metrics["final_loss"] > 0
+    assert pointer["registered_model"] == "dit-job" and Path(pointer["checkpoint"]).name == "checkpoint_00000006"
