@@ -230,6 +230,30 @@ def check_identity(cfg: TrainConfig, name: str) -> None:
         )
 
 
+def _fsdp() -> Any:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
+
+
+def _gathered(model: torch.nn.Module, strategy: str) -> contextlib.AbstractContextManager:
+    """Under FSDP, the full (unsharded) parameters for the duration (every rank must enter)."""
+    return _fsdp().summon_full_params(model, writeback=False) if strategy == "fsdp" else contextlib.nullcontext()
+
+
+def _full_state_dicts(model: torch.nn.Module, opt: torch.optim.Optimizer, strategy: str) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full tensors and the model's own parameter names. Under
+    FSDP a collective (every rank calls it); rank 0 gets the dicts."""
+    if strategy != "fsdp":
+        return _unwrap(model).state_dict(), opt.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+
+    fsdp = _fsdp()
+    with fsdp.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        return model.state_dict(), fsdp.optim_state_dict(model, opt)
+
+
 def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -276,11 +300,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_step = int(state.get("step", 0))
     ema.model.to(device)
 
+    num_parameters = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)          # Ray: DDP / FSDP
     raw = _unwrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     if "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
+        osd = state["optimizer"]
+        if cfg.strategy == "fsdp":
+            osd = _fsdp().optim_state_dict_to_load(model, opt, osd)
+        opt.load_state_dict(osd)
     forward = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
@@ -295,16 +323,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracking.log_params(run_id, {
             **flatten(asdict(cfg)), "run_name": config["run_name"], "git_commit": config["git_commit"],
             "data_fingerprint": stats["fingerprint"], "world_size": world, "num_nodes": len(set(nodes)),
-            **flatten({"model_config": mcfg.to_dict()}), "num_parameters": sum(p.numel() for p in raw.parameters()),
+            **flatten({"model_config": mcfg.to_dict()}), "num_parameters": num_parameters,
         })
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         """Every rank calls it (ray.train.report is a barrier); rank 0 writes the state."""
+        model_sd, opt_sd = _full_state_dicts(model, opt, cfg.strategy)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 torch.save({
-                    "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "model": model_sd, "ema": ema.state_dict(), "optimizer": opt_sd, "step": step,
                     "model_config": mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": stats,
                     "config": flatten(asdict(cfg)) | {"name": config["run_name"]}, "data_fingerprint": stats["fingerprint"],
                     "identity": json.loads(json.dumps(cfg.identity(), default=str)), "mlflow_run_id": run_id,
@@ -332,10 +361,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (loss / cfg.grad_accum).backward()
             window_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            clip = model.clip_grad_norm_ if cfg.strategy == "fsdp" else (lambda c: torch.nn.utils.clip_grad_norm_(model.parameters(), c))
+            clip(cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(raw)
+        with _gathered(model, cfg.strategy):
+            ema.update(model if cfg.strategy == "fsdp" else raw)
         window_steps += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -432,6 +463,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_identity(cfg, name)
     init_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.strategy == "fsdp" and not use_gpu:
+        raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
+                         "(or use_gpu is false); use strategy: ddp on CPU")
     resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker

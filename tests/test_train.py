@@ -180,6 +180,9 @@ def test_resume_equals_uninterrupted_run(workspace, stage_run):
         for k, v in s.items():
             torch.testing.assert_close(res_opt["state"][i][k], v, rtol=0, atol=1e-6)
 
+    # FSDP on a CPU-only cluster is refused before any worker starts.
+    with pytest.raises(ValueError, match="strategy: ddp"):
+        train(config_from(workspace["latents"], {**base, "name": "fsdp", "strategy": "fsdp"}))
     # Resuming with settings that change the weights is refused, naming the fix.
     with pytest.raises(Exception, match="new train.name"):
         train(config_from(workspace["latents"], {**base, "steps": STEPS + 10, "lr": 5e-4}))
