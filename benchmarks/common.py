@@ -17,20 +17,37 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("numpy", "diffusers", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded as None
+            out[name] = None
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {
+    info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_threads": torch.get_num_threads(),
         "logical_cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        **_versions(),
     }
+    try:
+        # Other work on the machine while the benchmark ran shows here (the 1, 5, 15 minute loads).
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        info["load_average"] = None
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -62,8 +79,8 @@ def median(xs: list[float]) -> float:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None, repeats: int = 10) -> float:
-    """Measured dense matmul rate in FLOP/s (multiply-add = 2 FLOPs) on square matrices."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+    """Measured dense matmul rate in FLOP/s (multiply-add = 2 FLOPs) on square random matrices."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = time_fn(lambda: a @ b, device, warmup=3, repeats=repeats)
@@ -71,6 +88,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
 
 
 def flops_of(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call counted by torch.utils.flop_counter (a multiply-add counts 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -78,10 +96,13 @@ def flops_of(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
+def write_result(name: str, payload: dict[str, Any], tag: str | None = None) -> Path:
+    """benchmarks/results/{name}-{cpu|gpu}[-{tag}].json, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), **payload}
-    path = RESULTS / f"{name}-{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
+    stem = f"{name}-{'gpu' if torch.cuda.is_available() else 'cpu'}" + (f"-{tag}" if tag else "")
+    path = Path(os.environ.get("BENCH_RESULTS", RESULTS)) / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)

@@ -98,6 +98,11 @@ def png_bytes(img: Image.Image | np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def pngs_to_uint8(images: list[bytes]) -> np.ndarray:
+    """A list of PNG bytes -> (N, H, W, 3) uint8 RGB."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+
+
 def png_to_tensor(data: bytes) -> torch.Tensor:
     """PNG bytes -> (3, H, W) float tensor in [-1, 1]."""
     arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)

@@ -11,9 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import yaml
+
+from dit_core.data import pngs_to_batch
 
 from ray_jobs import storage
 
@@ -63,3 +67,13 @@ def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: lis
     if not tables:
         raise ValueError(f"split {split!r} of {prepared} is empty; lower prepare.val_fraction or add data")
     return pa.concat_tables(tables)
+
+
+def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int, seed: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images`` (all in memory: the
+    caps keep large data sets, e.g. ImageNet at 256, within RAM)."""
+    pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
+    if len(pngs) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
+        pngs = [pngs[i] for i in keep]
+    return pngs_to_batch(pngs)

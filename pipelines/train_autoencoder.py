@@ -32,21 +32,10 @@ from dit_core.autoencoders import (
     save_autoencoder,
     train_small_autoencoder,
 )
-from dit_core.data import pngs_to_batch
-from pipelines.common import load_params, read_manifest, read_split
+from pipelines.common import load_images, load_params, read_manifest
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
-
-
-def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int, seed: int) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images`` (all in memory: the
-    caps keep large data sets, e.g. ImageNet at 256, within RAM)."""
-    pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
-    if len(pngs) > max_images:
-        keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
-        pngs = [pngs[i] for i in keep]
-    return pngs_to_batch(pngs)
 
 
 def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor | None, batch_size: int) -> float:

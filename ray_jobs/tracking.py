@@ -184,19 +184,78 @@ def log_model(
     return version
 
 
+FID_TAG = "fid"                         # on a model version: its FID (lower is better)
+FID_FEATURES_TAG = "fid_features"       # which feature network that FID was measured with
+
+
+def log_evaluation(
+    run_id: str,
+    metrics: Mapping[str, float],
+    settings: Mapping[str, Any],
+    artifacts: Mapping[str, str] | None = None,
+    step: int | None = None,
+) -> None:
+    """Record an evaluation in the training run of the model it scored: ``eval.*`` metrics, the
+    settings as ``eval.*`` tags (a run's params are immutable and a model may be scored many
+    times), and files (local paths) as artifacts under ``eval/``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    log_metrics(run_id, {f"eval.{k}": v for k, v in metrics.items()}, step=step or 0)
+    set_tags(run_id, {f"eval.{k}": v for k, v in settings.items()})
+    for path in (artifacts or {}).values():
+        client.log_artifact(run_id, path, artifact_path="eval")
+
+
+def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in safe_params(tags).items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def promote_if_better(name: str, version: str, fid: float, features: str, alias: str = "champion") -> dict[str, Any]:
+    """Move ``alias`` to ``version`` when its FID beats the current holder's, measured with the same
+    feature network (FIDs from different networks are not comparable: a holder scored otherwise
+    is replaced). Returns what happened: ``{"moved": bool, "previous": version or None, ...}``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    previous = str(holder.version) if holder is not None else None
+    previous_fid = None
+    if holder is not None and holder.tags.get(FID_FEATURES_TAG) == features and FID_TAG in holder.tags:
+        previous_fid = float(holder.tags[FID_TAG])
+    better = previous is None or previous == str(version) or previous_fid is None or fid < previous_fid
+    if better:
+        client.set_registered_model_alias(name, alias, str(version))
+    return {"alias": alias, "moved": bool(better and previous != str(version)), "holder": str(version) if better else previous,
+            "previous": previous, "previous_fid": previous_fid}
+
+
 __all__ = [
+    "FID_FEATURES_TAG",
+    "FID_TAG",
     "MODEL_INFO_PATH",
     "configure_tracking",
     "finish_run",
     "git_commit",
     "log_metrics",
     "log_model",
+    "log_evaluation",
     "log_params",
+    "promote_if_better",
     "redact",
     "registered_version",
     "registry_uri",
     "safe_params",
     "set_tags",
     "start_run",
+    "tag_version",
     "tracking_uri",
 ]

@@ -1,0 +1,136 @@
+"""A small CNN classifier of the prepared images: its penultimate layer is the feature network of the
+offline FID (when the Inception weights are not at hand, or the images are too small for them), and
+its predictions score whether a generated image shows the class it was conditioned on."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_FILE = "classifier.pt"
+CONFIG_FILE = "classifier.json"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    num_classes: int
+    image_size: int
+    in_channels: int = 3
+    width: int = 32                 # channels of the first conv block (doubled in the second)
+    feature_dim: int = 64           # the penultimate layer: FID features
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    max_shift: int = 1              # random translation (pixels) as augmentation
+    seed: int = 0
+
+
+class Classifier(nn.Module):
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.body = nn.Sequential(
+            nn.Conv2d(config.in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, config.feature_dim), nn.SiLU(),
+        )
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [-1, 1] -> (N, feature_dim) penultimate activations."""
+        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
+            raise ValueError(
+                f"images are {tuple(x.shape[-2:])}; the classifier was trained on "
+                f"{self.config.image_size}x{self.config.image_size} (retrain it for this image size)"
+            )
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    if max_shift <= 0:
+        return x
+    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+    return torch.roll(F.pad(x, [max_shift] * 4, value=-1.0), shifts=(dy, dx), dims=(2, 3))[..., max_shift:-max_shift, max_shift:-max_shift]
+
+
+@torch.no_grad()
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(images), batch_size):
+        correct += int((model(images[s:s + batch_size]).argmax(1) == labels[s:s + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    model_config: ClassifierConfig,
+    train_config: ClassifierTrainConfig,
+) -> Classifier:
+    """Train on (N, 3, H, W) images in [-1, 1] with integer labels; deterministic for a seed."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"{len(images)} images and {len(labels)} labels: need the same, non-zero number")
+    bad = labels[(labels < 0) | (labels >= model_config.num_classes)]
+    if bad.numel():
+        raise ValueError(f"labels {sorted(set(bad.tolist()))} out of range for {model_config.num_classes} classes")
+    torch.manual_seed(train_config.seed)
+    gen = torch.Generator().manual_seed(train_config.seed)
+    model = Classifier(model_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train_config.lr, total_steps=train_config.steps)
+    model.train()
+    for _ in range(train_config.steps):
+        idx = torch.randint(0, len(images), (min(train_config.batch_size, len(images)),), generator=gen)
+        x = _shift(images[idx], train_config.max_shift, gen)
+        loss = F.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def save_classifier(model: Classifier, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """``path/classifier.pt`` (state dict) and ``path/classifier.json`` (config and ``extra``)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), root / WEIGHTS_FILE)
+    (root / CONFIG_FILE).write_text(json.dumps({"config": asdict(model.config), **(extra or {})}, indent=2, sort_keys=True) + "\n")
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
+    root = Path(path)
+    if not (root / WEIGHTS_FILE).is_file() or not (root / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{root} holds no classifier ({WEIGHTS_FILE} + {CONFIG_FILE}); run the train_classifier stage")
+    record = json.loads((root / CONFIG_FILE).read_text())
+    model = Classifier(ClassifierConfig(**record["config"]))
+    model.load_state_dict(torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True), strict=True)
+    return model.eval(), record
+
+
+def predict(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(images[s:s + batch_size]).argmax(1).numpy() for s in range(0, len(images), batch_size)])

@@ -1,0 +1,64 @@
+"""sample stage: images from the trained model with the Ray Data job in ray_jobs/sample.py, plus a
+grid of samples per class.
+
+    python -m pipelines.sample --pointer models/dit.json --out samples
+
+``sample.model: null`` samples the model version the train stage registered (``models/dit.json``);
+any MLflow model URI, checkpoint (local or s3://) or official ``.pt`` may be given instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ray_jobs import storage
+from ray_jobs.sample import SampleConfig, run
+from pipelines.common import load_params
+
+STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
+
+
+def model_uri(params: dict[str, Any], pointer_path: str | None) -> str:
+    """The model to sample: ``sample.model``, else the registered version (or, untracked, the final
+    checkpoint) in the train stage's pointer."""
+    if params.get("model"):
+        return str(params["model"])
+    if not pointer_path or not storage.exists(pointer_path):
+        raise FileNotFoundError(f"sample.model is null and the train pointer {pointer_path} does not exist; run the train stage or set sample.model")
+    pointer = storage.read_json(pointer_path)
+    uri = pointer.get("model_uri") or pointer.get("checkpoint")
+    if not uri:
+        raise ValueError(f"{pointer_path} names neither a model version nor a checkpoint; re-run the train stage")
+    return str(uri)
+
+
+def config_from(params: dict[str, Any], model: str, out: str) -> SampleConfig:
+    known = set(SampleConfig.__dataclass_fields__) - {"model", "output"}
+    unknown = set(params) - known - set(STAGE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown sample settings {sorted(unknown)}; known: {sorted(known | set(STAGE_KEYS))}")
+    fields = {k: v for k, v in params.items() if k in known}
+    if isinstance(fields.get("formats"), str):
+        fields["formats"] = [f.strip() for f in fields["formats"].split(",") if f.strip()]
+    return SampleConfig(model=model, output=out, **fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pointer", default=None, help="the train stage's pointer (models/dit.json)")
+    p.add_argument("--out", required=True, help="samples folder or s3:// prefix")
+    p.add_argument("--params", default="params.yaml")
+    a = p.parse_args(argv)
+    params = load_params("sample", a.params)
+    cfg = config_from(params, model_uri(params, a.pointer), a.out)
+    summary = run(cfg)
+    print(f"sample: {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_second']:.2f}/s) -> {cfg.output}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

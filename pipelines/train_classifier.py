@@ -1,0 +1,86 @@
+"""train_classifier stage: a small CNN on the prepared training split, for the offline FID features
+and the class accuracy of generated images (``evaluate``).
+
+    python -m pipelines.train_classifier --prepared data/prepared --out models/classifier \
+        --metrics metrics/classifier.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.data import pngs_to_batch
+from pipelines.common import load_params, read_manifest, read_split
+from ray_jobs import storage
+
+
+def load_labelled(prepared: str, manifest: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) images in [-1, 1] and their int64 labels."""
+    table = read_split(prepared, manifest, split, ["image", "label"])
+    return pngs_to_batch(table.column("image").to_pylist()), torch.from_numpy(table.column("label").to_numpy().astype("int64"))
+
+
+def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The stage's core: train on the train split, measure on the val split."""
+    manifest = read_manifest(prepared)
+    if not manifest["splits"]["val"]["count"]:
+        raise ValueError(f"{prepared} has no val split: the classifier's accuracy needs one; set prepare.val_fraction > 0")
+    x_train, y_train = load_labelled(prepared, manifest, "train")
+    x_val, y_val = load_labelled(prepared, manifest, "val")
+    config = ClassifierConfig(num_classes=int(manifest["num_classes"]), image_size=int(manifest["image_size"]),
+                              width=int(params["width"]), feature_dim=int(params["feature_dim"]))
+    train = ClassifierTrainConfig(steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
+                                  weight_decay=float(params["weight_decay"]), max_shift=int(params["max_shift"]),
+                                  seed=int(params["seed"]))
+    model = train_classifier(x_train, y_train, config, train)
+    metrics = {
+        "train_accuracy": accuracy(model, x_train, y_train),
+        "val_accuracy": accuracy(model, x_val, y_val),
+        "num_train": len(y_train),
+        "num_val": len(y_val),
+        "input_fingerprint": manifest["fingerprint"],
+    }
+    return model, metrics
+
+
+def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
+    """Write the classifier folder whole: a temporary folder, then a rename (or an upload with the
+    record last, on S3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, "classifier")
+        save_classifier(model, local, extra={"metrics": metrics})
+        staging = storage.begin_output(out)
+        try:
+            for name in ("classifier.pt", "classifier.json"):  # the record last
+                storage.write_bytes(storage.join(staging, name), (local / name).read_bytes())
+        except BaseException:
+            storage.abort_output(staging, out)
+            raise
+        storage.commit_output(staging, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
+    p.add_argument("--out", required=True, help="classifier folder or s3:// URI")
+    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
+    p.add_argument("--params", default="params.yaml")
+    a = p.parse_args(argv)
+    model, metrics = build_classifier(a.prepared, load_params("train_classifier", a.params))
+    publish(model, metrics, a.out)
+    if a.metrics:
+        storage.write_json(a.metrics, metrics)
+    print(f"train_classifier: val accuracy {metrics['val_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}) -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Where a trained DiT comes from: an MLflow model URI, one of our checkpoints (local or s3://),
+or an official DiT ``.pt`` release. Each resolves to a ``ModelBundle``: the EMA weights, the
+architecture, the diffusion settings and the latent space (autoencoder and scale factor)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict, extract_state_dict, preset_name
+
+from . import storage
+
+STATE_FILE = "state.pt"            # inside our checkpoint directories (docs/CONTRACTS.md)
+MODEL_INFO_PATH = "model_info/model_info.json"   # in the MLflow run of a registered model
+
+
+@dataclass
+class ModelBundle:
+    """Everything a sampler needs, as plain picklable data (shipped to actors through the object store)."""
+
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    diffusion: dict[str, Any] = field(default_factory=dict)
+    latents: dict[str, Any] = field(default_factory=dict)   # stats.json of the training data
+    source: str = ""
+    mlflow_run_id: str | None = None
+    registered_model: str | None = None
+    version: str | None = None
+
+    def build_model(self) -> DiT:
+        model = DiT(DiTConfig(**self.model_config))
+        check_state_dict(model, self.state_dict, source=self.source)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+    @property
+    def config(self) -> DiTConfig:
+        return DiTConfig(**self.model_config)
+
+
+def _torch_load_bytes(data: bytes, source: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{source} is not a readable PyTorch checkpoint ({e})") from e
+
+
+def _from_checkpoint(uri: str) -> ModelBundle:
+    target = uri
+    if not uri.endswith(".pt") and not uri.endswith(".pth"):
+        target = storage.join(uri, STATE_FILE)
+    if not storage.exists(target):
+        raise FileNotFoundError(
+            f"model {uri!r} not found: expected an MLflow URI (models:/name/version, models:/name@alias, "
+            f"runs:/id/model), a checkpoint directory holding {STATE_FILE}, or a .pt file"
+        )
+    obj = _torch_load_bytes(storage.read_bytes(target), target)
+    sd = extract_state_dict(obj, prefer="ema")
+    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):
+        # One of ours: architecture, diffusion and latent space are recorded with the weights.
+        return ModelBundle(
+            model_config=dict(obj["model_config"]),
+            state_dict=sd,
+            diffusion=dict(obj.get("diffusion") or {}),
+            latents=dict(obj.get("latents") or {}),
+            source=target,
+        )
+    # An official release: a bare state dict; the architecture comes from its shapes.
+    cfg = config_from_state_dict(sd)
+    return ModelBundle(model_config=cfg.to_dict(), state_dict=sd, source=target)
+
+
+def _from_mlflow(uri: str) -> ModelBundle:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    name = version = None
+    try:
+        if uri.startswith("models:/"):
+            rest = uri[len("models:/"):]
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, ver = rest.split("/", 1)
+                mv = client.get_model_version(name, ver)
+            run_id, version = mv.run_id, str(mv.version)
+        else:  # runs:/<run_id>/<path>
+            run_id = uri[len("runs:/"):].split("/", 1)[0]
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        with tempfile.TemporaryDirectory() as tmp:
+            info_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_INFO_PATH, dst_path=tmp)
+            with open(info_path) as f:
+                info = json.load(f)
+    except MlflowException as e:
+        raise ValueError(
+            f"model {uri!r} could not be resolved in MLflow at {mlflow.get_tracking_uri()}: {e.message}. "
+            "Check the name, version or alias (e.g. models:/dit-digits@champion) and MLFLOW_TRACKING_URI."
+        ) from e
+    return ModelBundle(
+        model_config=dict(info["model_config"]),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        diffusion=dict(info.get("diffusion") or {}),
+        latents=dict(info.get("latents") or {}),
+        source=uri,
+        mlflow_run_id=run_id,
+        registered_model=name,
+        version=version,
+    )
+
+
+def load_bundle(uri: str, expect_preset: str | None = None) -> ModelBundle:
+    """Resolve ``uri`` and check it before any sampling work starts."""
+    uri = str(uri)
+    if uri.startswith(("models:/", "runs:/")):
+        bundle = _from_mlflow(uri)
+    else:
+        bundle = _from_checkpoint(uri if storage.is_s3(uri) else os.path.expanduser(uri))
+    if expect_preset is not None:
+        got = preset_name(bundle.config)
+        if got != expect_preset:
+            raise ValueError(
+                f"model {uri!r} is a {got or 'custom'} model ({bundle.config}), not {expect_preset}; "
+                "pass the matching preset or another checkpoint"
+            )
+    return bundle
