@@ -17,7 +17,7 @@ import math
 import os
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,7 +55,7 @@ class SampleConfig:
     autoencoder: str | None = None           # default: the one the model was trained with
     scale_factor: float | None = None        # default: the model's latent record, else the autoencoder's
     expect_preset: str | None = None
-    num_actors: int | None = None            # default: GPUs in the cluster, else 1 per 2 CPUs
+    num_actors: int | None = None            # default: one per GPU, else one per CPU
     use_gpu: bool | None = None              # default: when the cluster has GPUs
     bf16: bool = True                        # autocast on GPU
 
@@ -157,6 +157,8 @@ class ShardGenerator:
         if isinstance(bundle, ray.ObjectRef):
             bundle = ray.get(bundle)
         self.cfg = SampleConfig(**cfg)
+        if not torch.cuda.is_available():  # as many PyTorch threads as this actor has CPUs
+            torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.sampler = ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -314,6 +316,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     import ray
 
     validate(cfg)
+    cfg = replace(cfg, output=storage.absolute(cfg.output))  # actors run in their own folders
     storage.check_writable(cfg.output)
     bundle = load_bundle(cfg.model, cfg.expect_preset)
     mc = bundle.config
@@ -321,6 +324,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     autoencoder, scale = load_autoencoder_for(cfg, bundle)
     _check_resume(cfg)
 
+    storage.remove_temporaries(cfg.output)  # a killed run's half-written shards
     todo = missing_shards(cfg)
     t0 = time.perf_counter()
     generated = 0
@@ -328,7 +332,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         _init_ray()
         resources = ray.cluster_resources()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
-        actors = cfg.num_actors or (int(resources.get("GPU", 0)) if use_gpu else max(1, int(resources.get("CPU", 1)) // 2))
+        # default: one actor per GPU; on CPUs one per core, each a single-threaded PyTorch
+        actors = cfg.num_actors or int(resources.get("GPU", 0) if use_gpu else resources.get("CPU", 1))
         actors = max(1, min(actors, len(todo)))
         index = np.concatenate([np.arange(s * cfg.images_per_shard, min((s + 1) * cfg.images_per_shard, cfg.num_images)) for s in todo])
         rows = [
@@ -338,14 +343,16 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
         ray.data.DataContext.get_current().enable_progress_bars = progress
         ds = ray.data.from_items(rows)
-        cpus = 1.0 if use_gpu else min(1.0, max(0.25, float(resources.get("CPU", 1)) / actors - 0.25))
-        out = ds.groupby("shard").map_groups(
+        # CPU actors share the cores, leaving a quarter core each for Ray Data's own tasks
+        cpus = 1.0 if use_gpu else max(0.25, float(resources.get("CPU", 1)) / actors - 0.25)
+        out = ds.groupby("shard", num_partitions=len(todo)).map_groups(
             ShardGenerator,
             fn_constructor_args=(bundle_ref, asdict(cfg)),
             batch_format="numpy",
             concurrency=actors,
             num_gpus=1 if use_gpu else 0,
             num_cpus=cpus,
+            runtime_env={"env_vars": storage.aws_env()},
         ).take_all()
         generated = int(sum(r["images"] for r in out))
     if "npz" in cfg.formats or cfg.grid_per_class:

@@ -20,6 +20,13 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+def aws_env() -> dict[str, str]:
+    """This process's ``AWS_*`` variables, for Ray workers that read or write S3: a worker gets the
+    environment of the node it runs on, not the driver's. (Handed over through the runtime
+    environment, never through params, tags or logs.)"""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
 def _s3_filesystem() -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -39,6 +46,11 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         return _s3_filesystem(), uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def absolute(uri: str | os.PathLike) -> str:
+    """An ``s3://`` URI as it is; a local path made absolute (Ray workers run in other folders)."""
+    return str(uri) if is_s3(uri) else str(Path(uri).absolute())
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
@@ -125,6 +137,17 @@ def check_writable(uri: str | os.PathLike) -> None:
 
 
 # Folder outputs that appear whole or not at all (used by the prepare and encode stages).
+
+def remove_temporaries(uri: str | os.PathLike) -> int:
+    """Delete what killed writers left under ``uri`` (``*.tmp-*`` files of ``write_bytes``);
+    returns how many. Only local folders have them: an S3 upload is never visible half done."""
+    if is_s3(uri):
+        return 0
+    stale = [f for f in list_files(uri) if ".tmp-" in os.path.basename(f)]
+    for f in stale:
+        delete(f)
+    return len(stale)
+
 
 def begin_output(uri: str | os.PathLike) -> str:
     """Start writing a folder output; returns where to write it. Locally: a fresh temporary sibling

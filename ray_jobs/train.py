@@ -26,7 +26,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -456,6 +456,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     cfg.validate()
+    cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
     storage.check_writable(cfg.storage_path)

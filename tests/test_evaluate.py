@@ -1,0 +1,115 @@
+"""The evaluation's MLflow records, on a real MLflow (SQLite): metrics and the grid in the scored
+version's training run, the version tagged with its FID, and the alias moving only to a better
+version; models load back from their URIs; the classifier the offline FID relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, load_classifier, save_classifier, train_classifier
+from ray_jobs import storage, tracking
+from ray_jobs.model_source import load_bundle
+from ray_jobs.sample import CONFIG_FILE, GRID_FILE
+from tests.test_sample import TINY, random_dit
+
+NAME = "dit-eval-test"
+
+
+def register_version(seed: int) -> tuple[str, str, torch.nn.Module]:
+    """A training run with a logged, registered tiny DiT (as ray_jobs.train does at its end)."""
+    model = random_dit(TINY, seed)
+    run_id = tracking.start_run("eval-test", f"run-{seed}")
+    info = {"model_config": TINY.to_dict(), "diffusion": {"noise_schedule": "linear", "diffusion_steps": 1000},
+            "latents": {"autoencoder_path": "unused", "scale_factor": 1.0}}
+    version = tracking.log_model(run_id, model, NAME, model_info=info, tags={"preset": "custom"}, step=10)
+    tracking.finish_run(run_id)
+    return run_id, version, model
+
+
+def fake_samples(root, model_uri: str) -> str:
+    """A samples folder as the sample stage leaves it (the parts that register() reads)."""
+    storage.write_json(storage.join(root, CONFIG_FILE), {"model": model_uri})
+    from dit_core.data import png_bytes
+
+    storage.write_bytes(storage.join(root, GRID_FILE), png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    return str(root)
+
+
+def eval_metrics(model_uri: str, fid: float) -> dict:
+    return {"model": model_uri, "fid": fid, "class_accuracy": 0.9, "fid_untrained": 100.0, "sampler": "ddim",
+            "num_steps": 10, "eta": 0.0, "guidance_scale": 1.0, "guided_channels": None, "seed": 0,
+            "feature_network": "classifier", "reference": "val", "num_samples": 8}
+
+
+@pytest.mark.timeout(300)
+def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow_sqlite, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.evaluate import register
+
+    tracking.configure_tracking()
+    client = MlflowClient()
+    run1, v1, m1 = register_version(1)
+    run2, v2, _ = register_version(2)
+    run3, v3, _ = register_version(3)
+
+    out = register(fake_samples(tmp_path / "s1", f"models:/{NAME}/{v1}"), eval_metrics(f"models:/{NAME}/{v1}", 5.0), "champion")
+    assert out["moved"] and out["holder"] == v1 and out["previous"] is None
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == v1
+    mv = client.get_model_version(NAME, v1)
+    assert float(mv.tags[tracking.FID_TAG]) == 5.0 and mv.tags[tracking.FID_FEATURES_TAG] == "classifier"
+    run = client.get_run(run1)
+    assert run.data.metrics["eval.fid"] == 5.0 and run.data.metrics["eval.class_accuracy"] == 0.9
+    assert run.data.tags["eval.sampler"] == "ddim" and run.data.tags["eval.num_steps"] == "10"
+    assert any(a.path == f"eval/{GRID_FILE}" for a in client.list_artifacts(run1, "eval"))
+
+    out = register(fake_samples(tmp_path / "s2", f"models:/{NAME}/{v2}"), eval_metrics(f"models:/{NAME}/{v2}", 7.0), "champion")
+    assert not out["moved"] and out["previous_fid"] == 5.0
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == v1, "a worse FID does not take the alias"
+    assert float(client.get_model_version(NAME, v2).tags[tracking.FID_TAG]) == 7.0
+
+    out = register(fake_samples(tmp_path / "s3", f"models:/{NAME}@champion"), eval_metrics(f"models:/{NAME}/{v3}", 3.0), "champion")
+    assert out["moved"] and out["previous"] == v1
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == v3
+
+    # a FID from another feature network is not compared with the holder's: the alias moves
+    assert tracking.promote_if_better(NAME, v2, 50.0, "inception")["moved"]
+
+    # the registered weights come back through every URI form
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 900]), torch.tensor([0, 2])
+    for uri in (f"models:/{NAME}/{v1}", f"runs:/{run1}/model"):
+        bundle = load_bundle(uri)
+        torch.testing.assert_close(bundle.build_model()(x, t, y), m1(x, t, y))
+        assert bundle.latents["scale_factor"] == 1.0
+    assert load_bundle(f"models:/{NAME}@champion").version == v2
+
+
+def test_unregistered_models_are_not_registered(mlflow_sqlite, tmp_path):
+    from pipelines.evaluate import register
+
+    out = register(str(tmp_path), eval_metrics("/some/checkpoint", 1.0), "champion")
+    assert out == {"registered": False, "reason": "/some/checkpoint is not a registered model version"}
+
+
+def test_classifier_learns_digits_and_round_trips(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images / 16.0 * 2 - 1).float()[:, None].repeat(1, 3, 1, 1)  # 8x8, [-1, 1]
+    y = torch.from_numpy(digits.target).long()
+    cfg = ClassifierConfig(num_classes=10, image_size=8, width=16, feature_dim=32)
+    model = train_classifier(x[:1500], y[:1500], cfg, ClassifierTrainConfig(steps=300, batch_size=64))
+    acc = accuracy(model, x[1500:], y[1500:])
+    assert acc > 0.9, acc
+    save_classifier(model, tmp_path / "clf", extra={"metrics": {"val_accuracy": acc}})
+    loaded, record = load_classifier(tmp_path / "clf")
+    torch.testing.assert_close(loaded.features(x[:5]), model.features(x[:5]))
+    assert loaded.features(x[:5]).shape == (5, 32) and record["metrics"]["val_accuracy"] == acc
+    with pytest.raises(ValueError, match="trained on 8x8"):
+        loaded.features(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="out of range"):
+        train_classifier(x[:4], torch.tensor([0, 1, 2, 10]), cfg, ClassifierTrainConfig(steps=1))
+    with pytest.raises(FileNotFoundError, match="train_classifier stage"):
+        load_classifier(tmp_path / "nothing")
