@@ -1,5 +1,10 @@
 """Sampling benchmark: images per second and network evaluations per image for each sampler,
-ours against diffusers' DiTTransformer2DModel of identical dimensions, guidance batched in one pass.
+ours against diffusers' DiTTransformer2DModel of identical dimensions, both driven by the same
+sampler loop (dit_core's), classifier-free guidance batched into one forward pass of 2N.
+
+With ``--max-evals K`` a long trajectory is timed over its first K network evaluations only and
+images/s is extrapolated to the full count (every step of these samplers costs the same: one
+forward pass plus a few elementwise ops); the row's ``timed_evals`` says how many were timed.
 
     python -m benchmarks.sampling --preset DiT-S/2 --batch-size 8 --input-size 32
 """
@@ -8,21 +13,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Any
+import sys
+import traceback
+from typing import Any, Callable
 
 import torch
 
 from dit_core.diffusion import create_diffusion, make_sampler, randn, sample_loop
+from dit_core.diffusion.samplers import Sampler
 from dit_core.models import DiT, preset_config
 
 from .common import machine, median, table, time_fn, write_result
-from .train_step import peer_model
+from .train_step import WHO, peer_model
 
 SAMPLER_SETTINGS = (("ddpm", 250), ("ddim", 50), ("dpm-solver++", 10), ("dpm-solver++", 20), ("dpm-solver++", 25))
 
 
-def guided_fn(which: str, model: torch.nn.Module, y: torch.Tensor, scale: float, null: int):
-    """(x, t) -> guided output, conditional and null halves in one batched forward pass."""
+def guided_fn(which: str, model: torch.nn.Module, y: torch.Tensor, scale: float, null: int) -> Callable:
+    """(x, t) -> guided output, conditional and null halves in one batched forward pass of 2N."""
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if which == "ours":
@@ -36,54 +44,97 @@ def guided_fn(which: str, model: torch.nn.Module, y: torch.Tensor, scale: float,
     return fn
 
 
-def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, settings, bf16: bool, compile_: bool) -> dict[str, Any]:
+def truncated_loop(sampler: Sampler, fn: Callable, noise: torch.Tensor, generator: torch.Generator, evals: int) -> torch.Tensor:
+    """dit_core's sample_loop, stopped after ``evals`` network evaluations (for timing only)."""
+    if evals >= sampler.num_evaluations:
+        return sample_loop(sampler, fn, noise, generator)
+    sampler.reset()
+    x = noise.float()
+    for i in range(evals):
+        t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
+        x = sampler.step(i, x, fn(x, t), generator)
+    return x
+
+
+def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, settings: list[tuple[str, int]], bf16: bool,
+        compile_mode: str | None, max_evals: int | None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     cfg = preset_config(preset, input_size=input_size, num_classes=1000)
-    models = {"ours": DiT(cfg).to(device).eval(), "peer": peer_model(cfg).to(device).eval()}
-    # Non-zero weights for both (a fresh adaLN-Zero model short-circuits nothing, but be fair and equal).
+    torch.manual_seed(0)
+    models = {"ours": DiT(cfg), "peer": peer_model(cfg)}
+    # A fresh adaLN-Zero model outputs zeros; give both the same kind of non-zero weights so that
+    # no branch is trivially cheap and the outputs are those of a working network.
+    for m in models.values():
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.02)
+        m.to(device).eval()
     y = torch.arange(batch, device=device) % cfg.num_classes
     diffusion = create_diffusion()
-    fns = {w: guided_fn(w, m, y, scale, cfg.num_classes) for w, m in models.items()}
-    if compile_:
-        fns = {w: torch.compile(f) for w, f in fns.items()}
+    fns = {w: guided_fn(w, models[w], y, scale, cfg.num_classes) for w in WHO}
+    if compile_mode:
+        fns = {w: torch.compile(f, mode=None if compile_mode == "default" else compile_mode) for w, f in fns.items()}
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     rows = []
     for name, steps in settings:
-        sampler = make_sampler(name, diffusion, steps)
-        times: dict[str, list[float]] = {"ours": [], "peer": []}
+        row: dict[str, Any] = {"sampler": f"{name}-{steps}"}
+        try:
+            sampler = make_sampler(name, diffusion, steps)
+            evals = sampler.num_evaluations if not max_evals else min(max_evals, sampler.num_evaluations)
+            times: dict[str, list[float]] = {w: [] for w in WHO}
 
-        def once(w: str) -> None:
-            g = torch.Generator().manual_seed(0)
-            noise = randn((batch, cfg.in_channels, input_size, input_size), g, device)
-            with torch.no_grad(), autocast():
-                sample_loop(sampler, fns[w], noise, g)
+            def once(w: str) -> None:
+                g = torch.Generator().manual_seed(0)
+                noise = randn((batch, cfg.in_channels, input_size, input_size), g, device)
+                with torch.inference_mode(), autocast():
+                    truncated_loop(sampler, fns[w], noise, g, evals)
 
-        for w in ("ours", "peer"):
-            once(w)  # warm-up
-        for _ in range(rounds):
-            for w in ("ours", "peer"):
-                times[w] += time_fn(lambda: once(w), device, warmup=0, repeats=1)
-        ours, peer = batch / median(times["ours"]), batch / median(times["peer"])
-        rows.append({"sampler": f"{name}-{steps}", "nfe_per_image": 2 * sampler.num_evaluations, "ours_img_s": ours, "peer_img_s": peer, "ratio": ours / peer})
-    return {"settings": {"preset": preset, "batch": batch, "input_size": input_size, "guidance_scale": scale, "rounds": rounds, "bf16": bf16, "compile": compile_}, "rows": rows}
+            for w in WHO:
+                once(w)  # warm-up (and compilation)
+            for _ in range(rounds):
+                for w in WHO:
+                    times[w] += time_fn(lambda: once(w), device, warmup=0, repeats=1)
+            full = sampler.num_evaluations / evals
+            for w in WHO:
+                row[f"{w}_img_s"] = batch / (median(times[w]) * full)
+                row[f"{w}_ms_per_eval"] = 1e3 * median(times[w]) / evals
+            row.update(nfe_per_image=2 * sampler.num_evaluations, forward_batch=2 * batch, timed_evals=evals,
+                       ratio=row["ours_img_s"] / row["peer_img_s"])
+        except Exception as e:  # noqa: BLE001 - keep the other samplers' rows
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(table([row], COLUMNS), flush=True)
+    return {"settings": {"preset": preset, "batch": batch, "input_size": input_size, "guidance_scale": scale, "rounds": rounds,
+                         "bf16": bf16, "compile_mode": compile_mode, "max_evals": max_evals, "argv": sys.argv[1:]},
+            "rows": rows}
+
+
+COLUMNS = ["sampler", "nfe_per_image", "timed_evals", "ours_img_s", "peer_img_s", "ratio", "ours_ms_per_eval", "peer_ms_per_eval", "error"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="DiT-S/2")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (the forward pass sees twice as many)")
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--samplers", default=",".join(f"{n}:{s}" for n, s in SAMPLER_SETTINGS))
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the guided model call; optional mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--max-evals", type=int, default=None, help="time at most this many evaluations per trajectory")
+    p.add_argument("--tag", default=None, help="suffix of the results file name")
     a = p.parse_args()
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
-    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile)
+    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile, a.max_evals)
     print(machine())
-    print(table(res["rows"], ["sampler", "nfe_per_image", "ours_img_s", "peer_img_s", "ratio"]))
-    print("wrote", write_result("sampling", res))
+    print(table(res["rows"], COLUMNS))
+    print("wrote", write_result("sampling", res, a.tag))
 
 
 if __name__ == "__main__":
