@@ -81,6 +81,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     ema_decay: float = 0.9999
+    ema_warmup: bool = True                       # decay min(ema_decay, (1+step)/(10+step)): short runs
     seed: int = 0
     bf16: bool = True                             # autocast on GPU
     compile: bool = False
@@ -290,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(mcfg)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     state: dict[str, Any] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -366,7 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         with _gathered(model, cfg.strategy):
-            ema.update(model if cfg.strategy == "fsdp" else raw)
+            ema.update(model if cfg.strategy == "fsdp" else raw, step)
         window_steps += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

@@ -293,3 +293,22 @@ def test_ema_update():
         model.weight.add_(4.0)
     ema.update(model)
     torch.testing.assert_close(ema.model.weight, before + 1.0)  # 0.75 * w + 0.25 * (w + 4)
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """With warm-up the average after k updates weights the start by prod (1 - w_i), which falls
+    fast; without it, decay 0.999 keeps most of the initial weights for a thousand steps."""
+    from dit_core.training import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    plain, warm = EMA(model, decay=0.999), EMA(model, decay=0.999, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # the trained value, held from step 0 on
+    for step in range(200):
+        plain.update(model, step)
+        warm.update(model, step)
+    assert float(plain.model.weight) == pytest.approx(1 - 0.999 ** 200)  # ~0.18
+    assert float(warm.model.weight) > 0.99
+    assert warm.decay_at(0) == pytest.approx(0.1) and warm.decay_at(10**7) == 0.999
