@@ -57,7 +57,8 @@ def truncated_loop(sampler: Sampler, fn: Callable, noise: torch.Tensor, generato
 
 
 def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, settings: list[tuple[str, int]], bf16: bool,
-        compile_mode: str | None, max_evals: int | None) -> dict[str, Any]:
+        compile_mode: str | None, max_evals: int | None, tag: str | None = None) -> dict[str, Any]:
+    """Every row, and the JSON rewritten after each (``complete`` false until the last)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -78,7 +79,13 @@ def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, set
     if compile_mode:
         fns = {w: torch.compile(f, mode=None if compile_mode == "default" else compile_mode) for w, f in fns.items()}
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    rows = []
+    rows: list[dict[str, Any]] = []
+    run_settings = {"preset": preset, "batch": batch, "input_size": input_size, "guidance_scale": scale, "rounds": rounds,
+                    "bf16": bf16, "compile_mode": compile_mode, "max_evals": max_evals, "argv": sys.argv[1:]}
+
+    def payload(complete: bool) -> dict[str, Any]:
+        return {"settings": run_settings, "complete": complete, "rows": rows}
+
     for name, steps in settings:
         row: dict[str, Any] = {"sampler": f"{name}-{steps}"}
         try:
@@ -108,9 +115,8 @@ def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, set
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(table([row], COLUMNS), flush=True)
-    return {"settings": {"preset": preset, "batch": batch, "input_size": input_size, "guidance_scale": scale, "rounds": rounds,
-                         "bf16": bf16, "compile_mode": compile_mode, "max_evals": max_evals, "argv": sys.argv[1:]},
-            "rows": rows}
+        write_result("sampling", payload(False), tag)
+    return payload(True)
 
 
 COLUMNS = ["sampler", "nfe_per_image", "timed_evals", "ours_img_s", "peer_img_s", "ratio", "ours_ms_per_eval", "peer_ms_per_eval", "error"]
@@ -131,7 +137,7 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="suffix of the results file name")
     a = p.parse_args()
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
-    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile, a.max_evals)
+    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile, a.max_evals, a.tag)
     print(machine())
     print(table(res["rows"], COLUMNS))
     print("wrote", write_result("sampling", res, a.tag))

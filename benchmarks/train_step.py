@@ -147,7 +147,9 @@ def peak_step_gib(step: Callable[[], None], model: torch.nn.Module, opt: torch.o
     return (torch.cuda.max_memory_allocated() - base + static_bytes(model, opt)) / 2**30
 
 
-def run(presets: list[str], variants: list[str], batch: int, input_size: int, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
+def run(presets: list[str], variants: list[str], batch: int, input_size: int, rounds: int, steps: int, warmup: int,
+        tag: str | None = None) -> dict[str, Any]:
+    """Every row, and the JSON rewritten after each (``complete`` false until the last)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -155,6 +157,12 @@ def run(presets: list[str], variants: list[str], batch: int, input_size: int, ro
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     print("matmul peak (TFLOP/s):", {k: round(v / 1e12, 3) for k, v in peaks.items()}, flush=True)
     rows: list[dict[str, Any]] = []
+    settings = {"presets": presets, "variants": variants, "batch": batch, "input_size": input_size, "rounds": rounds,
+                "steps": steps, "warmup": warmup, "argv": sys.argv[1:]}
+
+    def payload(complete: bool) -> dict[str, Any]:
+        return {"settings": settings, "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "complete": complete, "rows": rows}
+
     for preset in presets:
         flops = train_flops_per_image(preset, input_size, device)
         print(f"{preset}: {flops / 1e9:.2f} GFLOP per image (forward + backward)", flush=True)
@@ -192,9 +200,8 @@ def run(presets: list[str], variants: list[str], batch: int, input_size: int, ro
             row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             rows.append(row)
             print(table([row], COLUMNS), flush=True)
-    return {"settings": {"presets": presets, "variants": variants, "batch": batch, "input_size": input_size, "rounds": rounds,
-                         "steps": steps, "warmup": warmup, "argv": sys.argv[1:]},
-            "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "rows": rows}
+            write_result("train_step", payload(False), tag)
+    return payload(True)
 
 
 COLUMNS = ["preset", "variant", "batch", "ours_img_s", "peer_img_s", "ratio", "ours_step_ms", "peer_step_ms",
@@ -215,7 +222,7 @@ def main() -> None:
     variants = a.variants.split(",") if a.variants else list(GPU_VARIANTS if torch.cuda.is_available() else CPU_VARIANTS)
     for v in variants:
         Variant.parse(v)
-    res = run(a.presets.split(","), variants, a.batch_size, a.input_size, a.rounds, a.steps, a.warmup)
+    res = run(a.presets.split(","), variants, a.batch_size, a.input_size, a.rounds, a.steps, a.warmup, a.tag)
     print(machine())
     print("matmul peak (TFLOP/s):", {k: round(v, 3) for k, v in res["matmul_peak_tflops"].items()})
     print(table(res["rows"], COLUMNS))
