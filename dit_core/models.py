@@ -33,6 +33,7 @@ class DiTConfig:
     num_classes: int = 1000       # the null (unconditional) class id is num_classes
     learn_sigma: bool = True
     grad_checkpointing: bool = False
+    class_embed_init_std: float = 0.02   # the paper's; short runs on small data learn labels faster from ~1
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size != 0:
@@ -240,7 +241,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not a Conv
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.class_embed_init_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every residual branch and the output start at zero.

@@ -162,13 +162,26 @@ class ShardGenerator:
         self.sampler = ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch holds whole shards (one block per shard, never split): generate and write each."""
+        out: dict[str, list] = {"shard": [], "images": [], "seconds": []}
+        for shard in np.unique(rows["shard"]):
+            mine = rows["shard"] == shard
+            expected = min(self.cfg.images_per_shard, self.cfg.num_images - int(shard) * self.cfg.images_per_shard)
+            if int(mine.sum()) != expected:
+                raise RuntimeError(f"shard {int(shard)} arrived with {int(mine.sum())} of its {expected} rows; it is not written")
+            t0 = time.perf_counter()
+            self.write_shard(int(shard), rows["index"][mine], rows["label"][mine], rows["seed"][mine])
+            out["shard"].append(int(shard))
+            out["images"].append(expected)
+            out["seconds"].append(time.perf_counter() - t0)
+        return {k: np.array(v) for k, v in out.items()}
+
+    def write_shard(self, shard: int, index: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        order = np.argsort(rows["index"])
-        index, labels, seeds = rows["index"][order], rows["label"][order], rows["seed"][order]
-        shard = int(rows["shard"][0])
-        t0 = time.perf_counter()
+        order = np.argsort(index)
+        index, labels, seeds = index[order], labels[order], seeds[order]
         images = self.sampler.generate(labels, seeds)
         files = shard_files(self.cfg.output, shard, self.cfg.formats)
         pngs = [png_bytes(im) for im in images]
@@ -191,7 +204,6 @@ class ShardGenerator:
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
             storage.write_bytes(files["png"], buf.getvalue())
-        return {"shard": np.array([shard]), "images": np.array([len(index)]), "seconds": np.array([time.perf_counter() - t0])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +325,7 @@ def write_npz(output: str, images: np.ndarray, labels: np.ndarray) -> str:
 
 def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     """Generate every missing shard of ``cfg.output``; return the closing summary."""
+    import pyarrow as pa
     import ray
 
     validate(cfg)
@@ -335,18 +348,24 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         # default: one actor per GPU; on CPUs one per core, each a single-threaded PyTorch
         actors = cfg.num_actors or int(resources.get("GPU", 0) if use_gpu else resources.get("CPU", 1))
         actors = max(1, min(actors, len(todo)))
-        index = np.concatenate([np.arange(s * cfg.images_per_shard, min((s + 1) * cfg.images_per_shard, cfg.num_images)) for s in todo])
-        rows = [
-            {"index": int(i), "label": int(labels[i]), "seed": image_seed(cfg.seed, int(i)), "shard": int(i) // cfg.images_per_shard}
-            for i in index
-        ]
+        # The rows (index, label, seed), one block per shard: an actor gets whole shards, and no
+        # shuffle is needed (a groupby's reduce tasks would wait for CPUs the actors hold).
+        blocks = []
+        for shard in todo:
+            idx = np.arange(shard * cfg.images_per_shard, min((shard + 1) * cfg.images_per_shard, cfg.num_images))
+            blocks.append(pa.table({
+                "index": pa.array(idx, pa.int64()),
+                "label": pa.array(labels[idx], pa.int64()),
+                "seed": pa.array([image_seed(cfg.seed, int(i)) for i in idx], pa.uint64()),
+                "shard": pa.array(np.full(len(idx), shard), pa.int64()),
+            }))
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        ds = ray.data.from_items(rows)
         # CPU actors share the cores, leaving a quarter core each for Ray Data's own tasks
         cpus = 1.0 if use_gpu else max(0.25, float(resources.get("CPU", 1)) / actors - 0.25)
-        out = ds.groupby("shard", num_partitions=len(todo)).map_groups(
+        out = ray.data.from_arrow(blocks).map_batches(
             ShardGenerator,
+            batch_size=None,             # whole blocks: a shard is never split across batches
             fn_constructor_args=(bundle_ref, asdict(cfg)),
             batch_format="numpy",
             concurrency=actors,
@@ -430,4 +449,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The imported module's main, so that Ray ships ShardGenerator by reference (ray_jobs.sample on
+    # the workers' path, e.g. a `ray job submit --working-dir .`) rather than this script by value.
+    from ray_jobs.sample import main as _main
+
+    _main()

@@ -77,6 +77,7 @@ class TrainConfig:
     batch_size: int = 128                         # global: all workers, all accumulation micro-batches
     grad_accum: int = 1
     lr: float = 1e-4
+    class_embed_lr_scale: float = 1.0             # lr multiplier of the class embedding table
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float | None = None
@@ -111,8 +112,10 @@ class TrainConfig:
                 f"train.batch_size={self.batch_size} is not divisible by num_workers x grad_accum = "
                 f"{self.num_workers} x {self.grad_accum}; pick a multiple of {self.num_workers * self.grad_accum}"
             )
-        if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr} must be positive")
+        if self.strategy == "fsdp" and self.class_embed_lr_scale != 1.0:
+            raise ValueError("train.class_embed_lr_scale must be 1.0 with strategy fsdp (FSDP flattens the parameters)")
+        if self.lr <= 0 or self.class_embed_lr_scale <= 0:
+            raise ValueError(f"train.lr={self.lr} and class_embed_lr_scale={self.class_embed_lr_scale} must be positive")
         unknown = set(self.model) - {f.name for f in fields(DiTConfig)}
         if unknown:
             raise ValueError(f"train.model has unknown DiTConfig fields {sorted(unknown)}; known: {[f.name for f in fields(DiTConfig)]}")
@@ -255,6 +258,17 @@ def _full_state_dicts(model: torch.nn.Module, opt: torch.optim.Optimizer, strate
         return model.state_dict(), fsdp.optim_state_dict(model, opt)
 
 
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: the class embedding table at ``lr * class_embed_lr_scale``, the rest at ``lr``.
+    (With the paper's init and lr the labels' embedding moves far slower than the timestep MLP's
+    output, and a short run learns to ignore the class.)"""
+    table = _unwrap(model).y_embedder.embedding_table.weight
+    rest = [p for p in model.parameters() if p.requires_grad and p is not table]
+    if cfg.class_embed_lr_scale == 1.0 or not any(p is table for p in model.parameters()):
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": [table], "lr_scale": cfg.class_embed_lr_scale}]
+
+
 def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -304,7 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_parameters = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)          # Ray: DDP / FSDP
     raw = _unwrap(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     if "optimizer" in state:
         osd = state["optimizer"]
         if cfg.strategy == "fsdp":
@@ -348,7 +362,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     for step in range(start_step, cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps) * group.get("lr_scale", 1.0)
         for micro in range(cfg.grad_accum):
             rows, flips = plan.rows(step, micro, rank)
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank, micro, 0))
