@@ -16,6 +16,7 @@ COLUMNS = {
                    "gflop_per_img", "ours_peak_gib", "peer_peak_gib", "error"],
     "sampling": ["sampler", "nfe_per_image", "timed_evals", "ours_img_s", "peer_img_s", "ratio", "ours_ms_per_eval", "peer_ms_per_eval", "error"],
     "ab_block": ["variant", "eval_ms", "eval_speedup", "train_ms", "train_speedup", "max_abs_diff_vs_first"],
+    "ray_scaling": ["actors", "images", "seconds", "images_per_s", "speedup", "efficiency"],
 }
 
 
@@ -23,7 +24,7 @@ def describe(path: Path) -> str:
     res = json.loads(path.read_text())
     m = res["machine"]
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_threads']} threads)"
-    head = [f"### {path.name}", "",
+    head = [f"### {path.name}" + ("" if res.get("complete", True) else " (incomplete)"), "",
             f"{res['when']}, {where}, torch {m['torch']}, diffusers {m.get('diffusers')}, load average {m.get('load_average')}; "
             f"settings {json.dumps({k: v for k, v in res['settings'].items() if k != 'argv'})}"]
     if "matmul_peak_tflops" in res:
