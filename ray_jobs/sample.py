@@ -362,7 +362,9 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
         ray.data.DataContext.get_current().enable_progress_bars = progress
         # CPU actors share the cores, leaving a quarter core each for Ray Data's own tasks
-        cpus = 1.0 if use_gpu else max(0.25, float(resources.get("CPU", 1)) / actors - 0.25)
+        # (and an actor fits on one node)
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+        cpus = 1.0 if use_gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
         out = ray.data.from_arrow(blocks).map_batches(
             ShardGenerator,
             batch_size=None,             # whole blocks: a shard is never split across batches

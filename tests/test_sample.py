@@ -181,15 +181,14 @@ def test_official_release_layout_loads_with_a_given_autoencoder(sample_model, tm
         ({"class_labels": [0, 7]}, ValueError, r"class labels \[7\] are out of range"),
         ({"guidance_scale": -1.0}, ValueError, "guidance_scale=-1.0 must be >= 0"),
         ({"sampler": "euler"}, ValueError, "sampler 'euler' is unknown"),
-        ({"output": "__file__/samples"}, PermissionError, "cannot write to"),
+        ({"output": "under a file"}, PermissionError, "cannot write to"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(sample_model, tmp_path, mlflow_sqlite, change, error, match):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    if change.get("output") == "__file__/samples":
-        change = {"output": str(blocker / "samples")}
-    cfg = config(sample_model, tmp_path / "out", **change)
+    output = str(blocker / "samples") if change.pop("output", None) else tmp_path / "out"
+    cfg = config(sample_model, output, **change)
     with pytest.raises(error, match=match):
         run(cfg)
     assert not storage.list_files(tmp_path / "out", ".parquet"), "nothing is generated"
