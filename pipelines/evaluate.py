@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dit_core.classifier import Classifier, load_classifier
+from dit_core.classifier import Classifier, load_classifier, predict
 from dit_core.data import pngs_to_uint8
 from dit_core.metrics import FeatureStats, InceptionFeatures, batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
 from pipelines.common import load_params, read_manifest, read_split
@@ -77,8 +77,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     net = feature_network(params["features"], classifier)
     ref, ref_name = reference_stats(str(params["reference"]), prepared, net)
     fid = fid_from_stats(feature_stats(batched_features(net, images)), ref)
-    with torch.no_grad():
-        predicted = np.concatenate([classifier(uint8_to_float(images[s:s + 512])).argmax(1).numpy() for s in range(0, len(images), 512)])
+    predicted = predict(classifier, uint8_to_float(images))
     metrics: dict[str, Any] = {
         "fid": fid,
         "class_accuracy": float((predicted == labels).mean()),

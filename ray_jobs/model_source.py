@@ -17,8 +17,8 @@ from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_
 
 from . import storage
 
-STATE_FILE = "state.pt"            # inside our checkpoint directories (docs/CONTRACTS.md)
-MODEL_INFO_PATH = "model_info/model_info.json"   # in the MLflow run of a registered model
+from .tracking import MODEL_INFO_PATH  # in the MLflow run of a registered model
+from .train import STATE_FILE          # inside our checkpoint directories (docs/CONTRACTS.md)
 
 
 @dataclass

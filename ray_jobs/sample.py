@@ -129,6 +129,7 @@ class ImageSampler:
             learn_sigma=self.model.config.learn_sigma,
             diffusion_steps=int(bundle.diffusion.get("diffusion_steps", 1000)),
         )
+        self.sampler = make_sampler(cfg.sampler, self.diffusion, cfg.num_steps, eta=cfg.eta)  # reset per trajectory
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """uint8 NHWC images for these labels and per-image seeds."""
@@ -138,11 +139,10 @@ class ImageSampler:
             lab = torch.as_tensor(labels[start:start + cfg.batch_size], dtype=torch.long, device=self.device)
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + cfg.batch_size]]
             noise = randn((len(gens), mc.in_channels, mc.input_size, mc.input_size), gens, self.device)
-            sampler = make_sampler(cfg.sampler, self.diffusion, cfg.num_steps, eta=cfg.eta)
             fn = make_model_fn(self.model, lab, cfg.guidance_scale, cfg.guided_channels)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16)
             with torch.no_grad(), autocast:
-                latents = sample_loop(sampler, fn, noise, gens)
+                latents = sample_loop(self.sampler, fn, noise, gens)
                 images = self.autoencoder.decode(latents / self.scale_factor)
             out.append(to_uint8(images))
         return np.concatenate(out)
