@@ -119,8 +119,11 @@ class BatchPlan:
     world_size: int
     grad_accum: int
     seed: int
+    flip_prob: float = 0.5  # share of samples read as their horizontal flip (0: never)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob={self.flip_prob} must be in [0, 1]")
         if self.batches_per_epoch < 1:
             raise ValueError(
                 f"a global micro-batch of {self.per_rank * self.world_size} rows ({self.world_size} workers x "
@@ -140,7 +143,7 @@ class BatchPlan:
         epoch, within = divmod(b, self.batches_per_epoch)
         rng = np.random.default_rng(derive_seed(self.seed, epoch))
         order = rng.permutation(self.num_rows)
-        flips = rng.random(self.num_rows) < 0.5  # one flip choice per sample per epoch
+        flips = rng.random(self.num_rows) < self.flip_prob  # one flip choice per sample per epoch
         start = (within * self.world_size + rank) * self.per_rank
         idx = order[start:start + self.per_rank]
         return idx, flips[idx]

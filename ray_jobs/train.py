@@ -72,6 +72,7 @@ class TrainConfig:
     learn_sigma: bool = True
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
+    random_flip: bool = True                      # horizontal flips, as the paper (off for digits, text)
     # optimisation
     steps: int = 1000                             # optimizer steps in all
     batch_size: int = 128                         # global: all workers, all accumulation micro-batches
@@ -301,7 +302,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mcfg = model_config(cfg, stats)
     diffusion = create_diffusion(None, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps)
-    plan = BatchPlan(len(data), cfg.per_worker_batch, world, cfg.grad_accum, cfg.seed)
+    plan = BatchPlan(len(data), cfg.per_worker_batch, world, cfg.grad_accum, cfg.seed,
+                     flip_prob=0.5 if cfg.random_flip else 0.0)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(mcfg)

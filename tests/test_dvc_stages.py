@@ -112,21 +112,18 @@ def test_default_autoencoder_keeps_digits_recognisable(project):
 
 
 def test_whole_pipeline_meets_the_quality_bar(project):
-    """The digits default end to end within 15 minutes on 2 cores: samples that follow their class
-    far above chance (0.1) and score a much lower FID than the untrained model's; the score is
-    recorded against the model version in MLflow and the champion alias points at it.
-
-    Issue 5 asks for class accuracy >= 0.8 and FID <= a quarter of the untrained model's; the
-    default reaches about 0.64 and 0.5 (measured, see the closing notes), so the bounds here are
-    what it reliably meets, not the issue's bar."""
+    """Issue 5's bar for the digits default, end to end within 15 minutes on 2 cores: at least 80% of
+    the samples are classified as their conditioning class and the FID is at most a quarter of the
+    untrained model's; the score is recorded against the model version in MLflow and the champion
+    alias points at it."""
     root = project["root"]
     assert ran_stages(project["rest_output"]) == {"train", "train_classifier", "sample", "evaluate"}
     ev = json.loads((root / "metrics/eval.json").read_text())
     print("eval.json:", json.dumps({k: v for k, v in ev.items() if k != "mlflow"}))
     assert ev["num_samples"] == yaml.safe_load((root / "params.yaml").read_text())["sample"]["num_images"]
     assert ev["feature_network"] == "classifier"
-    assert ev["class_accuracy"] >= 0.4, ev
-    assert ev["fid"] <= 0.75 * ev["fid_untrained"], ev
+    assert ev["class_accuracy"] >= 0.8, ev
+    assert ev["fid"] <= 0.25 * ev["fid_untrained"], ev
     clf = json.loads((root / "metrics/classifier.json").read_text())
     assert clf["val_accuracy"] >= 0.95, clf
     train = json.loads((root / "metrics/train.json").read_text())

@@ -266,6 +266,20 @@ def test_batch_plan_splits_each_epoch_between_ranks_reproducibly():
     assert not np.array_equal(plan.rows(0, 0, 0)[0], plan.rows(2, 0, 0)[0])  # epoch 1 reshuffles
 
 
+def test_batch_plan_flip_prob():
+    import numpy as np
+
+    from dit_core.training import BatchPlan
+
+    flips = lambda p: np.concatenate([BatchPlan(200, 10, 1, 1, 3, flip_prob=p).rows(s, 0, 0)[1] for s in range(20)])
+    assert not flips(0.0).any() and flips(1.0).all()
+    assert 0.35 < flips(0.5).mean() < 0.65
+    # the rows do not depend on the flip setting: turning flips off changes nothing else
+    assert np.array_equal(BatchPlan(200, 10, 1, 1, 3, flip_prob=0.0).rows(7, 0, 0)[0], BatchPlan(200, 10, 1, 1, 3).rows(7, 0, 0)[0])
+    with pytest.raises(ValueError, match="flip_prob"):
+        BatchPlan(200, 10, 1, 1, 3, flip_prob=1.5)
+
+
 def test_config_errors_name_the_fix(tmp_path):
     from ray_jobs.train import config_from, model_config, read_stats
 
