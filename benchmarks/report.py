@@ -17,6 +17,7 @@ COLUMNS = {
     "sampling": ["sampler", "nfe_per_image", "timed_evals", "ours_img_s", "peer_img_s", "ratio", "ours_ms_per_eval", "peer_ms_per_eval", "error"],
     "ab_block": ["variant", "eval_ms", "eval_speedup", "train_ms", "train_speedup", "max_abs_diff_vs_first"],
     "ray_scaling": ["actors", "images", "seconds", "images_per_s", "speedup", "efficiency"],
+    "ray_scaling_encode": ["actors", "images", "seconds", "images_per_s", "speedup", "efficiency"],
 }
 
 

@@ -56,6 +56,8 @@ class SampleConfig:
     scale_factor: float | None = None        # default: the model's latent record, else the autoencoder's
     expect_preset: str | None = None
     num_actors: int | None = None            # default: one per GPU, else one per CPU
+    actor_num_cpus: float | None = None      # CPU actors: CPUs each (= PyTorch threads, rounded); default:
+                                             # the CPUs split evenly, a quarter core each left to Ray Data
     use_gpu: bool | None = None              # default: when the cluster has GPUs
     bf16: bool = True                        # autocast on GPU
 
@@ -218,6 +220,8 @@ def validate(cfg: SampleConfig) -> None:
     for name in ("num_images", "num_steps", "batch_size", "images_per_shard"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.actor_num_cpus is not None and cfg.actor_num_cpus <= 0:
+        raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} must be > 0 (a fraction is fine), or None for the default")
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or not cfg.formats:
         raise ValueError(f"formats {sorted(unknown) or cfg.formats} not understood; choose from {FORMATS}")
@@ -365,6 +369,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         # (and an actor fits on one node)
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
         cpus = 1.0 if use_gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
+        if cfg.actor_num_cpus is not None and not use_gpu:
+            cpus = cfg.actor_num_cpus
         out = ray.data.from_arrow(blocks).map_batches(
             ShardGenerator,
             batch_size=None,             # whole blocks: a shard is never split across batches
@@ -422,6 +428,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     p.add_argument("--scale-factor", type=float, default=None)
     p.add_argument("--expect-preset", default=None)
     p.add_argument("--num-actors", type=int, default=None)
+    p.add_argument("--actor-num-cpus", type=float, default=None, help="CPU actors: CPUs (threads) each; default: the CPUs split evenly")
     p.add_argument("--grid-per-class", type=int, default=8, help="grid.png with this many samples per class; 0: none")
     a = p.parse_args(argv)
     labels: str | list[int] = a.class_labels
@@ -436,7 +443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
         seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard,
         formats=[f.strip() for f in a.formats.split(",") if f.strip()], autoencoder=a.autoencoder,
         scale_factor=a.scale_factor, expect_preset=a.expect_preset, num_actors=a.num_actors,
-        grid_per_class=a.grid_per_class,
+        actor_num_cpus=a.actor_num_cpus, grid_per_class=a.grid_per_class,
     )
 
 

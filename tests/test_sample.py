@@ -73,7 +73,7 @@ def files_under(root: str) -> set[str]:
 @pytest.mark.timeout(600)
 def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model, tmp_path):
     one = config(sample_model, tmp_path / "one", num_actors=1, batch_size=5)
-    two = config(sample_model, tmp_path / "two", num_actors=2, batch_size=2)
+    two = config(sample_model, tmp_path / "two", num_actors=2, batch_size=2, actor_num_cpus=0.5)
     s1, s2 = run(one, progress=False), run(two, progress=False)
     assert s1["generated_now"] == s2["generated_now"] == 12
     a, la = read_images(one.output)
@@ -181,6 +181,7 @@ def test_official_release_layout_loads_with_a_given_autoencoder(sample_model, tm
         ({"class_labels": [0, 7]}, ValueError, r"class labels \[7\] are out of range"),
         ({"guidance_scale": -1.0}, ValueError, "guidance_scale=-1.0 must be >= 0"),
         ({"sampler": "euler"}, ValueError, "sampler 'euler' is unknown"),
+        ({"actor_num_cpus": 0.0}, ValueError, "actor_num_cpus=0.0 must be > 0"),
         ({"output": "under a file"}, PermissionError, "cannot write to"),
     ],
 )

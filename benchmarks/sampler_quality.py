@@ -1,0 +1,105 @@
+"""Sampler quality and time to quality on the digits default: for each sampler (DDPM-250, DDIM-50,
+DPM-Solver++ at a few step counts) the offline FID and class accuracy of the same images, and the
+steady-state images per second of generating them (sampling loop + decoding, model already
+loaded, in this process). Then the time-to-quality ratio: the fastest sampler whose FID is at most
+the reference sampler's (DDPM-250) against the reference, in images per second.
+
+The model defaults to the one the pipeline's train stage registered (``models/dit.json``); the
+feature network and reference are the evaluate stage's defaults (the trained classifier, the
+prepared val split), so run the pipeline first (``make run``).
+
+    python -m benchmarks.sampler_quality --num-images 1000 --samplers ddpm-250,ddim-50,dpm-solver++-10,dpm-solver++-20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import machine, table, write_result
+from .ray_scaling import REPO, default_model
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    name, _, steps = spec.rpartition("-")
+    if not name or not steps.isdigit():
+        raise SystemExit(f"--samplers item {spec!r}: write NAME-STEPS, e.g. ddpm-250 or dpm-solver++-20")
+    return name, int(steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the train stage's registered checkpoint (models/dit.json)")
+    p.add_argument("--samplers", default="ddpm-250,ddim-50,dpm-solver++-10,dpm-solver++-15,dpm-solver++-20")
+    p.add_argument("--reference-sampler", default="ddpm-250")
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: params.yaml sample.guidance_scale")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
+    p.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
+    p.add_argument("--classifier", default=str(REPO / "models" / "classifier"))
+    p.add_argument("--tag", default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from dit_core.classifier import load_classifier, predict
+    from dit_core.metrics import batched_features, feature_stats, fid_from_stats, uint8_to_float
+    from pipelines.common import load_params
+    from pipelines.evaluate import reference_stats
+    from ray_jobs.model_source import load_bundle
+    from ray_jobs.sample import ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for
+
+    guidance = a.guidance_scale if a.guidance_scale is not None else float(load_params("sample", REPO / "params.yaml")["guidance_scale"])
+    model = a.model or default_model()
+    specs = [parse_sampler(s) for s in a.samplers.split(",") if s.strip()]
+    if a.reference_sampler not in a.samplers.split(","):
+        raise SystemExit(f"--reference-sampler {a.reference_sampler} is not in --samplers")
+    classifier, _ = load_classifier(a.classifier)
+    ref, ref_name = reference_stats("val", a.prepared, classifier.features)
+    bundle = load_bundle(model)
+    rows: list[dict[str, Any]] = []
+    for name, steps in specs:
+        cfg = SampleConfig(model=model, output="unused", num_images=a.num_images, sampler=name, num_steps=steps,
+                           guidance_scale=guidance, batch_size=a.batch_size)
+        autoencoder, scale = load_autoencoder_for(cfg, bundle)
+        sampler = ImageSampler(bundle, autoencoder, scale, cfg)
+        labels = class_labels_for(cfg, bundle.config.num_classes)
+        seeds = np.array([image_seed(cfg.seed, i) for i in range(a.num_images)], dtype=np.uint64)
+        sampler.generate(labels[: min(a.batch_size, 20)], seeds[:20])  # warm-up
+        t0 = time.perf_counter()
+        images = sampler.generate(labels, seeds)
+        seconds = time.perf_counter() - t0
+        fid = fid_from_stats(feature_stats(batched_features(classifier.features, images)), ref)
+        acc = float((predict(classifier, uint8_to_float(images)) == labels).mean())
+        evals = (2 if guidance != 1.0 else 1) * sampler.sampler.num_evaluations
+        rows.append({"sampler": f"{name}-{steps}", "evals_per_image": evals, "fid": fid, "class_accuracy": acc,
+                     "seconds": seconds, "images_per_s": a.num_images / seconds})
+        print(f"{name}-{steps}: FID {fid:.2f}, class accuracy {acc:.3f}, {a.num_images / seconds:.1f} images/s", flush=True)
+    ref_row = next(r for r in rows if r["sampler"] == a.reference_sampler)
+    for r in rows:
+        r["fid_vs_reference"] = r["fid"] / ref_row["fid"]
+        r["speedup"] = r["images_per_s"] / ref_row["images_per_s"]
+    at_quality = [r for r in rows if r is not ref_row and r["fid"] <= ref_row["fid"]]
+    best = max(at_quality, key=lambda r: r["images_per_s"], default=None)
+    print(machine())
+    print(table(rows, ["sampler", "evals_per_image", "fid", "fid_vs_reference", "class_accuracy", "images_per_s", "speedup"]))
+    if best:
+        print(f"time to quality: {best['sampler']} reaches FID {best['fid']:.2f} <= {ref_row['fid']:.2f} ({a.reference_sampler}) "
+              f"at {best['speedup']:.1f}x its images/s")
+    else:
+        print(f"time to quality: no sampler reached {a.reference_sampler}'s FID {ref_row['fid']:.2f}")
+    settings = {k: v for k, v in vars(a).items() if k != "tag"} | {
+        "model": model, "guidance_scale": guidance, "reference": ref_name, "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    summary = {"time_to_quality": {"sampler": best["sampler"], "speedup": best["speedup"]} if best else None}
+    print("wrote", write_result("sampler_quality", {"settings": settings, "rows": rows, **summary}, a.tag))
+
+
+if __name__ == "__main__":
+    main()
