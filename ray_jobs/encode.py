@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -73,6 +74,9 @@ class EncodeBatch:
         if isinstance(autoencoder, ray.ObjectRef):  # constructor kwargs are passed as given, not resolved
             autoencoder = ray.get(autoencoder)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        in_actor = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+        if self.device.type == "cpu" and in_actor:  # as many PyTorch threads as this actor has CPUs (at least one)
+            torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.ae = autoencoder.to(self.device)
         self.mode, self.seed = mode, seed
 
@@ -149,7 +153,7 @@ def actor_resources(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
     return (cfg.num_actors or cfg.cpu_actors), {"num_cpus": cfg.actor_num_cpus}
 
 
-def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) -> None:
+def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str, num_rows: int) -> None:
     """All splits in one Ray Data execution (one actor pool start): read the shards, encode with the
     actor pool, write parquet partitioned by split to ``dest/split=<name>/``."""
     import ray
@@ -157,7 +161,12 @@ def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str) 
     fs, _ = storage.resolve(cfg.prepared)
     paths = [storage.resolve(storage.join(cfg.prepared, s))[1] for s in shards]
     pool_size, resources = actor_resources(cfg)
+    # The parquet reader may hand over all the rows as one block, which only one actor of the pool
+    # could work on: split them (streaming, no shuffle) into about four blocks per actor, of 1 to
+    # 16 batches each (per-block task overhead against a balanced pool).
+    rows_per_block = min(max(cfg.batch_size, math.ceil(num_rows / (4 * pool_size))), 16 * cfg.batch_size)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"], include_paths=True)
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"autoencoder": ae_ref, "mode": cfg.mode, "seed": cfg.seed},
@@ -250,7 +259,7 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     staging = storage.begin_output(cfg.output)
     try:
         shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
-        encode_splits(cfg, ae_ref, shards, staging)
+        encode_splits(cfg, ae_ref, shards, staging, sum(int(manifest["splits"][s]["count"]) for s in SPLITS))
         written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
