@@ -96,20 +96,20 @@ def main() -> None:
         if a.stage == "encode":
             images = scaled_prepared(Path(a.prepared), Path(tmp) / "prepared", a.repeat)
 
-        def once(k: int, name: str) -> dict[str, Any]:
+        def once(k: int, name: str, num_images: int = a.num_images) -> dict[str, Any]:
             t0 = time.perf_counter()
             if a.stage == "encode":
                 encode(EncodeConfig(prepared=str(Path(tmp) / "prepared"), autoencoder=a.autoencoder, output=str(Path(tmp) / name),
                                     batch_size=a.batch_size, mode="posterior", seed=0, num_actors=k, cpu_actors=k,
                                     actor_num_cpus=a.actor_num_cpus or 0.5))
             else:
-                run(SampleConfig(model=model, output=str(Path(tmp) / name), num_images=a.num_images, sampler=a.sampler,
+                run(SampleConfig(model=model, output=str(Path(tmp) / name), num_images=num_images, sampler=a.sampler,
                                  num_steps=a.num_steps, guidance_scale=a.guidance_scale, batch_size=a.batch_size,
                                  images_per_shard=per_shard, formats=["npz"], grid_per_class=0, num_actors=k,
                                  actor_num_cpus=a.actor_num_cpus), progress=False)
             return {"seconds": time.perf_counter() - t0}
 
-        once(counts[0], "warmup")
+        once(counts[0], "warmup", min(a.num_images, 2 * per_shard))  # Ray, the workers and the files warm
         for k in counts:
             s = once(k, f"actors-{k}")
             rows.append({"actors": k, "images": images, "seconds": s["seconds"], "images_per_s": images / s["seconds"]})

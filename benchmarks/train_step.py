@@ -3,7 +3,8 @@
 Prints a table and writes benchmarks/results/train_step-{cpu,gpu}[-TAG].json. Within a variant the
 two models' runs alternate (ours, peer, ours, peer, ...) so that drift of the machine hits both
 alike. A variant is a dtype (fp32 | bf16 autocast) with optional "+compile" (torch.compile) and
-"+ckpt" (gradient checkpointing), e.g. ``bf16+compile``. FLOPs per image are counted once per
+"+ckpt" (gradient checkpointing) and "+foreach" (AdamW's multi-tensor path instead of the fused
+kernel, which the pipeline uses on CPU and GPU alike), e.g. ``bf16+compile``. FLOPs per image are counted once per
 preset with torch.utils.flop_counter on an un-checkpointed forward+backward (recomputation is not
 model work); MFU is against the matmul rate measured at the start of the same run.
 
@@ -38,13 +39,14 @@ class Variant:
     dtype: str          # "fp32" (tf32 matmuls on a GPU) or "bf16" (autocast)
     compile: bool
     ckpt: bool
+    foreach: bool = False  # AdamW's multi-tensor path instead of the fused kernel
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         parts = name.split("+")
-        if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"compile", "ckpt"}:
-            raise ValueError(f"variant {name!r}: a dtype (fp32 | bf16) then optional +compile, +ckpt")
-        return cls(parts[0], "compile" in parts[1:], "ckpt" in parts[1:])
+        if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"compile", "ckpt", "foreach"}:
+            raise ValueError(f"variant {name!r}: a dtype (fp32 | bf16) then optional +compile, +ckpt, +foreach")
+        return cls(parts[0], "compile" in parts[1:], "ckpt" in parts[1:], "foreach" in parts[1:])
 
 
 def peer_model(cfg: DiTConfig) -> torch.nn.Module:
@@ -96,7 +98,8 @@ def make_step(which: str, preset: str, variant: Variant, batch: int, input_size:
     model.to(device).train()
     if variant.compile:
         forward = torch.compile(forward)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0,
+                            **({"foreach": True} if variant.foreach else {"fused": True}))
     diffusion = create_diffusion()
     x, t, y, noise = inputs(cfg, batch, device)
     autocast = autocast_for(variant, device)
@@ -160,8 +163,11 @@ def run(presets: list[str], variants: list[str], batch: int, input_size: int, ro
     settings = {"presets": presets, "variants": variants, "batch": batch, "input_size": input_size, "rounds": rounds,
                 "steps": steps, "warmup": warmup, "argv": sys.argv[1:]}
 
+    start_peaks = dict(peaks)
+
     def payload(complete: bool) -> dict[str, Any]:
-        return {"settings": settings, "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "complete": complete, "rows": rows}
+        return {"settings": settings, "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
+                "matmul_peak_tflops_start": {k: v / 1e12 for k, v in start_peaks.items()}, "complete": complete, "rows": rows}
 
     for preset in presets:
         flops = train_flops_per_image(preset, input_size, device)
@@ -201,6 +207,18 @@ def run(presets: list[str], variants: list[str], batch: int, input_size: int, ro
             rows.append(row)
             print(table([row], COLUMNS), flush=True)
             write_result("train_step", payload(False), tag)
+    # The peak again at the end: the machine's rate drifts, and the higher of the two is the peak
+    # every row's MFU is taken against.
+    end = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    peaks = {k: max(v, end[k]) for k, v in start_peaks.items()}
+    print("matmul peak at the end (TFLOP/s):", {k: round(v / 1e12, 3) for k, v in end.items()}, flush=True)
+    for row in rows:
+        if "error" in row:
+            continue
+        variant = Variant.parse(row["variant"])
+        row["peak_tflops"] = peaks[variant.dtype] / 1e12
+        for w in WHO:
+            row[f"{w}_mfu"] = row["gflop_per_img"] * 1e9 * batch / (row[f"{w}_step_ms"] / 1e3) / peaks[variant.dtype]
     return payload(True)
 
 

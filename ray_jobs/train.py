@@ -320,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_parameters = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)          # Ray: DDP / FSDP
     raw = _unwrap(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if "optimizer" in state:
         osd = state["optimizer"]
         if cfg.strategy == "fsdp":
