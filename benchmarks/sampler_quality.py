@@ -28,11 +28,13 @@ from .common import machine, table, write_result
 from .ray_scaling import REPO, default_model
 
 
-def parse_sampler(spec: str) -> tuple[str, int]:
+def parse_sampler(spec: str) -> tuple[str, int, int]:
+    """NAME-STEPS[@K]: e.g. ddpm-250, dpm-solver++-20, ddpm-250@2 (block cache interval 2)."""
+    spec, _, interval = spec.partition("@")
     name, _, steps = spec.rpartition("-")
-    if not name or not steps.isdigit():
-        raise SystemExit(f"--samplers item {spec!r}: write NAME-STEPS, e.g. ddpm-250 or dpm-solver++-20")
-    return name, int(steps)
+    if not name or not steps.isdigit() or (interval and not interval.isdigit()):
+        raise SystemExit(f"--samplers item {spec!r}: write NAME-STEPS[@CACHE_INTERVAL], e.g. ddpm-250, dpm-solver++-20 or ddpm-250@2")
+    return name, int(steps), int(interval or 1)
 
 
 def main() -> None:
@@ -69,11 +71,11 @@ def main() -> None:
     ref, ref_name = reference_stats("val", a.prepared, classifier.features)
     bundle = load_bundle(model)
     rows: list[dict[str, Any]] = []
-    runs = [(name, steps, 0) for name, steps in specs]
+    runs = [(name, steps, k, 0) for name, steps, k in specs]
     runs += [(*parse_sampler(a.reference_sampler), seed) for seed in range(1, a.noise_seeds + 1)]
-    for name, steps, seed in runs:
+    for name, steps, k, seed in runs:
         cfg = SampleConfig(model=model, output="unused", num_images=a.num_images, sampler=name, num_steps=steps,
-                           guidance_scale=guidance, batch_size=a.batch_size, seed=seed)
+                           guidance_scale=guidance, batch_size=a.batch_size, seed=seed, cache_interval=k)
         autoencoder, scale = load_autoencoder_for(cfg, bundle)
         sampler = ImageSampler(bundle, autoencoder, scale, cfg)
         labels = class_labels_for(cfg, bundle.config.num_classes)
@@ -85,9 +87,10 @@ def main() -> None:
         fid = fid_from_stats(feature_stats(batched_features(classifier.features, images)), ref)
         acc = float((predict(classifier, uint8_to_float(images)) == labels).mean())
         evals = (2 if guidance != 1.0 else 1) * sampler.sampler.num_evaluations
-        rows.append({"sampler": f"{name}-{steps}", "seed": seed, "evals_per_image": evals, "fid": fid, "class_accuracy": acc,
+        rows.append({"sampler": f"{name}-{steps}" + (f"@{k}" if k > 1 else ""), "seed": seed, "cache_interval": k, "evals_per_image": evals,
+                     "block_passes_per_image": (evals // sampler.sampler.num_evaluations) * -(-sampler.sampler.num_evaluations // k), "fid": fid, "class_accuracy": acc,
                      "seconds": seconds, "images_per_s": a.num_images / seconds})
-        print(f"{name}-{steps} (seed {seed}): FID {fid:.2f}, class accuracy {acc:.3f}, {a.num_images / seconds:.1f} images/s", flush=True)
+        print(f"{rows[-1]['sampler']} (seed {seed}): FID {fid:.2f}, class accuracy {acc:.3f}, {a.num_images / seconds:.1f} images/s", flush=True)
     ref_runs = [r for r in rows if r["sampler"] == a.reference_sampler]
     ref_row = ref_runs[0]
     for r in rows:
@@ -99,7 +102,7 @@ def main() -> None:
     at_quality = [r for r in rows if r["sampler"] != a.reference_sampler and r["fid"] <= bar]
     best = max(at_quality, key=lambda r: r["images_per_s"], default=None)
     print(machine())
-    print(table(rows, ["sampler", "seed", "evals_per_image", "fid", "fid_vs_reference", "class_accuracy", "images_per_s", "speedup"]))
+    print(table(rows, ["sampler", "seed", "evals_per_image", "block_passes_per_image", "fid", "fid_vs_reference", "class_accuracy", "images_per_s", "speedup"]))
     print(f"{a.reference_sampler} FID over seeds {[round(f, 3) for f in ref_fids]}: spread {noise:.1%} (tolerance {a.fid_tolerance:.0%})")
     if best:
         print(f"time to quality: {best['sampler']} reaches FID {best['fid']:.2f} <= {bar:.2f} ({a.reference_sampler} "

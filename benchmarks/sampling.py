@@ -4,7 +4,9 @@ sampler loop (dit_core's), classifier-free guidance batched into one forward pas
 
 With ``--max-evals K`` a long trajectory is timed over its first K network evaluations only and
 images/s is extrapolated to the full count (every step of these samplers costs the same: one
-forward pass plus a few elementwise ops); the row's ``timed_evals`` says how many were timed.
+forward pass plus a few elementwise ops); the row's ``timed_evals`` says how many were timed. With
+``--cache-interval k`` (ours only, ``dit_core.models.BlockCache``) make K a multiple of k, so the
+timed evaluations hold full and cached ones in the trajectory's proportion.
 
     python -m benchmarks.sampling --preset DiT-S/2 --batch-size 8 --input-size 32
 """
@@ -21,7 +23,7 @@ import torch
 
 from dit_core.diffusion import create_diffusion, make_sampler, randn, sample_loop
 from dit_core.diffusion.samplers import Sampler
-from dit_core.models import DiT, preset_config
+from dit_core.models import BlockCache, DiT, preset_config
 
 from .common import machine, median, table, time_fn, write_result
 from .train_step import WHO, peer_model
@@ -29,12 +31,14 @@ from .train_step import WHO, peer_model
 SAMPLER_SETTINGS = (("ddpm", 250), ("ddim", 50), ("dpm-solver++", 10), ("dpm-solver++", 20), ("dpm-solver++", 25))
 
 
-def guided_fn(which: str, model: torch.nn.Module, y: torch.Tensor, scale: float, null: int) -> Callable:
-    """(x, t) -> guided output, conditional and null halves in one batched forward pass of 2N."""
+def guided_fn(which: str, model: torch.nn.Module, y: torch.Tensor, scale: float, null: int, cache_interval: int = 1) -> Callable:
+    """(x, t) -> guided output, conditional and null halves in one batched forward pass of 2N.
+    ``cache_interval`` > 1 (ours only): a ``BlockCache`` for one trajectory."""
+    cache = BlockCache(cache_interval) if which == "ours" and cache_interval > 1 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if which == "ours":
-            return model.forward_with_cfg(x, t, y, scale)
+            return model.forward_with_cfg(x, t, y, scale, None, cache)
         n = x.shape[0]
         out = model(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([y, torch.full_like(y, null)])).sample
         c = x.shape[1]
@@ -57,7 +61,7 @@ def truncated_loop(sampler: Sampler, fn: Callable, noise: torch.Tensor, generato
 
 
 def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, settings: list[tuple[str, int]], bf16: bool,
-        compile_mode: str | None, max_evals: int | None, tag: str | None = None) -> dict[str, Any]:
+        compile_mode: str | None, max_evals: int | None, tag: str | None = None, cache_interval: int = 1) -> dict[str, Any]:
     """Every row, and the JSON rewritten after each (``complete`` false until the last)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -76,12 +80,20 @@ def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, set
     y = torch.arange(batch, device=device) % cfg.num_classes
     diffusion = create_diffusion()
     fns = {w: guided_fn(w, models[w], y, scale, cfg.num_classes) for w in WHO}
-    if compile_mode:
-        fns = {w: torch.compile(f, mode=None if compile_mode == "default" else compile_mode) for w, f in fns.items()}
+    mode = None if compile_mode == "default" else compile_mode
+    if compile_mode and cache_interval > 1:
+        # The cache's per-trajectory state is Python: compile our blocks and final layer one by
+        # one (the decision to run or reuse them stays eager); the peer is compiled whole.
+        for module in [*models["ours"].blocks, models["ours"].final_layer]:
+            module.compile(mode=mode)
+        fns["peer"] = torch.compile(fns["peer"], mode=mode)
+    elif compile_mode:
+        fns = {w: torch.compile(f, mode=mode) for w, f in fns.items()}
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     rows: list[dict[str, Any]] = []
     run_settings = {"preset": preset, "batch": batch, "input_size": input_size, "guidance_scale": scale, "rounds": rounds,
-                    "bf16": bf16, "compile_mode": compile_mode, "max_evals": max_evals, "argv": sys.argv[1:]}
+                    "bf16": bf16, "compile_mode": compile_mode, "max_evals": max_evals, "cache_interval": cache_interval,
+                    "argv": sys.argv[1:]}
 
     def payload(complete: bool) -> dict[str, Any]:
         return {"settings": run_settings, "complete": complete, "rows": rows}
@@ -96,8 +108,10 @@ def run(preset: str, batch: int, input_size: int, scale: float, rounds: int, set
             def once(w: str) -> None:
                 g = torch.Generator().manual_seed(0)
                 noise = randn((batch, cfg.in_channels, input_size, input_size), g, device)
+                # ours with a cache: a fresh one per trajectory (its compiled blocks are shared)
+                fn = guided_fn(w, models[w], y, scale, cfg.num_classes, cache_interval) if cache_interval > 1 and w == "ours" else fns[w]
                 with torch.inference_mode(), autocast():
-                    truncated_loop(sampler, fns[w], noise, g, evals)
+                    truncated_loop(sampler, fn, noise, g, evals)
 
             for w in WHO:
                 once(w)  # warm-up (and compilation)
@@ -134,10 +148,12 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="torch.compile the guided model call; optional mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--max-evals", type=int, default=None, help="time at most this many evaluations per trajectory")
+    p.add_argument("--cache-interval", type=int, default=1,
+                   help="ours only: run the blocks on one step in this many (dit_core.models.BlockCache); eager only")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
     a = p.parse_args()
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
-    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile, a.max_evals, a.tag)
+    res = run(a.preset, a.batch_size, a.input_size, a.guidance_scale, a.rounds, settings, a.bf16, a.compile, a.max_evals, a.tag, a.cache_interval)
     print(machine())
     print(table(res["rows"], COLUMNS))
     print("wrote", write_result("sampling", res, a.tag))

@@ -91,6 +91,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "eta": sample_cfg["eta"],
         "guidance_scale": sample_cfg["guidance_scale"],
         "guided_channels": sample_cfg["guided_channels"],
+        "cache_interval": sample_cfg.get("cache_interval", 1),
         "seed": sample_cfg["seed"],
         "model": sample_cfg["model"],
     }
@@ -106,8 +107,8 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
     bundle = load_bundle(metrics["model"]) if str(metrics["model"]).startswith("models:/") else None
     if bundle is None or not bundle.registered_model:
         return {"registered": False, "reason": f"{metrics['model']} is not a registered model version"}
-    settings = {k: metrics[k] for k in ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "seed",
-                                        "feature_network", "reference", "num_samples")}
+    settings = {k: metrics[k] for k in ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "cache_interval", "seed",
+                                        "feature_network", "reference", "num_samples") if k in metrics}
     scores = {k: metrics[k] for k in ("fid", "class_accuracy", "fid_untrained") if metrics.get(k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp, GRID_FILE)

@@ -47,6 +47,7 @@ class SampleConfig:
     eta: float = 0.0
     guidance_scale: float = 1.0
     guided_channels: int | None = None       # None: all latent channels; 3: the official variant
+    cache_interval: int = 1                  # >1: run the blocks on one step in this many (BlockCache)
     seed: int = 0
     batch_size: int = 32
     images_per_shard: int = 256
@@ -64,7 +65,7 @@ class SampleConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the images (a resumed run must share them)."""
         keep = ("model", "num_images", "class_labels", "sampler", "num_steps", "eta", "guidance_scale",
-                "guided_channels", "seed", "images_per_shard", "autoencoder", "scale_factor")
+                "guided_channels", "cache_interval", "seed", "images_per_shard", "autoencoder", "scale_factor")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -141,7 +142,7 @@ class ImageSampler:
             lab = torch.as_tensor(labels[start:start + cfg.batch_size], dtype=torch.long, device=self.device)
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + cfg.batch_size]]
             noise = randn((len(gens), mc.in_channels, mc.input_size, mc.input_size), gens, self.device)
-            fn = make_model_fn(self.model, lab, cfg.guidance_scale, cfg.guided_channels)
+            fn = make_model_fn(self.model, lab, cfg.guidance_scale, cfg.guided_channels, cfg.cache_interval)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16)
             with torch.no_grad(), autocast:
                 latents = sample_loop(self.sampler, fn, noise, gens)
@@ -220,6 +221,8 @@ def validate(cfg: SampleConfig) -> None:
     for name in ("num_images", "num_steps", "batch_size", "images_per_shard"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if int(cfg.cache_interval) < 1:
+        raise ValueError(f"cache_interval={cfg.cache_interval} must be at least 1 (1 = no caching)")
     if cfg.actor_num_cpus is not None and cfg.actor_num_cpus <= 0:
         raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} must be > 0 (a fraction is fine), or None for the default")
     unknown = set(cfg.formats) - set(FORMATS)
@@ -420,6 +423,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--guided-channels", type=int, default=None, help="3 = the official DiT variant; default all")
+    p.add_argument("--cache-interval", type=int, default=1, help="run the transformer blocks on one step in this many (1 = every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images-per-shard", type=int, default=256)
@@ -440,7 +444,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     return SampleConfig(
         model=a.model, output=a.output, num_images=a.num_images, class_labels=labels, sampler=a.sampler,
         num_steps=a.num_steps, eta=a.eta, guidance_scale=a.guidance_scale, guided_channels=a.guided_channels,
-        seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard,
+        cache_interval=a.cache_interval, seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard,
         formats=[f.strip() for f in a.formats.split(",") if f.strip()], autoencoder=a.autoencoder,
         scale_factor=a.scale_factor, expect_preset=a.expect_preset, num_actors=a.num_actors,
         actor_num_cpus=a.actor_num_cpus, grid_per_class=a.grid_per_class,

@@ -271,6 +271,42 @@ def test_cfg_in_one_batched_pass_matches_two_passes():
     torch.testing.assert_close(official[:, :3], guided[:, :3])
 
 
+def test_block_cache_runs_the_blocks_once_per_interval_per_sample():
+    from dit_core.diffusion import create_diffusion, make_model_fn, make_sampler, sample_loop
+    from dit_core.models import BlockCache
+
+    m = randomize(tiny()).eval()
+    block_calls = []
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: block_calls.append(1))
+    sampler = make_sampler("ddim", create_diffusion(None), 9)
+    y = torch.tensor([1, 5, 9])
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample(labels, x, interval):
+        with torch.no_grad():
+            return sample_loop(sampler, make_model_fn(m, labels, 3.0, cache_interval=interval), x)
+
+    plain = sample(y, noise, 1)
+    assert len(block_calls) == 9
+    block_calls.clear()
+    cached = sample(y, noise, 3)
+    assert len(block_calls) == 3  # evaluations 0, 3 and 6; the six between reuse the residual
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+    # the residual is kept per sample: a batch gives what its parts give alone (so samples do not
+    # depend on the batch size with caching either)
+    parts = torch.cat([sample(y[:1], noise[:1], 3), sample(y[1:], noise[1:], 3)])
+    torch.testing.assert_close(parts, cached, rtol=1e-4, atol=1e-5)
+    # a cached step still sees its own timestep and input: the output differs from the last full one
+    cache = BlockCache(2)
+    x, t = noise, torch.tensor([500, 500, 500])
+    with torch.no_grad():
+        first = m(x, t, y, cache)
+        second = m(x, torch.tensor([400, 400, 400]), y, cache)
+    assert cache.calls == 2 and not torch.equal(first, second)
+    with pytest.raises(ValueError, match="cache interval 0 must be at least 1"):
+        BlockCache(0)
+
+
 def test_bf16_autocast():
     m = randomize(tiny()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([1, 2])

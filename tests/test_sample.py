@@ -182,6 +182,7 @@ def test_official_release_layout_loads_with_a_given_autoencoder(sample_model, tm
         ({"guidance_scale": -1.0}, ValueError, "guidance_scale=-1.0 must be >= 0"),
         ({"sampler": "euler"}, ValueError, "sampler 'euler' is unknown"),
         ({"actor_num_cpus": 0.0}, ValueError, "actor_num_cpus=0.0 must be > 0"),
+        ({"cache_interval": 0}, ValueError, "cache_interval=0 must be at least 1"),
         ({"output": "under a file"}, PermissionError, "cannot write to"),
     ],
 )

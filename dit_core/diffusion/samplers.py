@@ -38,13 +38,19 @@ def make_model_fn(
     class_labels: torch.Tensor,
     guidance_scale: float = 1.0,
     guided_channels: int | None = None,
+    cache_interval: int = 1,
 ) -> ModelFn:
-    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: (x_t, t) -> output."""
+    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: (x_t, t) -> output.
+    ``cache_interval`` > 1 runs the transformer blocks on one step in that many and reuses their
+    residual in between (``dit_core.models.BlockCache``); build one function per trajectory."""
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1 = no guidance)")
+    from dit_core.models import BlockCache
+
+    cache = BlockCache(cache_interval) if int(cache_interval) != 1 else None
     if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, class_labels)
-    return lambda x, t: model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels)
+        return lambda x, t: model(x, t, class_labels, cache) if cache is not None else model(x, t, class_labels)
+    return lambda x, t: model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
 
 
 class Sampler(ABC):
