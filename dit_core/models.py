@@ -213,11 +213,10 @@ class FinalLayer(nn.Module):
 class BlockCache:
     """Sampling speed-up (opt-in): run the transformer blocks on one step in ``interval`` and reuse
     their residual (blocks' output minus input, per sample) on the steps between; the embeddings
-    and the final layer still see each step's input, timestep and label. Adjacent steps of a long
-    trajectory change the residual little: on the digits default DDPM-250 keeps its FID at interval
-    2 and 3 (3.91 -> 3.91, 3.92) for 1.9x and 2.7x the images/s; few-step solvers, whose steps are far
-    apart, lose more (DPM-Solver++ 20: FID 4.05 -> 4.35 at interval 2). One cache per trajectory
-    (``make_model_fn`` builds one with the trajectory's model function)."""
+    and the final layer still see each step's input, timestep and label. An approximation: adjacent
+    steps of a long trajectory (DDPM-250) change the residual little, few-step solvers' steps are
+    far apart (BENCHMARKS.md, change 5, measures both). One cache per trajectory: ``make_model_fn``
+    builds one with the trajectory's model function."""
 
     def __init__(self, interval: int):
         if int(interval) < 1:

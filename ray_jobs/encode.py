@@ -33,6 +33,7 @@ from dit_core.autoencoders import Autoencoder, load_autoencoder
 from dit_core.data import pngs_to_batch
 
 from . import storage
+from .runtime import use_assigned_cpus
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -74,9 +75,7 @@ class EncodeBatch:
         if isinstance(autoencoder, ray.ObjectRef):  # constructor kwargs are passed as given, not resolved
             autoencoder = ray.get(autoencoder)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        in_actor = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-        if self.device.type == "cpu" and in_actor:  # as many PyTorch threads as this actor has CPUs (at least one)
-            torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        use_assigned_cpus()
         self.ae = autoencoder.to(self.device)
         self.mode, self.seed = mode, seed
 

@@ -28,6 +28,7 @@ from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_s
 
 from . import storage
 from .model_source import ModelBundle, load_bundle
+from .runtime import use_assigned_cpus
 
 FORMATS = ("png", "parquet", "npz")
 CONFIG_FILE = "sample_config.json"
@@ -160,8 +161,7 @@ class ShardGenerator:
         if isinstance(bundle, ray.ObjectRef):
             bundle = ray.get(bundle)
         self.cfg = SampleConfig(**cfg)
-        if not torch.cuda.is_available():  # as many PyTorch threads as this actor has CPUs
-            torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        use_assigned_cpus()
         self.sampler = ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

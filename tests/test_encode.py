@@ -63,6 +63,9 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     assert stats["latent_shape"] == [4, 8, 8] and stats["scale_factor"] == SCALE
     assert stats["autoencoder_id"] == "tiny" and stats["input_fingerprint"] == manifest["fingerprint"]
     assert storage.read_json(f"{out}/stats.json") == stats
+    # the reader's rows are split into several blocks, so every actor of the pool gets work (one
+    # block per split, as Ray's parquet reader returns them, would leave the second actor idle)
+    assert len(stats["shards"]["train"]) >= 2, stats["shards"]
 
     train = read_latents(out, stats, "train")
     for col in LATENT_COLUMNS:
