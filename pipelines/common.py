@@ -15,8 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
-
+from dit_core import settings
 from dit_core.data import pngs_to_batch
 
 from ray_jobs import storage
@@ -27,17 +26,9 @@ SPLITS = ("train", "val")
 
 
 def load_params(section: str | None = None, path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
-    """One section of params.yaml (or all of it). The same file DVC tracks, read directly so a
-    stage also runs outside ``dvc repro`` (e.g. ``python -m pipelines.prepare``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p.absolute()} not found: run the stage from the project root or pass --params")
-    params = yaml.safe_load(p.read_text()) or {}
-    if section is None:
-        return params
-    if section not in params:
-        raise KeyError(f"{p} has no section {section!r}; add it (see params.yaml in the repository)")
-    return dict(params[section] or {})
+    """One section of params.yaml (or all of it), read as DVC reads it (YAML 1.2: ``1e-3`` is a
+    number). The same file DVC tracks, read directly so a stage also runs outside ``dvc repro``."""
+    return settings.read_yaml(path) if section is None else settings.read_section(path, section)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

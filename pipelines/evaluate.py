@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from dit_core import settings
 from dit_core.classifier import Classifier, load_classifier, predict
 from dit_core.data import pngs_to_uint8
 from dit_core.metrics import FeatureStats, InceptionFeatures, batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
@@ -27,6 +29,18 @@ from ray_jobs.sample import CONFIG_FILE, GRID_FILE, ImageSampler, SampleConfig, 
 from ray_jobs.model_source import load_bundle
 
 FEATURES = ("classifier", "inception")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The ``evaluate`` settings (params.yaml repeats these defaults for DVC)."""
+
+    features: str = "classifier"         # classifier (offline default) | inception (pytorch-fid weights in the torch hub cache)
+    reference: str = "val"               # val: the prepared val split | an ADM reference .npz (local or s3://)
+    baseline: bool = True                # also score an untrained model's samples: the FID to beat
+    baseline_images: int = 500
+    register: bool = True                # log to the scored version's MLflow run, tag it, move the alias
+    alias: str = "champion"
 
 
 def local_folder(uri: str, tmp: str) -> str:
@@ -102,6 +116,13 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     return metrics
 
 
+def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One row of the FID-per-sampler-and-guidance plot: across experiments (`dvc exp run -S
+    sample.guidance_scale=...`, then `dvc plots diff`) the rows of each revision make the curve."""
+    return {"sampler": f"{metrics['sampler']}-{metrics['num_steps']}", "guidance_scale": metrics["guidance_scale"],
+            "fid": metrics["fid"], "class_accuracy": metrics["class_accuracy"]}
+
+
 def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any]:
     """Log the evaluation to the scored version's training run, tag the version, move the alias."""
     bundle = load_bundle(metrics["model"]) if str(metrics["model"]).startswith("models:/") else None
@@ -132,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepared", required=True, help="prepared data (its val split is the default reference)")
     p.add_argument("--classifier", required=True, help="the train_classifier stage's output")
     p.add_argument("--metrics", required=True, help="eval.json (local)")
+    p.add_argument("--plots", default=None, help="this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    params = load_params("evaluate", a.params)
+    params = asdict(settings.build(EvaluateSettings, load_params("evaluate", a.params), "evaluate"))
     if params["features"] not in FEATURES:
         raise SystemExit(f"evaluate.features={params['features']!r}; choose one of {FEATURES}")
     metrics = evaluate(a.samples, a.prepared, a.classifier, params)
@@ -142,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking.configure_tracking()
         metrics["mlflow"] = register(a.samples, metrics, str(params.get("alias", "champion")))
     storage.write_json(a.metrics, metrics)
+    if a.plots:
+        storage.write_json(a.plots, [plot_point(metrics)])
     extra = f", untrained {metrics['fid_untrained']:.3f}" if "fid_untrained" in metrics else ""
     print(f"evaluate: FID {metrics['fid']:.3f}{extra} ({metrics['feature_network']} features, {metrics['num_samples']} samples), "
           f"class accuracy {metrics['class_accuracy']:.3f}")

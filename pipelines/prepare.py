@@ -23,7 +23,7 @@ import sys
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dit_core import settings
 from dit_core.data import BadImage, png_bytes, prepare_image
 from pipelines.common import MANIFEST, SPLITS, load_params, write_parquet
 from ray_jobs import storage
@@ -42,28 +43,23 @@ CHUNK = 256  # items decoded per thread-pool round: bounds memory, keeps all wor
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: str
-    path: str | None
-    image_size: int
-    val_fraction: float
-    seed: int
-    rows_per_shard: int
-    max_skipped_fraction: float  # share of inputs that may be skipped before the stage fails
-    workers: int  # threads that read and decode (S3 reads are latency-bound)
-    image_column: str  # parquet source only
-    label_column: str
-    key_column: str | None
+    """The ``prepare`` settings (params.yaml repeats these defaults for DVC)."""
+
+    source: str = "digits"  # digits | imagefolder | parquet
+    path: str | None = None  # imagefolder/parquet: local folder or s3://bucket/prefix
+    image_size: int = 16  # digits (8x8) are upsampled; other sources skip smaller images
+    val_fraction: float = 0.1
+    seed: int = 0
+    rows_per_shard: int = 1000
+    max_skipped_fraction: float = 0.01  # share of inputs that may be skipped before the stage fails
+    workers: int = 4  # threads that read and decode (S3 reads are latency-bound)
+    image_column: str = "image"  # parquet source only
+    label_column: str = "label"
+    key_column: str | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PrepareConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(params) - names
-        if unknown:
-            raise KeyError(f"unknown prepare params {sorted(unknown)}; known: {sorted(names)}")
-        missing = names - set(params)
-        if missing:
-            raise KeyError(f"prepare params lack {sorted(missing)}")
-        cfg = cls(**params)
+        cfg = settings.build(cls, params, "prepare")
         cfg.validate()
         return cfg
 

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from dit_core import settings
 from ray_jobs import storage
 from ray_jobs.sample import SampleConfig, run
 from pipelines.common import load_params
@@ -36,14 +37,7 @@ def model_uri(params: dict[str, Any], pointer_path: str | None) -> str:
 
 
 def config_from(params: dict[str, Any], model: str, out: str) -> SampleConfig:
-    known = set(SampleConfig.__dataclass_fields__) - {"model", "output"}
-    unknown = set(params) - known - set(STAGE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown sample settings {sorted(unknown)}; known: {sorted(known | set(STAGE_KEYS))}")
-    fields = {k: v for k, v in params.items() if k in known}
-    if isinstance(fields.get("formats"), str):
-        fields["formats"] = [f.strip() for f in fields["formats"].split(",") if f.strip()]
-    return SampleConfig(model=model, output=out, **fields)
+    return settings.build(SampleConfig, {**params, "model": model, "output": out}, "sample", ignore=STAGE_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:

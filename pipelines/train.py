@@ -37,9 +37,15 @@ def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
             "steps_per_sec": m.get("steps_per_sec"), "peak_memory_mb": m.get("peak_memory_mb"), "run_name": result["name"]}
 
 
+def write_history(path: str, history: list[dict[str, Any]]) -> None:
+    """The per-step plots file (``dvc plots show``): one CSV row per logged step."""
+    columns = ["step", *sorted({k for row in history for k in row} - {"step"})]
+    lines = [",".join(columns)] + [",".join(f"{row.get(c, '')}" for c in columns) for row in history]
+    storage.write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
 def run_local(latents: str, params: dict[str, Any]) -> dict[str, Any]:
-    result = train(config_from(latents, params))
-    return {"name": result.name, "step": result.step, "metrics": result.metrics, **result.pointer()}
+    return train(config_from(latents, params)).summary()
 
 
 def submit(address: str, latents: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +58,7 @@ def submit(address: str, latents: str, params: dict[str, Any]) -> dict[str, Any]
     overrides = " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in params.items())
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if os.environ.get(k)}
     job_id = client.submit_job(
-        entrypoint=f"python -m ray_jobs.train --latents {shlex.quote(latents)} --params /dev/null --set {overrides}",
+        entrypoint=f"python -m ray_jobs.train --latents {shlex.quote(latents)} --set {overrides}",
         submission_id=f"dit-train-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(REPO), "env_vars": env},
     )
@@ -77,13 +83,17 @@ def submit(address: str, latents: str, params: dict[str, Any]) -> dict[str, Any]
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
-def run_stage(latents: str, params: dict[str, Any], metrics_path: str, pointer_path: str) -> dict[str, Any]:
-    """Train (here or on the cluster of ``RAY_ADDRESS``), then write the metrics and the pointer."""
+def run_stage(latents: str, params: dict[str, Any], metrics_path: str, pointer_path: str,
+              plots_path: str | None = None) -> dict[str, Any]:
+    """Train (here or on the cluster of ``RAY_ADDRESS``), then write the metrics, the pointer and
+    the loss history."""
     address = os.environ.get("RAY_ADDRESS", "")
     result = submit(address, latents, params) if address.startswith(("http://", "https://")) else run_local(latents, params)
     pointer = {k: result.get(k) for k in ("checkpoint", "mlflow_run_id", "registered_model", "version", "model_uri")}
     storage.write_json(metrics_path, metrics_of(result))
     storage.write_json(pointer_path, pointer)
+    if plots_path:
+        write_history(plots_path, result.get("history") or [])
     return result
 
 
@@ -92,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", required=True, help="latents folder or s3:// URI")
     p.add_argument("--metrics", required=True, help="metrics JSON (local)")
     p.add_argument("--pointer", required=True, help="where to write the pointer to the final checkpoint/model")
+    p.add_argument("--plots", default=None, help="per-step CSV (step, loss, lr, ...) for `dvc plots show`")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    result = run_stage(a.latents, load_params("train", a.params), a.metrics, a.pointer)
+    result = run_stage(a.latents, load_params("train", a.params), a.metrics, a.pointer, a.plots)
     print(f"train: {result['step']} steps, loss {result['metrics'].get('loss')}, -> {result.get('model_uri')} {result.get('checkpoint')}")
     return 0
 

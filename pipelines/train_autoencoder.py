@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +33,30 @@ from dit_core.autoencoders import (
     save_autoencoder,
     train_small_autoencoder,
 )
+from dit_core import settings
 from pipelines.common import load_images, load_params, read_manifest
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """The ``train_autoencoder`` settings (params.yaml repeats these defaults for DVC)."""
+
+    pretrained: str | None = None        # None: train the small one; else a diffusers AutoencoderKL folder or HF id (local cache)
+    scale_factor: float | str = "auto"   # auto: pretrained's own / 1/std of the trained one's latents; data: 1/std; or a number
+    latent_channels: int = 4
+    block_channels: list[int] = field(default_factory=lambda: [16, 32])  # downsample factor 2 ** (levels - 1)
+    layers_per_block: int = 1
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 0.002
+    kl_weight: float = 1e-6
+    seed: int = 0
+    max_images: int = 20000              # training subset (seeded) on large data sets
+    eval_batch_size: int = 256
+    eval_max_images: int = 2000          # val subset for the reconstruction metric
 
 
 def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor | None, batch_size: int) -> float:
@@ -55,6 +76,7 @@ def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor | 
 
 def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str], None] = print) -> tuple[Autoencoder, dict[str, Any]]:
     """The pure core of the stage: train or import, then measure on (a subset of) the val split."""
+    params = asdict(settings.build(AutoencoderSettings, params, "train_autoencoder"))
     manifest = read_manifest(prepared)
     image_size = int(manifest["image_size"])
     seed, eval_batch, eval_images = int(params["seed"]), int(params["eval_batch_size"]), int(params["eval_max_images"])

@@ -11,15 +11,31 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dit_core import settings
 from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
 from dit_core.data import pngs_to_batch
 from pipelines.common import load_params, read_manifest, read_split
 from ray_jobs import storage
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """The ``train_classifier`` settings (params.yaml repeats these defaults for DVC)."""
+
+    width: int = 32
+    feature_dim: int = 64                # penultimate layer = FID features
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 0.002
+    weight_decay: float = 1e-4
+    max_shift: int = 1                   # random translation, pixels
+    seed: int = 0
 
 
 def load_labelled(prepared: str, manifest: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +46,7 @@ def load_labelled(prepared: str, manifest: dict[str, Any], split: str) -> tuple[
 
 def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The stage's core: train on the train split, measure on the val split."""
+    params = asdict(settings.build(ClassifierSettings, params, "train_classifier"))
     manifest = read_manifest(prepared)
     if not manifest["splits"]["val"]["count"]:
         raise ValueError(f"{prepared} has no val split: the classifier's accuracy needs one; set prepare.val_fraction > 0")

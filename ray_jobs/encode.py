@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dit_core import settings
 from dit_core.autoencoders import Autoencoder, load_autoencoder
 from dit_core.data import pngs_to_batch
 
@@ -44,15 +45,17 @@ MODES = ("posterior", "sample")
 
 @dataclass(frozen=True)
 class EncodeConfig:
+    """The ``encode`` settings (params.yaml repeats these defaults for DVC)."""
+
     prepared: str
     autoencoder: str  # folder (local or s3://) or a Hugging Face id in the local cache
     output: str
-    batch_size: int
-    mode: str  # posterior: mean and std; sample: one sample per view in `mean`, std 0
-    seed: int
-    num_actors: int | None  # None: one per GPU, else cpu_actors
-    cpu_actors: int
-    actor_num_cpus: float
+    batch_size: int = 256
+    mode: str = "posterior"  # posterior: mean and std; sample: one seeded sample per view in `mean`, std 0
+    seed: int = 0
+    num_actors: int | None = None  # None: one per GPU, else cpu_actors
+    cpu_actors: int = 2
+    actor_num_cpus: float = 0.5  # a fraction, so the actor pool never starves Ray Data's read tasks
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -285,27 +288,21 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
 
 
 def config_from(prepared: str, autoencoder: str, output: str, params: dict[str, Any]) -> EncodeConfig:
-    return EncodeConfig(prepared=prepared, autoencoder=autoencoder, output=output, **params)
+    return settings.build(EncodeConfig, {**params, "prepared": prepared, "autoencoder": autoencoder, "output": output}, "encode")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ray job submit`` entry point; settings default to the ``encode`` section of params.yaml."""
-    import yaml
-
+    """``ray job submit`` entry point; settings from ``--params`` (default: ./params.yaml if present,
+    else EncodeConfig's defaults) and ``--set`` overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prepared", required=True)
     p.add_argument("--autoencoder", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--params", default="params.yaml", help="YAML file whose `encode` section gives the settings")
+    p.add_argument("--params", default=None, help="YAML file whose `encode` section gives the settings (default: ./params.yaml if present)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. batch_size=64")
     a = p.parse_args(argv)
-    with open(a.params) as f:
-        params = dict(yaml.safe_load(f)["encode"])
-    for item in a.set:
-        key, _, value = item.partition("=")
-        if key not in params:
-            raise SystemExit(f"--set {item}: unknown setting {key!r}; known: {sorted(params)}")
-        params[key] = yaml.safe_load(value)
+    path = a.params or ("params.yaml" if os.path.isfile("params.yaml") else None)
+    params = {**(settings.read_section(path, "encode") if path else {}), **settings.parse_overrides(a.set, EncodeConfig, "encode")}
     stats = encode(config_from(a.prepared, a.autoencoder, a.out, params))
     print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "counts")}))
     return 0

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dit_core import settings
 from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
 from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
 
@@ -39,20 +40,22 @@ GRID_FILE = "grid.png"
 
 @dataclass
 class SampleConfig:
+    """The ``sample`` settings. These defaults are the project's (params.yaml repeats them for DVC)."""
+
     model: str                               # models:/name/3, models:/name@alias, runs:/..., checkpoint or .pt
     output: str                              # folder or s3:// prefix
-    num_images: int = 64
-    class_labels: str | list[int] = "all"    # "all" (cycle through classes), "uniform" (random), or a list
-    sampler: str = "ddpm"
-    num_steps: int = 250
-    eta: float = 0.0
-    guidance_scale: float = 1.0
+    num_images: int = 1000
+    class_labels: list[int] | str = "all"    # "all" (cycle through classes), "uniform" (random), or a list
+    sampler: str = "dpm-solver++"            # ddpm | ddim | dpm-solver++
+    num_steps: int = 20
+    eta: float = 0.0                         # ddim only
+    guidance_scale: float = 2.0              # 1: no guidance
     guided_channels: int | None = None       # None: all latent channels; 3: the official variant
     cache_interval: int = 1                  # >1: run the blocks on one step in this many (BlockCache)
     seed: int = 0
-    batch_size: int = 32
-    images_per_shard: int = 256
-    formats: list[str] = field(default_factory=lambda: ["png", "npz"])
+    batch_size: int = 250
+    images_per_shard: int = 250
+    formats: list[str] = field(default_factory=lambda: ["parquet", "npz"])  # png (tar shards) | parquet | npz (ADM)
     grid_per_class: int = 8                  # grid.png: a row of this many samples per class (0: none)
     autoencoder: str | None = None           # default: the one the model was trained with
     scale_factor: float | None = None        # default: the model's latent record, else the autoencoder's
@@ -225,6 +228,8 @@ def validate(cfg: SampleConfig) -> None:
         raise ValueError(f"cache_interval={cfg.cache_interval} must be at least 1 (1 = no caching)")
     if cfg.actor_num_cpus is not None and cfg.actor_num_cpus <= 0:
         raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} must be > 0 (a fraction is fine), or None for the default")
+    if isinstance(cfg.class_labels, str) and cfg.class_labels not in ("all", "uniform"):
+        raise ValueError(f"class_labels={cfg.class_labels!r}; use 'all', 'uniform' or a list of class ids")
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or not cfg.formats:
         raise ValueError(f"formats {sorted(unknown) or cfg.formats} not understood; choose from {FORMATS}")
@@ -413,42 +418,14 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags from SampleConfig's fields (``--num-images 64 --sampler ddim --class-labels 3,7``), their
+    defaults the dataclass's (= params.yaml's ``sample`` section)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/id/model, a checkpoint dir/.pt (local or s3://)")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--class-labels", default="all", help="'all', 'uniform', or comma-separated ids")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    p.add_argument("--num-steps", type=int, default=250)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--guided-channels", type=int, default=None, help="3 = the official DiT variant; default all")
-    p.add_argument("--cache-interval", type=int, default=1, help="run the transformer blocks on one step in this many (1 = every step)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--images-per-shard", type=int, default=256)
-    p.add_argument("--formats", default="png,npz", help=f"comma-separated subset of {FORMATS}")
-    p.add_argument("--autoencoder", default=None)
-    p.add_argument("--scale-factor", type=float, default=None)
-    p.add_argument("--expect-preset", default=None)
-    p.add_argument("--num-actors", type=int, default=None)
-    p.add_argument("--actor-num-cpus", type=float, default=None, help="CPU actors: CPUs (threads) each; default: the CPUs split evenly")
-    p.add_argument("--grid-per-class", type=int, default=8, help="grid.png with this many samples per class; 0: none")
+    settings.add_arguments(p, SampleConfig, skip=("model", "output"))
     a = p.parse_args(argv)
-    labels: str | list[int] = a.class_labels
-    if labels not in ("all", "uniform"):
-        try:
-            labels = [int(x) for x in str(labels).split(",") if x.strip()]
-        except ValueError:
-            p.error(f"--class-labels {a.class_labels!r}: use 'all', 'uniform' or comma-separated integers")
-    return SampleConfig(
-        model=a.model, output=a.output, num_images=a.num_images, class_labels=labels, sampler=a.sampler,
-        num_steps=a.num_steps, eta=a.eta, guidance_scale=a.guidance_scale, guided_channels=a.guided_channels,
-        cache_interval=a.cache_interval, seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard,
-        formats=[f.strip() for f in a.formats.split(",") if f.strip()], autoencoder=a.autoencoder,
-        scale_factor=a.scale_factor, expect_preset=a.expect_preset, num_actors=a.num_actors,
-        actor_num_cpus=a.actor_num_cpus, grid_per_class=a.grid_per_class,
-    )
+    return settings.build(SampleConfig, {**settings.from_args(a, SampleConfig), "model": a.model, "output": a.output}, "sample")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

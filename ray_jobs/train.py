@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dit_core import settings
 from dit_core.diffusion import create_diffusion, training_losses
 from dit_core.models import DiT, DiTConfig, preset_config
 from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
@@ -43,6 +44,7 @@ from . import storage, tracking
 STATS = "stats.json"
 RESULT_PREFIX = "TRAIN_RESULT "               # the line of a job's log that holds its result (JSON)
 STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
+HISTORY_FILE = "history.json"                # beside it: every logged row so far (step, loss, ...)
 LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
 STRATEGIES = ("ddp", "fsdp")
 # DiTConfig fields that the data decides; a preset or `model` overrides may not contradict them.
@@ -59,45 +61,49 @@ FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The ``train`` settings. These defaults are the project's (params.yaml repeats them for DVC:
+    the digits default); configs/imagenet256-xl2.yaml gives the paper's values for ImageNet."""
+
     latents: str                                  # folder or s3:// URI with stats.json and train/ shards
-    storage_path: str = "checkpoints"             # checkpoints: local folder or s3:// URI
-    name: str | None = None                       # None: <registered_model>-<hash of the settings>
-    experiment: str = "dit"                       # MLflow experiment
-    registered_model: str = "dit-digits"
-    tracking: bool = True                         # MLflow run + registered model
-    # model: a paper preset (e.g. "DiT-XL/2") and/or explicit DiTConfig fields
+    # model: a paper preset (DiT-S/2 ... DiT-XL/2) and/or explicit DiTConfig fields
     preset: str | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    class_dropout_prob: float = 0.1
+    model: dict[str, Any] = field(default_factory=lambda: {
+        "depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 4, "class_embed_init_std": 1.0})
+    class_dropout_prob: float = 0.1               # label dropout for classifier-free guidance
     learn_sigma: bool = True
-    noise_schedule: str = "linear"
+    noise_schedule: str = "linear"                # the paper's (cosine: Improved DDPM's)
     diffusion_steps: int = 1000
-    random_flip: bool = True                      # horizontal flips, as the paper (off for digits, text)
-    # optimisation
-    steps: int = 1000                             # optimizer steps in all
-    batch_size: int = 128                         # global: all workers, all accumulation micro-batches
+    random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
+    # optimisation (steps = optimizer steps; batch_size = global: all workers, all micro-batches)
+    steps: int = 1500
+    batch_size: int = 128
     grad_accum: int = 1
-    lr: float = 1e-4
-    class_embed_lr_scale: float = 1.0             # lr multiplier of the class embedding table
+    lr: float = 6e-4
+    class_embed_lr_scale: float = 1.0             # lr multiplier of the class embedding table (1 = the paper)
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float | None = None
-    ema_decay: float = 0.9999
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0                 # None: no clipping
+    ema_decay: float = 0.999                      # the paper's 0.9999 suits runs of 100k+ steps
     ema_warmup: bool = True                       # decay min(ema_decay, (1+step)/(10+step)): short runs
     seed: int = 0
-    bf16: bool = True                             # autocast on GPU
+    bf16: bool = True                             # autocast on GPU (TF32 too); ignored on CPU
     compile: bool = False
     grad_checkpointing: bool = False
     strategy: str = "ddp"                         # ddp | fsdp
-    # bookkeeping
+    # checkpoints, logging, fault tolerance
+    storage_path: str = "checkpoints"             # local folder or s3:// URI
+    name: str | None = None                       # None: <registered_model>-<hash of settings and data>
+    experiment: str = "dit"                       # MLflow experiment
+    registered_model: str = "dit-digits"
+    tracking: bool = True                         # MLflow run + registered model
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     max_failures: int = 2
     # scaling
-    num_workers: int = 2
+    num_workers: int = 1
     use_gpu: bool | None = None                   # None: when the cluster has GPUs
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
     gpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     placement_strategy: str = "PACK"              # SPREAD / STRICT_SPREAD: one worker per node
@@ -198,7 +204,9 @@ def load_latents(latents: str, stats: dict[str, Any]) -> LatentArrays:
 
 
 def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"]], sort_keys=True, default=str).encode())
+    # the step count too: `dvc exp run -S train.steps=300` is a run of its own, not a resume of the
+    # 1,500-step one (an explicit train.name continues a run with more steps)
+    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"], cfg.steps], sort_keys=True, default=str).encode())
     return f"{cfg.registered_model}-{digest.hexdigest()[:10]}"
 
 
@@ -273,6 +281,8 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
 def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        history = os.path.join(d, HISTORY_FILE)
+        state["history"] = json.loads(open(history).read()) if os.path.exists(history) else []
     saved = state.get("identity")
     if saved is not None and saved != json.loads(json.dumps(cfg.identity(), default=str)):
         diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
@@ -315,6 +325,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
     start_step = int(state.get("step", 0))
+    history: list[dict[str, Any]] = list(state.get("history", []))  # the logged rows, kept across resumes
+    if start_step > cfg.steps:
+        raise ValueError(f"run {config['run_name']!r} already has {start_step} steps, more than train.steps={cfg.steps}; "
+                         "use a new train.name (or name: null) or raise train.steps")
     ema.model.to(device)
 
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -355,6 +369,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "config": flatten(asdict(cfg)) | {"name": config["run_name"]}, "data_fingerprint": stats["fingerprint"],
                     "identity": json.loads(json.dumps(cfg.identity(), default=str)), "mlflow_run_id": run_id,
                 }, os.path.join(tmp, STATE_FILE))
+                with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
+                    json.dump(history, f)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")   # Ray
 
@@ -398,6 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "peak_memory_mb": _peak_memory_mb(device),
                 "epoch": plan.epoch_of(step),
             }
+            history.append({"step": done, **metrics})
             if run_id:
                 tracking.log_metrics(run_id, metrics, step=done)
             if rank == 0:
@@ -432,6 +449,11 @@ class TrainResult:
     mlflow_run_id: str | None
     registered_model: str | None
     version: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)   # every logged row: step, loss, lr, ...
+
+    def summary(self) -> dict[str, Any]:
+        """What the job hands back (``--result``): the pointer, the last metrics and the history."""
+        return {"name": self.name, "step": self.step, "metrics": self.metrics, "history": self.history, **self.pointer()}
 
     def pointer(self) -> dict[str, Any]:
         """``models/dit.json`` (docs/CONTRACTS.md)."""
@@ -511,45 +533,39 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.tracking and run_id:
         tracking.configure_tracking()
         version = tracking.registered_version(run_id, cfg.registered_model, int(metrics.get("step", cfg.steps)))
+    checkpoint = _checkpoint_uri(result.checkpoint, cfg.storage_path)
+    history_uri = storage.join(checkpoint, HISTORY_FILE)
     return TrainResult(
-        name=name, checkpoint=_checkpoint_uri(result.checkpoint, cfg.storage_path), step=int(metrics.get("step", 0)),
+        name=name, checkpoint=checkpoint, step=int(metrics.get("step", 0)),
         metrics=metrics, mlflow_run_id=run_id, registered_model=cfg.registered_model if version else None, version=version,
+        history=storage.read_json(history_uri) if storage.exists(history_uri) else [],
     )
 
 
 def config_from(latents: str, params: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(params) - known
-    if unknown:
-        raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(known - {'latents'})}")
-    return TrainConfig(latents=latents, **params)
+    """A typed TrainConfig from a ``train`` section: unknown keys and values of the wrong type are refused."""
+    return settings.build(TrainConfig, {**params, "latents": latents}, "train")
 
 
-def load_train_params(path: str, overrides: list[str]) -> dict[str, Any]:
-    """The ``train`` section of a params file with ``KEY=VALUE`` overrides (values parsed as YAML)."""
-    import yaml
-
-    with open(path) as f:
-        params = dict((yaml.safe_load(f) or {}).get("train") or {})
-    known = {f.name for f in fields(TrainConfig)}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        params[key] = yaml.safe_load(value)
-    return params
+def load_train_params(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The ``train`` section of a params file (none: the defaults) with ``KEY=VALUE`` overrides
+    (values read as YAML 1.2: ``lr=1e-3`` is a float)."""
+    params = settings.read_section(path, "train") if path else {}
+    return {**params, **settings.parse_overrides(overrides, TrainConfig, "train")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ray job submit`` entry point; settings default to the ``train`` section of params.yaml."""
+    """``ray job submit`` entry point; settings from ``--params`` (default: params.yaml when the
+    working dir has one, else the defaults of TrainConfig, which params.yaml repeats)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latents", required=True, help="latents folder or s3:// URI (encode's output)")
-    p.add_argument("--params", default="params.yaml", help="YAML file whose `train` section gives the settings")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. steps=100")
-    p.add_argument("--result", help="write the result (checkpoint, run, version, metrics) as JSON here")
+    p.add_argument("--params", default=None, help="YAML file whose `train` section gives the settings (default: ./params.yaml if present)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. steps=100 lr=1e-3")
+    p.add_argument("--result", help="write the result (checkpoint, run, version, metrics) as JSON here (local or s3://)")
     a = p.parse_args(argv)
-    result = train(config_from(a.latents, load_train_params(a.params, a.set)))
-    out = {"name": result.name, "step": result.step, "metrics": result.metrics, **result.pointer()}
+    params_path = a.params or ("params.yaml" if os.path.isfile("params.yaml") else None)
+    result = train(config_from(a.latents, load_train_params(params_path, a.set)))
+    out = result.summary()
     if a.result:
         storage.write_json(a.result, out)
     print(RESULT_PREFIX + json.dumps(out, default=str), flush=True)

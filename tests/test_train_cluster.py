@@ -79,7 +79,7 @@ def test_ray_job_submit_cli(ray_head, job_data):
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "ray_jobs.train", "--latents", job_data["latents"], "--params", "/dev/null", "--set", *sets],
+         "python", "-m", "ray_jobs.train", "--latents", job_data["latents"], "--set", *sets],
         env=_env(), capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

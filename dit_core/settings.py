@@ -1,0 +1,232 @@
+"""Typed settings: one loader for ``params.yaml`` sections, ``--set KEY=VALUE`` overrides and the
+command-line flags of the jobs, all checked against the fields of a dataclass.
+
+The dataclass of a section is the one place its defaults live; ``params.yaml`` repeats them for DVC
+(a test keeps the two equal) and the job CLIs take theirs from the dataclass. YAML is read as
+YAML 1.2 reads numbers (``1e-3`` is a float, as DVC reads the same file), and every value is
+checked against its field's type, with an error that names the key, the value and the type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` and ``1E5`` are numbers, not strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p.absolute()} not found: run from the project root or pass --params")
+    return load_yaml(p.read_text()) or {}
+
+
+def read_section(path: str | Path, section: str) -> dict[str, Any]:
+    params = read_yaml(path)
+    if section not in params:
+        raise KeyError(f"{path} has no section {section!r}; add it (see params.yaml in the repository)")
+    return dict(params[section] or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking against a dataclass field
+# ---------------------------------------------------------------------------------------------
+
+def type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _options(tp: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(tp)
+    return typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce_one(value: Any, tp: Any) -> Any:
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str) and "," in value:     # a comma-separated command-line value
+            value = [load_yaml(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        item = args[0] if args else Any
+        return [_coerce(v, item) for v in value]
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():   # 1e3 written for 1000
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    options = _options(tp)
+    for option in options:
+        try:
+            return _coerce_one(value, option)
+        except _Mismatch:
+            continue
+    # a single value where only a list fits: a one-element list (`--formats png`)
+    for option in options:
+        if typing.get_origin(option) in (list, tuple) and not isinstance(value, (list, tuple, dict)):
+            try:
+                return _coerce_one([value], option)
+            except _Mismatch:
+                continue
+    raise _Mismatch
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as field type ``tp`` (an int for a float field, a comma-separated string for a
+    list), or a TypeError naming ``key``, the value and the type."""
+    try:
+        return _coerce(value, tp)
+    except _Mismatch:
+        raise TypeError(f"{key}={value!r} ({type_name(type(value))}) is not a valid {type_name(tp)}; "
+                        f"fix the value in params.yaml or the override") from None
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a settings dataclass (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def build(cls: type[T], values: Mapping[str, Any], section: str, ignore: Sequence[str] = ()) -> T:
+    """An instance of ``cls`` from ``values`` (a params section, overrides, ...): unknown keys,
+    missing required fields and values of the wrong type are refused, naming ``section.key``.
+    Keys in ``ignore`` belong to the stage, not to ``cls``, and are skipped."""
+    hints = field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names) - set(ignore))
+    if unknown:
+        raise KeyError(f"unknown {section} settings {unknown}; known: {sorted(set(names) | set(ignore))}")
+    kwargs = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items() if k in names}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise KeyError(f"{section} settings lack {missing}")
+    return cls(**kwargs)
+
+
+def read_value(text: str, tp: Any) -> Any:
+    """A command-line value for a field of type ``tp``: read as YAML 1.2 (``1e-3``, ``null``,
+    ``[1, 2]``), except that a text field keeps the text as typed (``name=123`` is "123")."""
+    value = load_yaml(text) if text.strip() else ""
+    if str in _options(tp) and value is not None and not isinstance(value, str):
+        try:
+            _coerce(value, tp)
+        except _Mismatch:
+            return text
+    return value
+
+
+def parse_overrides(items: Sequence[str], cls: type, section: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings, each KEY a field of ``cls``, each VALUE read by ``read_value``."""
+    hints = field_types(cls)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {sorted(hints)} ({section} settings)")
+        out[key] = read_value(value, hints[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags from a dataclass
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                  help: Mapping[str, str] | None = None) -> None:
+    """One ``--field-name VALUE`` flag per field of ``cls`` (except ``skip``), its default the
+    dataclass's (shown in ``--help``); values are read as YAML and type-checked by ``from_args``."""
+    hints, dflt = field_types(cls), defaults(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        shown = dflt.get(f.name, "required")
+        text = (help or {}).get(f.name, "")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=type_name(hints[f.name]).upper(),
+                            help=f"{text + ' ' if text else ''}(default: {shown})")
+
+
+def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags of ``add_arguments`` that were given, each read by ``read_value``."""
+    hints, given = field_types(cls), vars(args)
+    return {name: read_value(given[name], tp) for name, tp in hints.items() if isinstance(given.get(name), str)}
+
+
+__all__ = ["add_arguments", "build", "coerce", "defaults", "from_args", "load_yaml", "parse_overrides",
+           "read_section", "read_value", "read_yaml", "type_name"]
