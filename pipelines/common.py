@@ -1,14 +1,27 @@
-"""Helpers every stage module uses: params, parquet on local/S3 storage, the prepared-data contract.
+"""Helpers every stage module uses: params, where a stage runs and where its outputs live, parquet
+on local/S3 storage, the prepared-data contract.
 
 A stage reads its section of ``params.yaml`` (stage name = module name = section) and takes its
-input/output paths from the command line that ``dvc.yaml`` gives it.
+input/output paths from the command line that ``dvc.yaml`` gives it. ``run_stage`` decides where:
+- ``store.root`` null and ``RAY_ADDRESS`` not a dashboard: here, in the project's folders (the default);
+- ``store.root: s3://bucket/prefix``: every large output goes under that prefix (``data/prepared`` ->
+  ``s3://bucket/prefix/data/prepared``) and the project keeps only a pointer to it
+  (``data/prepared/location.json``), which later stages follow;
+- ``RAY_ADDRESS=http://<head>:8265`` too: the stage runs as a Ray job on that cluster, the project
+  shipped as its working dir; its small outputs (metrics, pointers) come back through the store.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import io
 import os
-from pathlib import Path
+import shlex
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Callable
 from typing import Any
 
 import numpy as np
@@ -18,9 +31,11 @@ import torch
 from dit_core import settings
 from dit_core.data import pngs_to_batch
 
-from ray_jobs import storage
+from ray_jobs import runtime, storage
 
 PARAMS_FILE = "params.yaml"
+LOCATION_FILE = "location.json"   # in a stage's local output folder when the output lives in the store
+JOBS_DIR = "jobs"                 # under store.root: each submitted stage's small outputs
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -29,6 +44,109 @@ def load_params(section: str | None = None, path: str | os.PathLike = PARAMS_FIL
     """One section of params.yaml (or all of it), read as DVC reads it (YAML 1.2: ``1e-3`` is a
     number). The same file DVC tracks, read directly so a stage also runs outside ``dvc repro``."""
     return settings.read_yaml(path) if section is None else settings.read_section(path, section)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The ``store`` settings (params.yaml repeats these defaults for DVC)."""
+
+    root: str | None = None   # null: the project's folders; s3://bucket/prefix: large outputs there, pointers here
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """The command-line arguments (argparse dests) of a stage, by what they carry."""
+
+    inputs: tuple[str, ...] = ()     # folders of earlier stages: a local folder, a pointer to one, or a URI
+    outputs: tuple[str, ...] = ()    # large folder outputs: under store.root when it is set, a pointer kept here
+    files_in: tuple[str, ...] = ()   # small local files it reads (the train pointer): shipped with a job
+    reports: tuple[str, ...] = ()    # small files it writes (metrics, pointers, plots): fetched back from a job
+    tracking: Callable[[], str] | None = None  # the MLflow tracking URI, for stages that log or read the registry
+    settings_paths: Callable[[argparse.Namespace], dict[str, str | None]] | None = None  # paths in params (prepare.path, ...)
+
+
+def store_root(params_path: str | os.PathLike = PARAMS_FILE) -> str | None:
+    params = settings.read_yaml(params_path)
+    return settings.build(StoreSettings, params.get("store") or {}, "store").root
+
+
+def in_store(path: str, root: str | None) -> str:
+    """Where a project-relative output lives: under ``root`` when set (an URI stays as it is)."""
+    return storage.join(root, os.path.normpath(path).lstrip("/")) if root and not storage.is_s3(path) else path
+
+
+def locate(path: str | None) -> str | None:
+    """The URI of an earlier stage's output: what its pointer names, else the path itself."""
+    if path and not storage.is_s3(path):
+        pointer = os.path.join(path, LOCATION_FILE)
+        if os.path.isfile(pointer):
+            return str(storage.read_json(pointer)["uri"])
+    return path
+
+
+def write_location(local: str, uri: str) -> None:
+    """Replace the local output folder with a pointer to ``uri``. It holds a digest of the output's
+    listing, so that DVC sees a new output when the content changed and re-runs what follows."""
+    fs, path = storage.resolve(uri)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    listing = sorted((i.path[len(path):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise RuntimeError(f"the stage wrote nothing to {uri}")
+    digest = hashlib.sha256(repr(listing).encode()).hexdigest()
+    if os.path.isdir(local):
+        shutil.rmtree(local)
+    storage.write_json(os.path.join(local, LOCATION_FILE), {"uri": uri, "files": len(listing), "digest": digest})
+
+
+def _argv(args: argparse.Namespace) -> str:
+    return " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in sorted(vars(args).items()) if v is not None)
+
+
+def run_stage(stage: str, args: argparse.Namespace, io: StageIO, core: Callable[[argparse.Namespace], Any]) -> Any:
+    """Run the stage's ``core`` here, or as a Ray job on the cluster of ``RAY_ADDRESS`` (a dashboard
+    address), with its large outputs in ``store.root`` when that is set (see the module docstring).
+    A remote run needs the store and a tracking server: refused before any work, naming what to set."""
+    root = store_root(args.params)
+    address = os.environ.get("RAY_ADDRESS", "")
+    remote = runtime.is_job_server(address)
+    if not remote and not root:
+        return core(args)
+    job = argparse.Namespace(**vars(args))
+    for name in io.inputs:
+        setattr(job, name, locate(getattr(args, name)))
+    redirected = {name: (getattr(args, name), in_store(getattr(args, name), root)) for name in io.outputs
+                  if root and not storage.is_s3(getattr(args, name))}
+    for name, (_, uri) in redirected.items():
+        setattr(job, name, uri)
+    if not remote:
+        result = core(job)
+    else:
+        where = f"stage {stage} runs as a Ray job on the remote cluster at {address}, which"
+        if not root:
+            raise ValueError(f"store.root is null, but {where} cannot read or write this host's folders: set it to an "
+                             "s3:// prefix (`dvc exp run -S store.root=s3://<bucket>/<prefix>` or in params.yaml)")
+        paths = {f"{stage} --{n}": getattr(job, n) for n in io.inputs}
+        paths.update(io.settings_paths(args) if io.settings_paths else {})
+        runtime.require_shared(paths, runtime.REMOTE, where, io.tracking() if io.tracking else None)
+        job_dir = storage.join(root, JOBS_DIR, f"{stage}-{uuid.uuid4().hex[:12]}")
+        for name in io.files_in:
+            local = getattr(args, name)
+            if local and not storage.is_s3(local) and os.path.exists(local):
+                setattr(job, name, storage.join(job_dir, "in", os.path.basename(local)))
+                storage.write_bytes(getattr(job, name), storage.read_bytes(local))
+        reports = {name: getattr(args, name) for name in io.reports if getattr(args, name)}
+        for name, local in reports.items():
+            setattr(job, name, storage.join(job_dir, "out", os.path.basename(local)))
+        runtime.submit_job(address, f"python -m pipelines.{stage} {_argv(job)}", stage)
+        for name, local in reports.items():
+            if storage.exists(getattr(job, name)):
+                storage.write_bytes(local, storage.read_bytes(getattr(job, name)))
+        result = None
+    for local, uri in redirected.values():
+        write_location(local, uri)
+    return result
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

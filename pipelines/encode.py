@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import load_params
+from pipelines.common import StageIO, load_params, run_stage
 from ray_jobs.encode import config_from, encode
 
 
@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="latents folder or s3:// URI")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    stats = encode(config_from(a.prepared, a.autoencoder, a.out, load_params("encode", a.params)))
-    print(f"encode: {stats['counts']} latents {stats['latent_shape']} scale {stats['scale_factor']:.5f} -> {a.out}")
+    params = load_params("encode", a.params)
+
+    def core(job: argparse.Namespace) -> None:
+        stats = encode(config_from(job.prepared, job.autoencoder, job.out, params))
+        print(f"encode: {stats['counts']} latents {stats['latent_shape']} scale {stats['scale_factor']:.5f} -> {job.out}")
+
+    run_stage("encode", a, StageIO(inputs=("prepared", "autoencoder"), outputs=("out",)), core)
     return 0
 
 

@@ -23,7 +23,7 @@ from dit_core import settings
 from dit_core.classifier import Classifier, load_classifier, predict
 from dit_core.data import pngs_to_uint8
 from dit_core.metrics import FeatureStats, InceptionFeatures, batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
-from pipelines.common import load_params, read_manifest, read_split
+from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
 from ray_jobs import storage, tracking
 from ray_jobs.sample import CONFIG_FILE, GRID_FILE, ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for, read_images
 from ray_jobs.model_source import load_bundle
@@ -159,16 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     params = asdict(settings.build(EvaluateSettings, load_params("evaluate", a.params), "evaluate"))
     if params["features"] not in FEATURES:
         raise SystemExit(f"evaluate.features={params['features']!r}; choose one of {FEATURES}")
-    metrics = evaluate(a.samples, a.prepared, a.classifier, params)
-    if params.get("register", True):
-        tracking.configure_tracking()
-        metrics["mlflow"] = register(a.samples, metrics, str(params.get("alias", "champion")))
-    storage.write_json(a.metrics, metrics)
-    if a.plots:
-        storage.write_json(a.plots, [plot_point(metrics)])
-    extra = f", untrained {metrics['fid_untrained']:.3f}" if "fid_untrained" in metrics else ""
-    print(f"evaluate: FID {metrics['fid']:.3f}{extra} ({metrics['feature_network']} features, {metrics['num_samples']} samples), "
-          f"class accuracy {metrics['class_accuracy']:.3f}")
+
+    def core(job: argparse.Namespace) -> None:
+        metrics = evaluate(job.samples, job.prepared, job.classifier, params)
+        if params["register"]:
+            tracking.configure_tracking()
+            metrics["mlflow"] = register(job.samples, metrics, params["alias"])
+        storage.write_json(job.metrics, metrics)
+        if job.plots:
+            storage.write_json(job.plots, [plot_point(metrics)])
+        extra = f", untrained {metrics['fid_untrained']:.3f}" if "fid_untrained" in metrics else ""
+        print(f"evaluate: FID {metrics['fid']:.3f}{extra} ({metrics['feature_network']} features, {metrics['num_samples']} samples), "
+              f"class accuracy {metrics['class_accuracy']:.3f}")
+
+    reference = params["reference"] if params["reference"] != "val" else None
+    io = StageIO(inputs=("samples", "prepared", "classifier"), reports=("metrics", "plots"), tracking=tracking.tracking_uri,
+                 settings_paths=lambda _: {"evaluate.reference": reference})
+    run_stage("evaluate", a, io, core)
     return 0
 
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from dit_core import settings
 from dit_core.data import BadImage, png_bytes, prepare_image
-from pipelines.common import MANIFEST, SPLITS, load_params, write_parquet
+from pipelines.common import MANIFEST, SPLITS, StageIO, load_params, run_stage, write_parquet
 from ray_jobs import storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder or s3:// URI (from dvc.yaml)")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    prepare(PrepareConfig.from_params(load_params("prepare", a.params)), a.out)
+    cfg = PrepareConfig.from_params(load_params("prepare", a.params))
+    run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
+              lambda job: prepare(cfg, job.out))
     return 0
 
 

@@ -15,9 +15,9 @@ import sys
 from typing import Any
 
 from dit_core import settings
-from ray_jobs import storage
+from ray_jobs import storage, tracking
 from ray_jobs.sample import SampleConfig, run
-from pipelines.common import load_params
+from pipelines.common import StageIO, load_params, run_stage
 
 STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
 
@@ -47,10 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
     params = load_params("sample", a.params)
-    cfg = config_from(params, model_uri(params, a.pointer), a.out)
-    summary = run(cfg)
-    print(f"sample: {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_second']:.2f}/s) -> {cfg.output}")
-    print(json.dumps(summary, indent=2))
+    config_from(params, "unresolved", a.out)  # typed and complete before any work, here and not on a cluster
+
+    def core(job: argparse.Namespace) -> None:
+        cfg = config_from(params, model_uri(params, job.pointer), job.out)
+        summary = run(cfg)
+        print(f"sample: {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_second']:.2f}/s) -> {cfg.output}")
+        print(json.dumps(summary, indent=2))
+
+    local_model = {"sample.model": params.get("model"), "sample.autoencoder": params.get("autoencoder")}
+    io = StageIO(files_in=("pointer",), outputs=("out",), tracking=tracking.tracking_uri,
+                 settings_paths=lambda _: {k: v for k, v in local_model.items() if v and not str(v).startswith(("models:/", "runs:/"))})
+    run_stage("sample", a, io, core)
     return 0
 
 

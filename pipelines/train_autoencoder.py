@@ -34,7 +34,7 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from dit_core import settings
-from pipelines.common import load_images, load_params, read_manifest
+from pipelines.common import StageIO, load_images, load_params, read_manifest, run_stage
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
@@ -138,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    ae, metrics = build_autoencoder(a.prepared, load_params("train_autoencoder", a.params))
-    publish(ae, a.out)
-    if a.metrics:
-        storage.write_bytes(a.metrics, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
-    print(f"train_autoencoder: {ae.id} scale_factor {ae.scale_factor:.5f} -> {a.out}; {metrics}")
+    params = load_params("train_autoencoder", a.params)
+
+    def core(job: argparse.Namespace) -> None:
+        ae, metrics = build_autoencoder(job.prepared, params)
+        publish(ae, job.out)
+        if job.metrics:
+            storage.write_bytes(job.metrics, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+        print(f"train_autoencoder: {ae.id} scale_factor {ae.scale_factor:.5f} -> {job.out}; {metrics}")
+
+    run_stage("train_autoencoder", a, StageIO(inputs=("prepared",), outputs=("out",), reports=("metrics",),
+                                              settings_paths=lambda _: {"train_autoencoder.pretrained": params.get("pretrained")}), core)
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 from dit_core import settings
 from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
 from dit_core.data import pngs_to_batch
-from pipelines.common import load_params, read_manifest, read_split
+from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
 from ray_jobs import storage
 
 
@@ -91,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
-    model, metrics = build_classifier(a.prepared, load_params("train_classifier", a.params))
-    publish(model, metrics, a.out)
-    if a.metrics:
-        storage.write_json(a.metrics, metrics)
-    print(f"train_classifier: val accuracy {metrics['val_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}) -> {a.out}")
+    params = load_params("train_classifier", a.params)
+
+    def core(job: argparse.Namespace) -> None:
+        model, metrics = build_classifier(job.prepared, params)
+        publish(model, metrics, job.out)
+        if job.metrics:
+            storage.write_json(job.metrics, metrics)
+        print(f"train_classifier: val accuracy {metrics['val_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}) -> {job.out}")
+
+    run_stage("train_classifier", a, StageIO(inputs=("prepared",), outputs=("out",), reports=("metrics",)), core)
     return 0
 
 

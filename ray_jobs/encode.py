@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,11 +29,12 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
-from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.data import pngs_to_batch
 
 from . import storage
-from .runtime import use_assigned_cpus
+from . import runtime
+from .runtime import init_ray, use_assigned_cpus
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -120,30 +120,6 @@ def _list_array(a: np.ndarray) -> pa.Array:
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-
-def resolve_autoencoder(uri: str) -> Autoencoder:
-    """Load on the driver (local folder, s3:// folder or HF id in the local cache); the actors get
-    it through the object store, so worker nodes need neither the files nor the credentials."""
-    if storage.is_s3(uri):
-        if not storage.exists(storage.join(uri, "autoencoder.json")):
-            raise FileNotFoundError(f"{uri}/autoencoder.json not found: {uri} is not a complete autoencoder folder")
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_autoencoder(storage.download_folder(uri, tmp))
-    return load_autoencoder(uri)
-
-
-def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` when set; otherwise start a private local runtime (``address="local"``
-    never joins another cluster on this machine, e.g. a test suite's)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-
 
 def actor_resources(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
     """(pool size, per-actor resources): a whole GPU per actor where GPUs exist, else a CPU fraction."""
@@ -254,9 +230,11 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(f"{manifest_uri} not found: {cfg.prepared} is not a complete prepared data set; run prepare")
     manifest = storage.read_json(manifest_uri)
-    ae = resolve_autoencoder(cfg.autoencoder)
+    with storage.local_copy(cfg.autoencoder, AUTOENCODER_RECORD) as path:
+        ae = load_autoencoder(path)  # on the driver: the actors get it through the object store
     latent_shape = ae.latent_shape(int(manifest["image_size"]))
     init_ray()
+    runtime.require_shared({"encode input": cfg.prepared, "encode output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
     ae_ref = ray.put(ae.to("cpu"))
     staging = storage.begin_output(cfg.output)
     try:
@@ -265,7 +243,7 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
         written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
-            "autoencoder_path": cfg.autoencoder,
+            "autoencoder_path": storage.absolute(cfg.autoencoder) if os.path.exists(cfg.autoencoder) else cfg.autoencoder,
             "scale_factor": ae.scale_factor,
             "latent_shape": list(latent_shape),
             "num_classes": manifest["num_classes"],

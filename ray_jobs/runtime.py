@@ -1,8 +1,33 @@
-"""Helpers for code that runs inside Ray actors."""
+"""Where the jobs run: the one Ray initialisation, the environment forwarded to workers, what
+hosts of a cluster share, and job submission to a remote cluster.
+
+On a cluster, hosts share nothing but the object store (S3) and the MLflow tracking server. Every
+job checks, before any work starts, that what its workers read and write is reachable from every
+host (``require_shared``), and says what to use instead when it is not.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
 import torch
+
+from . import storage
+
+REPO = Path(__file__).resolve().parents[1]
+# Set to 1 when every host of the cluster mounts the same filesystem at the same paths (NFS, Lustre):
+# then local paths and a SQLite tracking file are shared too.
+SHARED_FS_ENV = "DIT_SHARED_FS"
+# Environment a worker needs and Ray does not forward by itself (credentials stay out of config).
+FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
+# What a job submitted to a remote cluster takes along: where to track; S3 access is the cluster's own.
+JOB_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+JOB_POLL_S = 2.0
 
 
 def use_assigned_cpus() -> None:
@@ -17,3 +42,116 @@ def use_assigned_cpus() -> None:
     if context.worker.mode != ray.WORKER_MODE:
         return
     torch.set_num_threads(max(1, round(context.get_assigned_resources().get("CPU", 1))))
+
+
+def is_job_server(address: str | None) -> bool:
+    """A dashboard address (``http://head:8265``): stages submit Ray jobs there."""
+    return bool(address) and str(address).startswith(("http://", "https://"))
+
+
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` when set (inside a Ray job it is the job's own cluster); otherwise
+    start a private local runtime (``address="local"`` never joins another cluster on this machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if is_job_server(address):
+        raise ValueError(f"RAY_ADDRESS={address} is a job server (dashboard) address: run the DVC stage "
+                         "(it submits a Ray job there) or `ray job submit`, not the job module directly")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+def forwarded_env(tracking_uri: str) -> dict[str, str]:
+    """The ``AWS_*`` and ``MLFLOW_*`` variables of this process, for workers' runtime environment,
+    with the tracking URI this process uses (a worker must log where the driver reads)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# What the hosts of a cluster share
+# ---------------------------------------------------------------------------------------------
+
+def shared_filesystem() -> bool:
+    return os.environ.get(SHARED_FS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def cluster_hosts() -> int:
+    """Distinct hosts (node IP addresses) among the alive nodes of the connected cluster: several
+    raylets on one machine are one host and share its filesystem."""
+    import ray
+
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}) or 1
+
+
+def is_local_tracking(uri: str) -> bool:
+    """A tracking URI that is a file of this host (``sqlite:``, ``file:`` or a plain path)."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def require_shared(paths: Mapping[str, str | None], hosts: int, where: str, tracking: str | None = None) -> None:
+    """Refuse, before any work, a local path among ``paths`` (setting name -> value) or a local
+    tracking URI when the job's workers run on ``hosts`` > 1 hosts that share no filesystem
+    (``where`` says which: "the Ray cluster", "the remote Ray cluster at http://...")."""
+    if hosts <= 1 or shared_filesystem():
+        return
+    for name, value in paths.items():
+        if value and not storage.is_s3(value):
+            raise ValueError(
+                f"{name}={value!r} is a local path, but {where} has {hosts if hosts < REMOTE else 'other'} hosts that "
+                f"do not share this host's files: use an s3:// URI (e.g. `dvc exp run -S store.root=s3://<bucket>/<prefix>`), "
+                f"or set {SHARED_FS_ENV}=1 if every host mounts this path")
+    if tracking is not None and is_local_tracking(tracking):
+        raise ValueError(
+            f"MLFLOW_TRACKING_URI={tracking!r} is a file on this host, but {where} has workers on other hosts "
+            "that log and register there: run a tracking server (`mlflow server --artifacts-destination "
+            "s3://<bucket>/mlartifacts ...`) and set MLFLOW_TRACKING_URI=http://<server>:5000, "
+            f"or set {SHARED_FS_ENV}=1 if every host mounts this file")
+
+
+REMOTE = 1 << 30  # ``hosts`` for a remote cluster: however many hosts it has, none is this one
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray jobs on a remote cluster
+# ---------------------------------------------------------------------------------------------
+
+def submit_job(address: str, entrypoint: str, name: str, working_dir: str | os.PathLike = REPO,
+               env: Mapping[str, str] | None = None, log: Any = print) -> str:
+    """Run ``entrypoint`` as a Ray job on the cluster whose dashboard is ``address``, the project
+    shipped as its working dir (Ray leaves out what .gitignore ignores); stream its logs; wait.
+    Returns the job id; raises naming the job when it does not succeed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_env = {k: os.environ[k] for k in JOB_ENV if os.environ.get(k)}
+    job_env.update(env or {})
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=f"dit-{name}-{uuid.uuid4().hex[:8]}",
+        runtime_env={"working_dir": str(working_dir), "env_vars": job_env},
+    )
+    log(f"{name}: submitted Ray job {job_id} to {address}: {entrypoint}")
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # noqa: BLE001 - the log stream may drop; the status below decides
+        log(f"{name}: log stream ended ({e}); waiting for the job")
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(JOB_POLL_S)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise RuntimeError(f"Ray job {job_id} ({name}) on {address} ended {status}: {info.message}; "
+                           f"see `ray job logs {job_id} --address {address}`")
+    return job_id

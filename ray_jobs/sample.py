@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from dit_core import settings
+from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, load_autoencoder
 from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
 from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
 
 from . import storage
 from .model_source import ModelBundle, load_bundle
-from .runtime import use_assigned_cpus
+from . import runtime
+from .runtime import init_ray, use_assigned_cpus
 
 FORMATS = ("png", "parquet", "npz")
 CONFIG_FILE = "sample_config.json"
@@ -236,15 +238,14 @@ def validate(cfg: SampleConfig) -> None:
 
 
 def load_autoencoder_for(cfg: SampleConfig, bundle: ModelBundle) -> tuple[Any, float]:
-    from dit_core.autoencoders import load_autoencoder
-
     path = cfg.autoencoder or bundle.latents.get("autoencoder_path")
     if not path:
         raise ValueError(
             f"model {cfg.model!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
             "with a diffusers AutoencoderKL folder, e.g. a local copy of stabilityai/sd-vae-ft-ema"
         )
-    ae = load_autoencoder(path)
+    with storage.local_copy(path, AUTOENCODER_RECORD) as local:
+        ae = load_autoencoder(local)
     scale = cfg.scale_factor or bundle.latents.get("scale_factor") or getattr(ae, "scale_factor", None)
     if not scale:
         raise ValueError(f"no latent scale factor for autoencoder {path!r}; pass --scale-factor")
@@ -278,14 +279,6 @@ def missing_shards(cfg: SampleConfig) -> list[int]:
     return [s for s in range(num_shards) if not all(f in present for f in shard_files(cfg.output, s, cfg.formats).values())]
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS set: that cluster; unset: a local runtime.
-        ray.init(include_dashboard=False, log_to_driver=True)
-
-
 def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All generated images (uint8 NHWC) and labels, ordered by index, from the parquet shards."""
     import pyarrow.parquet as pq
@@ -298,6 +291,9 @@ def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray,
         images.append(pngs_to_uint8(t.column("image").to_pylist()))
     if not images:
         raise FileNotFoundError(f"no parquet sample shards under {output}/parquet; sample with formats including parquet or npz")
+    if num_images and len(indices) < num_images:
+        raise RuntimeError(f"{output} holds {len(indices)} of the {num_images} sampled images: shards are missing "
+                           "(written to another host's disk?); re-run the sample job (it generates only the missing shards)")
     order = np.argsort(indices)
     arr, lab = np.concatenate(images)[order], np.asarray(labels, dtype=np.int64)[order]
     return (arr[:num_images], lab[:num_images]) if num_images else (arr, lab)
@@ -354,7 +350,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     generated = 0
     if todo:
-        _init_ray()
+        init_ray()
+        runtime.require_shared({"sample output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
         resources = ray.cluster_resources()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
         # default: one actor per GPU; on CPUs one per core, each a single-threaded PyTorch
@@ -425,7 +422,12 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     settings.add_arguments(p, SampleConfig, skip=("model", "output"))
     a = p.parse_args(argv)
-    return settings.build(SampleConfig, {**settings.from_args(a, SampleConfig), "model": a.model, "output": a.output}, "sample")
+    try:
+        cfg = settings.build(SampleConfig, {**settings.from_args(a, SampleConfig), "model": a.model, "output": a.output}, "sample")
+        validate(cfg)
+    except (TypeError, KeyError, ValueError) as e:
+        p.error(str(e))
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,11 +7,13 @@ temporary name and renamed; an S3 object becomes visible only when its upload co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -199,6 +201,20 @@ def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> str
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(read_bytes(f))
     return str(local_dir)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str | os.PathLike, marker: str) -> Iterator[str]:
+    """A local folder with the content of ``uri``: the folder itself when local (or not a path at
+    all, e.g. a Hugging Face id), else a temporary download of the ``s3://`` folder, which must hold
+    ``marker`` (the file written last, that marks it complete)."""
+    if not is_s3(uri):
+        yield str(uri)
+        return
+    if not exists(join(uri, marker)):
+        raise FileNotFoundError(f"{join(uri, marker)} not found: {uri} is not a complete folder (its stage did not finish)")
+    with tempfile.TemporaryDirectory() as tmp:
+        yield download_folder(uri, tmp)
 
 
 def upload_folder(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:

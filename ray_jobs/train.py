@@ -39,7 +39,7 @@ from dit_core.diffusion import create_diffusion, training_losses
 from dit_core.models import DiT, DiTConfig, preset_config
 from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
 
-from . import storage, tracking
+from . import runtime, storage, tracking
 
 STATS = "stats.json"
 RESULT_PREFIX = "TRAIN_RESULT "               # the line of a job's log that holds its result (JSON)
@@ -55,8 +55,6 @@ RESUMABLE_CHANGES = frozenset({
     "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "placement_strategy", "storage_path", "name", "experiment",
     "registered_model", "tracking", "compile", "latents",
 })
-# Environment a worker needs and Ray does not forward by itself (credentials stay out of config).
-FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
 
 
 @dataclass(frozen=True)
@@ -464,25 +462,6 @@ class TrainResult:
         }
 
 
-def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` when set (or to the runtime this process is already part of);
-    otherwise start a private local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
-
-
-def _forwarded_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
-    return env
-
-
 def _checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
     path = checkpoint.path
     return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
@@ -501,7 +480,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
     check_identity(cfg, name)
-    init_ray()
+    runtime.init_ray()
+    # hosts share nothing but S3 and the tracking server: refuse what another host cannot reach
+    runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
+                           "the Ray cluster", tracking.tracking_uri() if cfg.tracking else None)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
@@ -521,7 +503,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            worker_runtime_env={"env_vars": runtime.forwarded_env(tracking.tracking_uri())},
         ),
     )
     result = trainer.fit()

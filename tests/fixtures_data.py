@@ -1,11 +1,10 @@
-"""Data-stage test helpers: planted image folders, small params, a throwaway copy of the project
+"""Data-stage test helpers: planted image folders, small params, a clone of the project
 for DVC, and subprocess environments for stage runs."""
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -125,6 +124,7 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
+    env["DVC_NO_ANALYTICS"] = "1"
     env.update(extra or {})
     return env
 
@@ -136,22 +136,12 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) ->
     return proc
 
 
-PROJECT_FILES = ("dit_core", "ray_jobs", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore")
-
-
-def copy_project(dest: Path) -> Path:
-    """A fresh git + DVC project holding this checkout's code, dvc.yaml and params.yaml (what a
-    clean clone has), so DVC runs never touch the shared checkout's data, cache or lock file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    (dest / ".gitignore").write_text("/data/\n/models/\n__pycache__/\n")
+def clone_project(dest: Path) -> Path:
+    """``git clone`` of the repository under test: its committed files only, with its own
+    .gitignore, dvc.yaml and params.yaml, as a new user gets them. (CI runs on a clean clone, so
+    HEAD is the tree under test; locally, commit first: uncommitted changes are not in the clone.)"""
     env = stage_env({"PYTHONPATH": str(dest)})
-    run(["git", "init", "-q"], dest, env)
-    run([str(VENV_BIN / "dvc"), "init", "-q"], dest, env)
-    run([str(VENV_BIN / "dvc"), "config", "core.analytics", "false"], dest, env)
+    run(["git", "clone", "-q", str(REPO), str(dest)], dest.parent, env)
+    for key, value in (("user.email", "tests@example.invalid"), ("user.name", "tests")):
+        run(["git", "config", key, value], dest, env)  # the clone's own commits (a user records a result)
     return dest

@@ -1,9 +1,11 @@
-"""End to end through DVC, in a fresh copy of the project: the digits default `dvc repro encode`
-(time budget, outputs, a classifier still recognising reconstructions), then the rest of the
-pipeline (`dvc repro`: train, classifier, sample, evaluate) with the issue's quality bar and time
-budget and the model version's records in MLflow, a second repro doing nothing, param changes
-re-running exactly the stages after them, and `dvc push`/`pull` through an S3 remote on the
-session's moto server."""
+"""End to end through DVC, in a `git clone` of the repository under test, as a user runs it (the
+clone's own .gitignore, dvc.yaml and params.yaml; the README's `make run` is `dvc repro` with the
+venv on PATH): the digits default `dvc repro encode` (time budget, outputs, a classifier still
+recognising reconstructions), then the rest of the pipeline (`dvc repro`: train, classifier,
+sample, evaluate) with the quality bar and time budget and the model version's records in MLflow,
+a second repro doing nothing, DVC experiments (`dvc exp run -S`, `exp show`, `metrics diff`,
+`plots show` / `plots diff`), param changes re-running exactly the stages after them, and
+`dvc push`/`pull` through an S3 remote on the session's moto server."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from tests.fixtures_data import VENV_BIN, copy_project, run, stage_env
+from tests.fixtures_data import VENV_BIN, clone_project, run, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +43,10 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """The project after the default `dvc repro encode`, with how long it took."""
-    root = copy_project(tmp_path_factory.mktemp("dvcproj") / "project")
+    """A clone of the repository after the default `dvc repro encode` and then `dvc repro`, with
+    how long each took. (It fails, as a new user's `make run` did, if the clone's .gitignore
+    ignores dvc.lock or anything else keeps the committed tree from running.)"""
+    root = clone_project(tmp_path_factory.mktemp("dvcproj") / "project")
     env = stage_env({"PYTHONPATH": str(root)})
     start = time.time()
     proc = run([DVC, "repro", "encode"], root, env, timeout=4 * DEFAULT_BUDGET_S)

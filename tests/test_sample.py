@@ -199,7 +199,7 @@ def test_bad_input_is_refused_before_sampling(sample_model, tmp_path, mlflow_sql
 def test_cli_rejects_malformed_class_labels(sample_model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", sample_model["checkpoint"],
                            "--output", str(tmp_path), "--class-labels", "1,two"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "--class-labels '1,two'" in proc.stderr
+    assert proc.returncode == 2 and "class_labels='1,two'" in proc.stderr
 
 
 def test_resuming_with_other_settings_is_refused(sample_model, tmp_path):

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from dit_core import settings
+from pipelines.common import StoreSettings
 from pipelines.evaluate import EvaluateSettings
 from pipelines.prepare import PrepareConfig
 from pipelines.train_autoencoder import AutoencoderSettings
@@ -22,6 +23,7 @@ from tests.fixtures_data import REPO
 
 # params.yaml section -> its dataclass, and the fields that are paths given by dvc.yaml, not settings
 SECTIONS = {
+    "store": (StoreSettings, ()),
     "prepare": (PrepareConfig, ()),
     "train_autoencoder": (AutoencoderSettings, ()),
     "encode": (EncodeConfig, ("prepared", "autoencoder", "output")),
@@ -89,8 +91,11 @@ def test_sample_cli_defaults_are_the_dataclass_defaults():
                       "--guided-channels", "3", "--num-actors", "null"])
     assert cfg.class_labels == [3, 7] and cfg.formats == ["png"] and cfg.guidance_scale == 4.0 and cfg.guided_channels == 3
     assert parse_args(["--model", "m", "--output", "o", "--class-labels", "uniform"]).class_labels == "uniform"
-    with pytest.raises(TypeError, match="sample.num_images='many'"):
+    with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--output", "o", "--num-images", "many"])
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", "m", "--output", "o", "--num-images", "many"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "sample.num_images='many' (str) is not a valid int" in proc.stderr
 
 
 def test_sample_help_shows_the_defaults():
