@@ -78,7 +78,8 @@ def preset_config(name: str, **overrides: Any) -> DiTConfig:
         raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
     fixed = set(PRESETS[name]) & set(overrides)
     if fixed:
-        raise ValueError(f"{sorted(fixed)} are fixed by preset {name!r}; pick another preset instead")
+        raise ValueError(f"{sorted(fixed)} are fixed by preset {name!r}: remove them from the model settings "
+                         "(train.model: {} with a preset) or pick another preset")
     return DiTConfig(**PRESETS[name], **overrides)
 
 

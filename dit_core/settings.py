@@ -171,12 +171,12 @@ def build(cls: type[T], values: Mapping[str, Any], section: str, ignore: Sequenc
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names) - set(ignore))
     if unknown:
-        raise KeyError(f"unknown {section} settings {unknown}; known: {sorted(set(names) | set(ignore))}")
+        raise ValueError(f"unknown {section} settings {unknown}; known: {sorted(set(names) | set(ignore))}")
     kwargs = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items() if k in names}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise KeyError(f"{section} settings lack {missing}")
+        raise ValueError(f"{section} settings lack {missing}")
     return cls(**kwargs)
 
 

@@ -425,7 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     try:
         cfg = settings.build(SampleConfig, {**settings.from_args(a, SampleConfig), "model": a.model, "output": a.output}, "sample")
         validate(cfg)
-    except (TypeError, KeyError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         p.error(str(e))
     return cfg
 

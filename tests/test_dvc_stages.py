@@ -171,6 +171,75 @@ def test_push_empty_cache_pull_same_data(project, s3_bucket, s3_server):
     assert {d: tree_digest(root / d) for d in before} == before
 
 
+def test_loss_history_is_a_dvc_plot(project):
+    """The train stage writes the loss of every logged step; `dvc plots show` draws it."""
+    root, env = project["root"], project["env"]
+    params = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    rows = (root / "metrics/train_loss.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:]]
+    assert steps == list(range(params["log_every"], params["steps"] + 1, params["log_every"]))
+    losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+    assert losses[-1] < losses[0]  # it learns
+    shown = json.loads(run([DVC, "plots", "show", "--json"], root, env).stdout)["data"]
+    loss_plot = shown["metrics/train_loss.csv"][0]
+    assert loss_plot["type"] == "vega"
+    drawn = [(int(p["step"]), float(p["loss"])) for p in loss_plot["content"]["data"]["values"]]
+    assert drawn == list(zip(steps, losses))
+    spec = json.dumps(loss_plot["content"])
+    assert loss_plot["content"]["encoding"]["x"]["field"] == "step" and '"y": {"field": "loss"' in spec
+
+
+def exp_row(shown: list, name: str) -> dict:
+    """The metrics and params of experiment ``name`` in `dvc exp show --json`."""
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs", []):
+                if rev.get("name") == name:
+                    return rev
+    raise AssertionError(f"experiment {name!r} not in `dvc exp show`: {json.dumps(shown)[:3000]}")
+
+
+def test_experiments_run_show_and_compare(project):
+    """`dvc exp run -S` runs exactly the stages a change touches; `dvc exp show` lists fid and
+    class_accuracy per experiment; `dvc metrics diff` compares two; `dvc plots diff` draws the FID
+    by guidance scale across them."""
+    root, env = project["root"], project["env"]
+    # the user records the default run's result, as the README says
+    run(["git", "add", "dvc.lock", "metrics", "params.yaml"], root, env)
+    run(["git", "commit", "-qm", "default run"], root, env)
+    short = run([DVC, "exp", "run", "-n", "short", "-S", "train.steps=200", "-S", "sample.num_images=200",
+                 "-S", "evaluate.baseline_images=100"], root, env, timeout=1200)
+    assert ran_stages(short.stdout + short.stderr) == {"train", "sample", "evaluate"}
+    nocfg = run([DVC, "exp", "run", "-n", "nocfg", "-S", "sample.guidance_scale=1.0"], root, env, timeout=1200)
+    assert ran_stages(nocfg.stdout + nocfg.stderr) == {"sample", "evaluate"}
+
+    shown = json.loads(run([DVC, "exp", "show", "--json"], root, env).stdout)
+    evals = {}
+    for name in ("short", "nocfg"):
+        data = exp_row(shown, name)["data"]
+        ev = data["metrics"]["metrics/eval.json"]["data"]
+        assert 0 <= ev["class_accuracy"] <= 1 and ev["fid"] > 0
+        evals[name] = ev
+        assert data["params"]["params.yaml"]["data"]["train"]["steps"] == 200
+    assert evals["short"]["guidance_scale"] == 2.0 and evals["nocfg"]["guidance_scale"] == 1.0
+    assert evals["short"]["num_samples"] == 200
+    baseline = json.loads((root / "metrics/eval.json").read_text())  # the workspace holds the last experiment
+    assert baseline["fid"] == pytest.approx(evals["nocfg"]["fid"])
+
+    diff = json.loads(run([DVC, "metrics", "diff", "HEAD", "short", "--json"], root, env).stdout)
+    fid = diff["metrics/eval.json"]["fid"]
+    committed = json.loads(run(["git", "show", "HEAD:metrics/eval.json"], root, env).stdout)
+    assert fid["old"] == pytest.approx(committed["fid"]) and fid["new"] == pytest.approx(evals["short"]["fid"])
+    assert "class_accuracy" in diff["metrics/eval.json"]
+
+    plots = json.loads(run([DVC, "plots", "diff", "short", "nocfg", "--json"], root, env).stdout)["data"]
+    fid_plot = json.dumps(plots["metrics/fid.json"])
+    for name in ("short", "nocfg"):
+        assert name in fid_plot
+    assert str(evals["short"]["fid"])[:6] in fid_plot and str(evals["nocfg"]["fid"])[:6] in fid_plot
+
+
 def test_param_changes_rerun_exactly_the_stages_after(project):
     root, env = project["root"], project["env"]
     params_path = root / "params.yaml"

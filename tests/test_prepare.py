@@ -189,7 +189,7 @@ def test_bad_params_are_named():
         PrepareConfig.from_params(prepare_params(source="flickr"))
     with pytest.raises(ValueError, match="prepare.path"):
         PrepareConfig.from_params(prepare_params(source="imagefolder", path=None))
-    with pytest.raises(KeyError, match="imagesize"):
+    with pytest.raises(ValueError, match="imagesize"):
         PrepareConfig.from_params(prepare_params(imagesize=32))
 
 

@@ -78,7 +78,7 @@ def test_wrong_types_name_key_value_and_type(key, value, expected):
 
 
 def test_unknown_setting_is_refused():
-    with pytest.raises(KeyError, match="unknown train settings \\['learning_rate'\\]"):
+    with pytest.raises(ValueError, match="unknown train settings \\['learning_rate'\\]"):
         config_from("lat", {"learning_rate": 1e-3})
     with pytest.raises(SystemExit, match="--set learning_rate=1"):
         load_train_params(None, ["learning_rate=1"])

@@ -294,7 +294,7 @@ def test_config_errors_name_the_fix(tmp_path):
         config_from("x", {"batch_size": 30, "num_workers": 4}).validate()
     with pytest.raises(ValueError, match="unknown train settings"):
         config_from("x", {"learning_rate": 1})
-    assert model_config(config_from("x", {"preset": "DiT-S/2"}), stats).hidden_size == 384
+    assert model_config(config_from("x", {"preset": "DiT-S/2", "model": {}}), stats).hidden_size == 384
 
 
 def test_ema_update():

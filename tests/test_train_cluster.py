@@ -1,6 +1,7 @@
 """`ray job submit` of the training job against a Ray head started by the test (its own ports and
-temp dir, beside the session's cluster), and the train stage submitting through the job client
-when RAY_ADDRESS is a dashboard address."""
+temp dir, beside the session's cluster), and the train stage running as a Ray job there when
+RAY_ADDRESS is a dashboard address, with its outputs in the S3 store and its results read back from
+the store (not from the job's log)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, free_port
 from fixtures_latents import write_synthetic_latents
@@ -33,8 +35,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` in its own process group; the group is ended at the end."""
+def ray_head(tmp_path_factory, s3_server):
+    """`ray start --head --block` in its own process group; the group is ended at the end. It has the
+    S3 server's credentials in its environment, as a cluster node has them from its instance role."""
     tmp = tmp_path_factory.mktemp("rayhead")
     dash = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
@@ -92,15 +95,31 @@ def test_ray_job_submit_cli(ray_head, job_data):
 
 
 @pytest.mark.timeout(300)
-def test_train_stage_submits_to_dashboard_address(ray_head, job_data, tmp_path, monkeypatch):
-    from pipelines.train import run_stage
+def test_train_stage_runs_as_a_job_with_the_store(ray_head, job_data, s3_bucket, tmp_path, monkeypatch):
+    from pipelines.common import LOCATION_FILE
+    from pipelines.train import main
+    from ray_jobs import storage
 
+    latents = f"s3://{s3_bucket}/dit/data/latents"
+    storage.upload_folder(job_data["latents"], latents)
+    pointer_dir = tmp_path / "data" / "latents"          # what the encode stage leaves with store.root set
+    pointer_dir.mkdir(parents=True)
+    (pointer_dir / LOCATION_FILE).write_text(json.dumps({"uri": latents}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["store"]["root"] = f"s3://{s3_bucket}/dit"
+    params["train"].update({**JOB_PARAMS, "name": "stage"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", job_data["mlflow"])
-    params = {**JOB_PARAMS, "storage_path": job_data["storage"], "name": "stage"}
-    run_stage(job_data["latents"], params, str(tmp_path / "train.json"), str(tmp_path / "dit.json"))
+    monkeypatch.setenv("DIT_SHARED_FS", "1")   # one machine: the head reads this SQLite file too
+    main(["--latents", str(pointer_dir), "--metrics", str(tmp_path / "train.json"), "--pointer", str(tmp_path / "dit.json"),
+          "--plots", str(tmp_path / "loss.csv"), "--params", str(tmp_path / "params.yaml")])
     metrics = json.loads((tmp_path / "train.json").read_text())
     pointer = json.loads((tmp_path / "dit.json").read_text())
     assert metrics["steps"] == 6 and metrics["final_loss"] > 0
-    assert pointer["registered_model"] == "dit-job" and Path(pointer["checkpoint"]).name == "checkpoint_00000006"
+    assert pointer["registered_model"] == "dit-job"
+    assert pointer["checkpoint"].startswith(f"s3://{s3_bucket}/dit/checkpoints/stage/checkpoint_00000006"), pointer
+    assert storage.exists(storage.join(pointer["checkpoint"], "state.pt"))
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["step", "epoch"] and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
