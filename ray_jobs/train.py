@@ -42,7 +42,7 @@ from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten
 from . import runtime, storage, tracking
 
 STATS = "stats.json"
-RESULT_PREFIX = "TRAIN_RESULT "               # the line of a job's log that holds its result (JSON)
+RESULT_PREFIX = "TRAIN_RESULT "               # the last line of a job's log: its result for a human (the job API: --result)
 STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
 HISTORY_FILE = "history.json"                # beside it: every logged row so far (step, loss, ...)
 LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
@@ -475,15 +475,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cfg.validate()
     cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
+    runtime.init_ray()
+    # hosts share nothing but S3 and the tracking server: refuse, before anything is written, what
+    # another host cannot reach
+    runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
+                           "the Ray cluster", tracking.tracking_uri() if cfg.tracking else None)
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
     check_identity(cfg, name)
-    runtime.init_ray()
-    # hosts share nothing but S3 and the tracking server: refuse what another host cannot reach
-    runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
-                           "the Ray cluster", tracking.tracking_uri() if cfg.tracking else None)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     out = result.summary()
     if a.result:
         storage.write_json(a.result, out)
-    print(RESULT_PREFIX + json.dumps(out, default=str), flush=True)
+    print(RESULT_PREFIX + json.dumps({k: v for k, v in out.items() if k != "history"}, default=str), flush=True)
     return 0
 
 
