@@ -340,7 +340,10 @@ class TwoHosts:
         if self.worker_proc is not None:
             raise RuntimeError("the worker host is running: kill_worker_host() first")
         self._mount_points()
-        env = {**self._base_env(), **self._ray_env(), **self.aws_env(), "MLFLOW_TRACKING_URI": self.mlflow_uri}
+        env = {**self._base_env(), **self._ray_env(), **self.aws_env(), "MLFLOW_TRACKING_URI": self.mlflow_uri,
+               # torch.distributed's gloo binds the interface of the host's name (127.0.0.1 here): the
+               # cluster NIC instead, as on a real host with several interfaces
+               "GLOO_SOCKET_IFNAME": self.ns_if}
         errors = []
         for _ in range(self.start_attempts):
             self._worker_starts += 1
@@ -605,6 +608,7 @@ class TwoHosts:
                 f"--temp-dir={temp_dir}", "--disable-usage-stats", "--log-style=record",
             ]
             env = {**self._base_env(), **self._ray_env(), **self.aws_env(), "MLFLOW_TRACKING_URI": self.mlflow_uri,
+                   "GLOO_SOCKET_IFNAME": self.host_if,
                    # The dashboard's and the autoscaler's Prometheus servers have fixed ports (44227,
                    # 44217) on the wildcard address: free ones, so other clusters here do not clash.
                    "DASHBOARD_METRIC_PORT": str(self._free_port()),
