@@ -21,13 +21,14 @@ import shlex
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Callable
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+
 from dit_core import settings
 from dit_core.data import pngs_to_batch
 
@@ -88,8 +89,6 @@ def write_location(local: str, uri: str) -> None:
     """Replace the local output folder with a pointer to ``uri``. It holds a digest of the output's
     listing, so that DVC sees a new output when the content changed and re-runs what follows."""
     fs, path = storage.resolve(uri)
-    import pyarrow.fs as pafs
-
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     listing = sorted((i.path[len(path):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
     if not listing:
@@ -104,7 +103,7 @@ def _argv(args: argparse.Namespace) -> str:
     return " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in sorted(vars(args).items()) if v is not None)
 
 
-def run_stage(stage: str, args: argparse.Namespace, io: StageIO, core: Callable[[argparse.Namespace], Any]) -> Any:
+def run_stage(stage: str, args: argparse.Namespace, spec: StageIO, core: Callable[[argparse.Namespace], Any]) -> Any:
     """Run the stage's ``core`` here, or as a Ray job on the cluster of ``RAY_ADDRESS`` (a dashboard
     address), with its large outputs in ``store.root`` when that is set (see the module docstring).
     A remote run needs the store and a tracking server: refused before any work, naming what to set."""
@@ -114,9 +113,9 @@ def run_stage(stage: str, args: argparse.Namespace, io: StageIO, core: Callable[
     if not remote and not root:
         return core(args)
     job = argparse.Namespace(**vars(args))
-    for name in io.inputs:
+    for name in spec.inputs:
         setattr(job, name, locate(getattr(args, name)))
-    redirected = {name: (getattr(args, name), in_store(getattr(args, name), root)) for name in io.outputs
+    redirected = {name: (getattr(args, name), in_store(getattr(args, name), root)) for name in spec.outputs
                   if root and not storage.is_s3(getattr(args, name))}
     for name, (_, uri) in redirected.items():
         setattr(job, name, uri)
@@ -127,16 +126,16 @@ def run_stage(stage: str, args: argparse.Namespace, io: StageIO, core: Callable[
         if not root:
             raise ValueError(f"store.root is null, but {where} cannot read or write this host's folders: set it to an "
                              "s3:// prefix (`dvc exp run -S store.root=s3://<bucket>/<prefix>` or in params.yaml)")
-        paths = {f"{stage} --{n}": getattr(job, n) for n in io.inputs}
-        paths.update(io.settings_paths(args) if io.settings_paths else {})
-        runtime.require_shared(paths, runtime.REMOTE, where, io.tracking() if io.tracking else None)
+        paths = {f"{stage} --{n}": getattr(job, n) for n in spec.inputs}
+        paths.update(spec.settings_paths(args) if spec.settings_paths else {})
+        runtime.require_shared(paths, runtime.REMOTE, where, spec.tracking() if spec.tracking else None)
         job_dir = storage.join(root, JOBS_DIR, f"{stage}-{uuid.uuid4().hex[:12]}")
-        for name in io.files_in:
+        for name in spec.files_in:
             local = getattr(args, name)
             if local and not storage.is_s3(local) and os.path.exists(local):
                 setattr(job, name, storage.join(job_dir, "in", os.path.basename(local)))
                 storage.write_bytes(getattr(job, name), storage.read_bytes(local))
-        reports = {name: getattr(args, name) for name in io.reports if getattr(args, name)}
+        reports = {name: getattr(args, name) for name in spec.reports if getattr(args, name)}
         for name, local in reports.items():
             setattr(job, name, storage.join(job_dir, "out", os.path.basename(local)))
         runtime.submit_job(address, f"python -m pipelines.{stage} {_argv(job)}", stage)

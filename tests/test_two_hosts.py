@@ -112,6 +112,13 @@ def test_pipeline_on_two_hosts(two_hosts, pipeline):
     assert "OUT (2, 8, 8, 8)" in loaded.stdout, loaded.stdout  # 4 latent channels, learned sigma: 8
 
 
+@pytest.fixture()
+def store_access(two_hosts, monkeypatch):
+    """This test process reads the store as the user's laptop does: the S3 endpoint and credentials."""
+    for key, value in two_hosts.aws_env().items():
+        monkeypatch.setenv(key, value)
+
+
 def _submit(hosts, entrypoint: str, working_dir: str | Path) -> str:
     from ray.job_submission import JobSubmissionClient
 
@@ -132,7 +139,7 @@ def _wait(hosts, job_id: str, timeout: float) -> str:
 
 
 @pytest.mark.timeout(1200)
-def test_worker_host_killed_mid_training_resumes_from_s3(two_hosts, pipeline):
+def test_worker_host_killed_mid_training_resumes_from_s3(two_hosts, pipeline, store_access):
     root, latents = pipeline["root"], f"{store(two_hosts)}/data/latents"
     result = f"{store(two_hosts)}/kill-test/result.json"
     sets = ["steps=240", "log_every=10", "checkpoint_every=40", "max_failures=3", "num_workers=2", "cpus_per_worker=1",
@@ -168,7 +175,7 @@ def test_worker_host_killed_mid_training_resumes_from_s3(two_hosts, pipeline):
 
 
 @pytest.mark.timeout(900)
-def test_sampling_across_hosts_equals_one_host(two_hosts, pipeline):
+def test_sampling_across_hosts_equals_one_host(two_hosts, pipeline, store_access):
     root = pipeline["root"]
     model = json.loads((root / "models/dit.json").read_text())["checkpoint"]
     outs = {}
