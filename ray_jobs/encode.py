@@ -235,6 +235,7 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     latent_shape = ae.latent_shape(int(manifest["image_size"]))
     init_ray()
     runtime.require_shared({"encode input": cfg.prepared, "encode output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
+    runtime.require_persistent({"encode output": cfg.output})
     ae_ref = ray.put(ae.to("cpu"))
     staging = storage.begin_output(cfg.output)
     try:

@@ -116,6 +116,35 @@ def require_shared(paths: Mapping[str, str | None], hosts: int, where: str, trac
 
 
 REMOTE = 1 << 30  # ``hosts`` for a remote cluster: however many hosts it has, none is this one
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # set by Ray for the driver of a submitted job
+
+
+def job_working_dir() -> Path | None:
+    """Inside a submitted Ray job that ships a working dir: that (temporary) copy, the cwd."""
+    import json
+
+    try:
+        runtime_env = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except ValueError:
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
+
+
+def require_persistent(paths: Mapping[str, str | None], tracking: str | None = None) -> None:
+    """Refuse outputs that would land in a submitted job's temporary copy of the working dir (Ray
+    deletes it with the session): a relative output path, or the default SQLite tracking file."""
+    work = job_working_dir()
+    if work is None:
+        return
+    for name, value in paths.items():
+        if value and not storage.is_s3(value) and Path(value).absolute().resolve().is_relative_to(work):
+            raise ValueError(
+                f"{name}={value!r} is inside this Ray job's temporary copy of the working dir ({work}), which Ray "
+                "deletes: use an s3:// URI (or an absolute path that every node keeps)")
+    if tracking is not None and is_local_tracking(tracking) and str(work) in tracking:
+        raise ValueError(
+            f"MLFLOW_TRACKING_URI is {tracking!r}, inside this Ray job's temporary working dir: pass the "
+            "tracking server with the job (`--runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://...\"}}'`)")
 
 
 # ---------------------------------------------------------------------------------------------

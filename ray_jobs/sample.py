@@ -352,6 +352,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     if todo:
         init_ray()
         runtime.require_shared({"sample output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
+        runtime.require_persistent({"sample output": cfg.output})
         resources = ray.cluster_resources()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
         # default: one actor per GPU; on CPUs one per core, each a single-threaded PyTorch

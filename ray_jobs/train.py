@@ -141,7 +141,10 @@ class TrainConfig:
 def read_stats(latents: str) -> dict[str, Any]:
     uri = storage.join(latents, STATS)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first")
+        shipped = runtime.job_working_dir()
+        hint = (f"; a Ray job gets a copy of the code ({shipped}), not the project's git-ignored data: pass the "
+                "latents as an s3:// URI (store.root) or an absolute path every node reads") if shipped else ""
+        raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first{hint}")
     stats = storage.read_json(uri)
     for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
         if key not in stats:
@@ -480,6 +483,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # another host cannot reach
     runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
                            "the Ray cluster", tracking.tracking_uri() if cfg.tracking else None)
+    runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking.tracking_uri() if cfg.tracking else None)
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
     storage.check_writable(cfg.storage_path)

@@ -91,3 +91,19 @@ def test_pointers_are_followed(tmp_path):
     assert locate(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
     assert in_store("data/latents", "s3://b/dit") == "s3://b/dit/data/latents"
     assert in_store("s3://other/x", "s3://b/dit") == "s3://other/x" and in_store("data/x", None) == "data/x"
+
+
+def test_outputs_inside_a_jobs_temporary_working_dir_are_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the job in a temporary copy of the project that Ray
+    deletes: checkpoints, samples or a tracking file written there would be lost."""
+    work = tmp_path / "ray_pkg"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runtime.require_persistent({"train.storage_path": "checkpoints"}, f"sqlite:///{work}/mlflow.db")  # not in a job: fine
+    monkeypatch.setenv(runtime.JOB_CONFIG_ENV, '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    with pytest.raises(ValueError, match=r"train.storage_path='checkpoints' is inside this Ray job's temporary copy of the working dir"):
+        runtime.require_persistent({"train.storage_path": "checkpoints"})
+    with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI is 'sqlite:///.*ray_pkg/mlflow.db', inside this Ray job's temporary"):
+        runtime.require_persistent({}, f"sqlite:///{work}/mlflow.db")
+    runtime.require_persistent({"train.storage_path": "s3://b/ckpt", "sample output": str(tmp_path / "kept")},
+                               "http://10.0.0.1:5000")
