@@ -32,8 +32,7 @@ from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.data import pngs_to_batch
 
-from . import storage
-from . import runtime
+from . import runtime, storage
 from .runtime import init_ray, use_assigned_cpus
 
 MANIFEST = "manifest.json"

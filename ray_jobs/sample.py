@@ -28,9 +28,8 @@ from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, load_autoencoder
 from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
 from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
 
-from . import storage
+from . import runtime, storage
 from .model_source import ModelBundle, load_bundle
-from . import runtime
 from .runtime import init_ray, use_assigned_cpus
 
 FORMATS = ("png", "parquet", "npz")

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -283,7 +284,7 @@ def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         history = os.path.join(d, HISTORY_FILE)
-        state["history"] = json.loads(open(history).read()) if os.path.exists(history) else []
+        state["history"] = json.loads(Path(history).read_text()) if os.path.exists(history) else []
     saved = state.get("identity")
     if saved is not None and saved != json.loads(json.dumps(cfg.identity(), default=str)):
         diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
@@ -478,14 +479,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cfg.validate()
     cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
-    runtime.init_ray()
-    # hosts share nothing but S3 and the tracking server: refuse, before anything is written, what
-    # another host cannot reach
-    runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
-                           "the Ray cluster", tracking.tracking_uri() if cfg.tracking else None)
-    runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking.tracking_uri() if cfg.tracking else None)
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
+    runtime.init_ray()
+    # hosts share nothing but S3 and the tracking server: refuse, before anything is written, what
+    # another host cannot reach or what Ray deletes with the job
+    tracking_uri = tracking.tracking_uri() if cfg.tracking else None
+    runtime.require_shared({"train.latents": cfg.latents, "train.storage_path": cfg.storage_path}, runtime.cluster_hosts(),
+                           "the Ray cluster", tracking_uri)
+    runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
     check_identity(cfg, name)
