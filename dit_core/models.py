@@ -65,6 +65,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
+_PRESET_HEADS: dict[int, int] = {h: n for _, h, n in _SIZES.values()}  # width -> heads
 PRESETS: dict[str, dict[str, int]] = {
     f"DiT-{size}/{patch}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
     for size, (d, h, n) in _SIZES.items()
@@ -435,8 +436,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise ValueError(f"{source} does not match the model: " + "; ".join(parts) + hint)
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DiTConfig:
-    """Infer the architecture of an (official or our) DiT state dict from its shapes."""
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """Infer the architecture of an (official or our) DiT state dict from its shapes.
+
+    The weights do not record the number of attention heads: it is ``num_heads`` when given, else
+    the paper's for the presets' widths (the official releases are presets); any other width is refused.
+    """
     try:
         w = state_dict["x_embedder.proj.weight"]            # (D, C, p, p)
         hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
@@ -447,7 +452,15 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DiTConfig:
         raise ValueError(f"not a DiT state dict: key {e} is missing") from e
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-    heads = next((n for d, h, n in _SIZES.values() if h == hidden), max(1, hidden // 64))
+    heads = num_heads if num_heads is not None else _PRESET_HEADS.get(hidden)
+    if heads is None:
+        presets = ", ".join(f"{h}: {n}" for h, n in sorted(_PRESET_HEADS.items()))
+        raise ValueError(
+            f"cannot tell the number of attention heads of a DiT of width (hidden_size) {hidden}: the weights do "
+            f"not record it, and only the paper's presets have a known one (width: heads = {presets}). Load it "
+            "with its model config (our checkpoints and MLflow models carry model_config; or build DiT(config) "
+            "and load the weights into it), or pass num_heads explicitly"
+        )
     learn_sigma = out_ch == 2 * in_ch
     return DiTConfig(
         input_size=int(round(num_patches ** 0.5)) * patch,
@@ -471,8 +484,10 @@ def preset_name(config: DiTConfig) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, model: DiT | None = None, prefer: str = "ema") -> DiT:
-    """Load an official DiT ``.pt`` or one of ours into ``model`` (built from the shapes if None).
+def load_checkpoint(path: str | Path, model: DiT | None = None, prefer: str = "ema", num_heads: int | None = None) -> DiT:
+    """Load an official DiT ``.pt`` or one of ours into ``model``. Without a model, ours are built
+    from the ``model_config`` they carry and a bare state dict from its shapes (``num_heads``: its
+    number of attention heads, needed unless its width is a paper preset's).
 
     The file is read with ``weights_only=True``; keys and shapes are checked before any weight is copied.
     """
@@ -482,9 +497,13 @@ def load_checkpoint(path: str | Path, model: DiT | None = None, prefer: str = "e
     obj = torch.load(path, map_location="cpu", weights_only=True)
     sd = extract_state_dict(obj, prefer=prefer)
     if model is None:
-        config = config_from_state_dict(sd)
         if isinstance(obj, Mapping) and isinstance(obj.get("model_config"), Mapping):
             config = DiTConfig(**obj["model_config"])
+        else:
+            try:
+                config = config_from_state_dict(sd, num_heads)
+            except ValueError as e:
+                raise ValueError(f"checkpoint {path}: {e}") from e
         model = DiT(config)
     check_state_dict(model, sd, source=f"checkpoint {path}")
     model.load_state_dict(sd, strict=True)

@@ -52,7 +52,7 @@ def _torch_load_bytes(data: bytes, source: str) -> Any:
         raise ValueError(f"{source} is not a readable PyTorch checkpoint ({e})") from e
 
 
-def _from_checkpoint(uri: str) -> ModelBundle:
+def _from_checkpoint(uri: str, num_heads: int | None = None) -> ModelBundle:
     target = uri
     if not uri.endswith(".pt") and not uri.endswith(".pth"):
         target = storage.join(uri, STATE_FILE)
@@ -73,7 +73,13 @@ def _from_checkpoint(uri: str) -> ModelBundle:
             source=target,
         )
     # An official release: a bare state dict; the architecture comes from its shapes.
-    cfg = config_from_state_dict(sd)
+    try:
+        cfg = config_from_state_dict(sd, num_heads)
+    except ValueError as e:
+        raise ValueError(
+            f"model {uri!r} is a bare state dict: {e} (load_bundle(..., num_heads=N)); for the sample job, save "
+            "it in our layout, {'ema': state_dict, 'model_config': DiTConfig(...).to_dict()}"
+        ) from e
     return ModelBundle(model_config=cfg.to_dict(), state_dict=sd, source=target)
 
 
@@ -121,13 +127,15 @@ def _from_mlflow(uri: str) -> ModelBundle:
     )
 
 
-def load_bundle(uri: str, expect_preset: str | None = None) -> ModelBundle:
-    """Resolve ``uri`` and check it before any sampling work starts."""
+def load_bundle(uri: str, expect_preset: str | None = None, num_heads: int | None = None) -> ModelBundle:
+    """Resolve ``uri`` and check it before any sampling work starts. ``num_heads``: the attention
+    heads of a bare state dict (the weights do not record them) whose width is not a paper preset's;
+    MLflow models and our checkpoints carry their whole config."""
     uri = str(uri)
     if uri.startswith(("models:/", "runs:/")):
         bundle = _from_mlflow(uri)
     else:
-        bundle = _from_checkpoint(uri if storage.is_s3(uri) else os.path.expanduser(uri))
+        bundle = _from_checkpoint(uri if storage.is_s3(uri) else os.path.expanduser(uri), num_heads)
     if expect_preset is not None:
         got = preset_name(bundle.config)
         if got != expect_preset:

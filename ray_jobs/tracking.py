@@ -13,9 +13,12 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dit_core.training import flatten
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO / "mlflow.db"
@@ -215,25 +218,49 @@ def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
         client.set_model_version_tag(name, version, k, v)
 
 
+# How MLflow 3.17's registry stores (SQL and file; the REST store relays the server's code and
+# message) say that an alias does not exist: INVALID_PARAMETER_VALUE, "Registered model alias <alias>
+# not found.". Its RESOURCE_DOES_NOT_EXIST means something else here: no such registered model, or an
+# alias whose version row is gone (a damaged registry). Anything unrecognised counts as an error:
+# the safe side, the alias stays.
+_ALIAS_NOT_FOUND_CODE = "INVALID_PARAMETER_VALUE"
+
+
+def alias_holder(name: str, alias: str) -> ModelVersion | None:
+    """The ``ModelVersion`` of ``name`` that ``alias`` points at, or None when the alias does not
+    exist. Any other registry error (server unreachable, permission denied, a damaged registry) is
+    raised: reading it as "no holder" would move the alias over a better model."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code == _ALIAS_NOT_FOUND_CODE and f"alias {alias} not found" in e.message:
+            return None
+        raise MlflowException(
+            f"could not read which version of registered model {name!r} holds alias {alias!r} "
+            f"(registry {redact(mlflow.get_registry_uri())}), so the alias was not moved: {e.message}",
+            error_code=ErrorCode.Value(e.error_code),
+        ) from e
+
+
 def promote_if_better(name: str, version: str, fid: float, features: str, alias: str = "champion") -> dict[str, Any]:
     """Move ``alias`` to ``version`` when its FID beats the current holder's, measured with the same
     feature network (FIDs from different networks are not comparable: a holder scored otherwise
     is replaced). Returns what happened: ``{"moved": bool, "previous": version or None, ...}``."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        holder = None
+    holder = alias_holder(name, alias)
     previous = str(holder.version) if holder is not None else None
     previous_fid = None
     if holder is not None and holder.tags.get(FID_FEATURES_TAG) == features and FID_TAG in holder.tags:
         previous_fid = float(holder.tags[FID_TAG])
     better = previous is None or previous == str(version) or previous_fid is None or fid < previous_fid
     if better:
-        client.set_registered_model_alias(name, alias, str(version))
+        MlflowClient().set_registered_model_alias(name, alias, str(version))
     return {"alias": alias, "moved": bool(better and previous != str(version)), "holder": str(version) if better else previous,
             "previous": previous, "previous_fid": previous_fid}
 
@@ -242,6 +269,7 @@ __all__ = [
     "FID_FEATURES_TAG",
     "FID_TAG",
     "MODEL_INFO_PATH",
+    "alias_holder",
     "configure_tracking",
     "finish_run",
     "git_commit",

@@ -118,6 +118,14 @@ class TrainConfig:
                 f"train.batch_size={self.batch_size} is not divisible by num_workers x grad_accum = "
                 f"{self.num_workers} x {self.grad_accum}; pick a multiple of {self.num_workers * self.grad_accum}"
             )
+        gpus = self.gpus_per_worker
+        whole = isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and float(gpus).is_integer() and gpus >= 1
+        if self.use_gpu is not False and not whole:  # None may still pick GPUs on a GPU cluster
+            raise ValueError(
+                f"train.gpus_per_worker={gpus!r} is not a positive whole number: each training worker is one NCCL "
+                "rank, and a fraction puts two ranks of one job on the same GPU, which NCCL refuses (\"Duplicate GPU "
+                "detected\"); use 1 (one GPU per worker; fewer workers where GPUs are short), or use_gpu: false on CPUs"
+            )
         if self.strategy == "fsdp" and self.class_embed_lr_scale != 1.0:
             raise ValueError("train.class_embed_lr_scale must be 1.0 with strategy fsdp (FSDP flattens the parameters)")
         if self.lr <= 0 or self.class_embed_lr_scale <= 0:

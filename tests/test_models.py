@@ -164,8 +164,11 @@ def test_official_checkpoint_loads_strict_and_matches_reference(tmp_path):
     torch.save(sd, path)  # an official release is a bare state dict
 
     loaded = load_checkpoint(path, model)
-    inferred = load_checkpoint(path)  # architecture inferred from the shapes
+    with pytest.raises(ValueError, match="96"):
+        load_checkpoint(path)  # not a preset width: the head count is not guessed
+    inferred = load_checkpoint(path, num_heads=4)  # the rest of the architecture inferred from the shapes
     assert inferred.config.hidden_size == 96 and inferred.config.depth == 2 and inferred.config.num_classes == 10
+    assert inferred.config.num_heads == 4
 
     x = torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])

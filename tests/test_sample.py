@@ -161,7 +161,7 @@ def test_s3_output(ray_cluster, sample_model, s3_bucket, tmp_path):
 def test_official_release_layout_loads_with_a_given_autoencoder(sample_model, tmp_path):
     """An official ``.pt`` is a bare state dict: the architecture comes from its shapes, and the
     autoencoder must be given."""
-    official = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=1, num_classes=5)
+    official = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=5)  # DiT-S width
     model = random_dit(official)
     torch.save(model.state_dict(), tmp_path / "DiT-tiny.pt")
     bundle = load_bundle(str(tmp_path / "DiT-tiny.pt"))
