@@ -90,18 +90,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------
-# Latent data: the stored (mean, std) posterior of each image and of its flip
+# Latent data: the stored (mean, std) posterior of each image and, where stored, of its flip
 # ----------------------------------------------------------------------------------------------
+
+# The views of an image the encode stage can store, each with its (posterior mean, posterior std)
+# columns (docs/CONTRACTS.md, ``data/latents/``): "image" always, "flip" (its horizontal mirror)
+# only where training flips.
+LATENT_VIEWS: dict[str, tuple[str, str]] = {"image": ("mean", "std"), "flip": ("mean_flip", "std_flip")}
+
 
 @dataclass
 class LatentArrays:
-    """The train split in memory: posterior mean/std of each view, (N, C, H, W) float32, and labels."""
+    """The train split in memory: posterior mean/std of each stored view, (N, C, H, W) float32, and
+    labels. ``mean_flip``/``std_flip`` are None where the flip view was not stored."""
 
     mean: np.ndarray
     std: np.ndarray
-    mean_flip: np.ndarray
-    std_flip: np.ndarray
     labels: np.ndarray  # (N,) int64
+    mean_flip: np.ndarray | None = None
+    std_flip: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mean_flip is None) != (self.std_flip is None):
+            raise ValueError("mean_flip and std_flip come together: give both (the flip view) or neither")
+
+    @property
+    def has_flip(self) -> bool:
+        return self.mean_flip is not None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -156,9 +171,16 @@ def latent_batch(
     scale_factor: float,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training latents scale * (mean + std * eps) of the chosen view of each row, and their labels."""
-    mean = np.where(flips[:, None, None, None], data.mean_flip[rows], data.mean[rows])
-    std = np.where(flips[:, None, None, None], data.std_flip[rows], data.std[rows])
+    """Training latents scale * (mean + std * eps) of the chosen view of each row, and their labels.
+    Rows flagged in ``flips`` need the flip view; with none flagged it may be absent."""
+    if flips.any():
+        if not data.has_flip:
+            raise ValueError("the batch asks for flipped rows but the latents hold no flip view "
+                             "(encode with flip_views: true, or train with flip_prob 0)")
+        mean = np.where(flips[:, None, None, None], data.mean_flip[rows], data.mean[rows])
+        std = np.where(flips[:, None, None, None], data.std_flip[rows], data.std[rows])
+    else:
+        mean, std = data.mean[rows], data.std[rows]
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     eps = torch.randn(mean_t.shape, generator=generator)
     latents = scale_factor * (mean_t + std_t * eps)
@@ -173,6 +195,7 @@ def micro_batches(plan: BatchPlan, step: int, rank: int) -> Iterator[tuple[int, 
 
 __all__ = [
     "EMA",
+    "LATENT_VIEWS",
     "BatchPlan",
     "LatentArrays",
     "derive_seed",

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def core(job: argparse.Namespace) -> None:
         stats = encode(config_from(job.prepared, job.autoencoder, job.out, params))
-        print(f"encode: {stats['counts']} latents {stats['latent_shape']} scale {stats['scale_factor']:.5f} -> {job.out}")
+        print(f"encode: {stats['counts']} latents {stats['latent_shape']} views {stats['views']} "
+              f"scale {stats['scale_factor']:.5f} -> {job.out}")
 
     run_stage("encode", a, StageIO(inputs=("prepared", "autoencoder"), outputs=("out",)), core)
     return 0

@@ -2,8 +2,9 @@
 
 Reads the prepared parquet shards, encodes them in ``map_batches`` with an actor pool whose actors
 hold the autoencoder (one GPU per actor where the cluster has GPUs, a fraction of a CPU otherwise),
-stores the unscaled posterior (mean, std) of each image and of its horizontal flip with its label,
-writes parquet latent shards and then ``stats.json``, the file that marks the output complete.
+stores the unscaled posterior (mean, std) of each image (and, with ``flip_views``, of its horizontal
+flip: only training with ``random_flip`` reads it) with its label, writes parquet latent shards and
+then ``stats.json``, the file that marks the output complete and names the views it holds.
 
     python -m ray_jobs.encode --prepared data/prepared --autoencoder models/autoencoder --out data/latents
     ray job submit --working-dir . -- python -m ray_jobs.encode --prepared s3://b/prepared ...
@@ -21,7 +22,7 @@ import os
 import sys
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ import torch
 from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.data import pngs_to_batch
+from dit_core.training import LATENT_VIEWS
 
 from . import runtime, storage
 from .runtime import init_ray, use_assigned_cpus
@@ -38,7 +40,6 @@ from .runtime import init_ray, use_assigned_cpus
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 SPLITS = ("train", "val")
-LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
 MODES = ("posterior", "sample")
 
 
@@ -55,12 +56,27 @@ class EncodeConfig:
     num_actors: int | None = None  # None: one per GPU, else cpu_actors
     cpu_actors: int = 2
     actor_num_cpus: float = 0.5  # a fraction, so the actor pool never starves Ray Data's read tasks
+    flip_views: bool = False  # also store each image's horizontal flip (train.random_flip needs it): twice the work
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The stored views, in LATENT_VIEWS order (stats.json ``views``)."""
+        return ("image", "flip") if self.flip_views else ("image",)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The latent columns of the stored views."""
+        return latent_columns(self.views)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"encode.mode={self.mode!r} is not one of {MODES}")
         if self.batch_size < 1 or self.cpu_actors < 1:
             raise ValueError("encode.batch_size and encode.cpu_actors must be positive")
+
+
+def latent_columns(views: Sequence[str]) -> tuple[str, ...]:
+    return tuple(c for v in views for c in LATENT_VIEWS[v])
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +87,7 @@ class EncodeBatch:
     """Callable class for ``map_batches``: the autoencoder arrives once per actor (an object ref
     resolved by Ray), moves to this actor's GPU if it has one, and encodes every batch it gets."""
 
-    def __init__(self, autoencoder: Any, mode: str, seed: int):
+    def __init__(self, autoencoder: Any, mode: str, seed: int, views: Sequence[str] = ("image",)):
         import ray
 
         if isinstance(autoencoder, ray.ObjectRef):  # constructor kwargs are passed as given, not resolved
@@ -80,11 +96,16 @@ class EncodeBatch:
         use_assigned_cpus()
         self.ae = autoencoder.to(self.device)
         self.mode, self.seed = mode, seed
+        unknown = set(views) - set(LATENT_VIEWS)
+        if unknown or "image" not in views:
+            raise ValueError(f"views={list(views)}: must hold 'image' and only views of {list(LATENT_VIEWS)}")
+        self.views = tuple(v for v in LATENT_VIEWS if v in views)
 
     def _views(self, x: torch.Tensor, keys: list[str]) -> list[np.ndarray]:
         out = []
-        for flip, x_view in ((False, x), (True, x.flip(-1))):
-            mean, std = self.ae.encode(x_view)
+        for view in self.views:
+            flip = view == "flip"
+            mean, std = self.ae.encode(x.flip(-1) if flip else x)
             if self.mode == "sample":
                 # One sample per (image, view), seeded by its key: the same on every run and actor.
                 noise = torch.stack([
@@ -101,7 +122,7 @@ class EncodeBatch:
         keys = batch.column("key").to_pylist()
         x = pngs_to_batch(batch.column("image").to_pylist())
         arrays = self._views(x, keys)
-        columns = {name: _list_array(a) for name, a in zip(LATENT_COLUMNS, arrays)}
+        columns = {name: _list_array(a) for name, a in zip(latent_columns(self.views), arrays, strict=True)}
         columns["label"] = batch.column("label").cast(pa.int32())
         columns["key"] = batch.column("key")
         # prepared shards live at <prepared>/<split>/part-NNNNN.parquet
@@ -146,7 +167,7 @@ def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str, 
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds = ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"autoencoder": ae_ref, "mode": cfg.mode, "seed": cfg.seed},
+        fn_constructor_kwargs={"autoencoder": ae_ref, "mode": cfg.mode, "seed": cfg.seed, "views": cfg.views},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool_size),
@@ -171,9 +192,9 @@ def arrange_shards(staging: str) -> dict[str, list[str]]:
     return written
 
 
-def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int]) -> dict[str, Any]:
+def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int], columns: Sequence[str]) -> dict[str, Any]:
     """Channel mean/std of the train split's posterior means and an order-independent hash of the
-    rows, read back from the written shards (so they describe exactly what is on disk)."""
+    rows' ``columns``, read back from the written shards (so they describe exactly what is on disk)."""
     channels = latent_shape[0]
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
@@ -184,10 +205,10 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
         counts[split] = 0
         for f in files:
             fs, path = storage.resolve(f)
-            table = pq.read_table(path, filesystem=fs)
+            table = pq.read_table(path, filesystem=fs, columns=[*columns, "label", "key"])
             counts[split] += table.num_rows
-            flat = {c: table.column(c).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1) for c in LATENT_COLUMNS}
-            for c in LATENT_COLUMNS:
+            flat = {c: table.column(c).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1) for c in columns}
+            for c in columns:
                 if flat[c].shape[1] != int(np.prod(latent_shape)):
                     raise ValueError(f"{f}: column {c} has {flat[c].shape[1]} values per row, expected {latent_shape}")
             if split == "train":
@@ -198,7 +219,7 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
             labels = table.column("label").to_pylist()
             for i, key in enumerate(table.column("key").to_pylist()):
                 h = hashlib.sha256(f"{split}\t{key}\t{labels[i]}\t".encode())
-                for c in LATENT_COLUMNS:
+                for c in columns:
                     h.update(flat[c][i].tobytes())
                 row_hashes.append(h.hexdigest())
     mean = total / max(n, 1)
@@ -209,9 +230,11 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
 
 def latents_fingerprint(input_fingerprint: str, ae: Autoencoder, cfg: EncodeConfig) -> str:
     """What identifies the latents: the prepared data, the autoencoder's weights and record, and the
-    encode settings that change values. Not the float bytes, whose last bits vary with batch size,
-    device and thread count (``content_sha256`` pins those)."""
-    h = hashlib.sha256(f"{input_fingerprint}\t{json.dumps(asdict(ae.record), sort_keys=True)}\t{cfg.mode}\t".encode())
+    encode settings that change values or columns (mode, seed, the stored views, so that latents with
+    and without the flip view never pass for each other). Not the float bytes, whose last bits vary
+    with batch size, device and thread count (``content_sha256`` pins those)."""
+    h = hashlib.sha256(f"{input_fingerprint}\t{json.dumps(asdict(ae.record), sort_keys=True)}\t{cfg.mode}\t"
+                       f"views={','.join(cfg.views)}\t".encode())
     if cfg.mode == "sample":
         h.update(f"seed={cfg.seed}".encode())
     for name, tensor in sorted(ae.vae.state_dict().items()):
@@ -250,9 +273,10 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
             "class_names": manifest["class_names"],
             "input_fingerprint": manifest["fingerprint"],
             "mode": cfg.mode,
+            "views": list(cfg.views),
             "shards": {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
             "fingerprint": latents_fingerprint(manifest["fingerprint"], ae, cfg),
-            **latent_stats(written, latent_shape),
+            **latent_stats(written, latent_shape, cfg.columns),
         }
         expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
         if stats["counts"] != expected:
@@ -282,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     path = a.params or ("params.yaml" if os.path.isfile("params.yaml") else None)
     params = {**(settings.read_section(path, "encode") if path else {}), **settings.parse_overrides(a.set, EncodeConfig, "encode")}
     stats = encode(config_from(a.prepared, a.autoencoder, a.out, params))
-    print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "counts")}))
+    print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "views", "counts")}))
     return 0
 
 

@@ -38,7 +38,7 @@ import torch
 from dit_core import settings
 from dit_core.diffusion import create_diffusion, training_losses
 from dit_core.models import DiT, DiTConfig, preset_config
-from dit_core.training import EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
+from dit_core.training import LATENT_VIEWS, EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
 
 from . import runtime, storage, tracking
 
@@ -46,7 +46,8 @@ STATS = "stats.json"
 RESULT_PREFIX = "TRAIN_RESULT "               # the last line of a job's log: its result for a human (the job API: --result)
 STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
 HISTORY_FILE = "history.json"                # beside it: every logged row so far (step, loss, ...)
-LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+# stats.json without "views" was written before encode.flip_views existed, always with both views
+VIEWS_BEFORE_FLIP_VIEWS = ("image", "flip")
 STRATEGIES = ("ddp", "fsdp")
 # DiTConfig fields that the data decides; a preset or `model` overrides may not contradict them.
 DATA_FIELDS = ("input_size", "in_channels", "num_classes")
@@ -158,11 +159,26 @@ def read_stats(latents: str) -> dict[str, Any]:
     for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
         if key not in stats:
             raise ValueError(f"{uri} has no {key!r}; it does not follow docs/CONTRACTS.md (re-run encode)")
+    views = stored_views(stats)
+    if "image" not in views or set(views) - set(LATENT_VIEWS):
+        raise ValueError(f"{uri} lists views {list(views)}; docs/CONTRACTS.md allows 'image' and optionally 'flip' (re-run encode)")
     return stats
 
 
+def stored_views(stats: dict[str, Any]) -> tuple[str, ...]:
+    """The views the latents hold: stats.json's ``views``, or both for latents written before it existed."""
+    return tuple(stats.get("views", VIEWS_BEFORE_FLIP_VIEWS))
+
+
 def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
-    """The DiT for this data: a preset and/or explicit fields, with shape and classes from stats.json."""
+    """The DiT for this data: a preset and/or explicit fields, with shape and classes from stats.json.
+    Also refuses settings the latents cannot serve (it runs on the driver before any work)."""
+    if cfg.random_flip and "flip" not in stored_views(stats):
+        raise ValueError(
+            f"train.random_flip is true but the latents in {cfg.latents} hold no flipped view ({STATS} views: "
+            f"{list(stored_views(stats))}); set encode.flip_views: true and re-run the encode stage, "
+            "or set train.random_flip: false"
+        )
     c, h, w = stats["latent_shape"]
     if h != w:
         raise ValueError(f"latents are {h}x{w}; DiT needs square latents")
@@ -196,16 +212,17 @@ def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
 
 
 def load_latents(latents: str, stats: dict[str, Any]) -> LatentArrays:
-    """The train split as (N, C, H, W) arrays, in shard order."""
+    """The train split as (N, C, H, W) arrays, in shard order: the columns of the views stats.json lists."""
     shape = tuple(stats["latent_shape"])
+    columns = [c for view in stored_views(stats) for c in LATENT_VIEWS[view]]
     tables = []
     for f in train_shards(latents, stats):
         fs, path = storage.resolve(f)
-        tables.append(pq.read_table(path, filesystem=fs, columns=[*LATENT_COLUMNS, "label"]))
+        tables.append(pq.read_table(path, filesystem=fs, columns=[*columns, "label"]))
     table = pa.concat_tables(tables)
     n = table.num_rows
     arrays = {}
-    for c in LATENT_COLUMNS:
+    for c in columns:
         flat = table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         if flat.size != n * int(np.prod(shape)):
             raise ValueError(f"{latents}: column {c} has {flat.size // max(n, 1)} values per row; stats.json says {list(shape)}")

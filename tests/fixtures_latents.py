@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+# the contract's columns of each view, written down here rather than imported from the code under test
+VIEW_COLUMNS = {"image": ("mean", "std"), "flip": ("mean_flip", "std_flip")}
 
 
 def _list_column(a: np.ndarray) -> pa.Array:
@@ -28,10 +29,15 @@ def write_synthetic_latents(
     seed: int = 0,
     rows_per_shard: int = 100,
     val: int = 0,
+    views: Sequence[str] | None = ("image", "flip"),
 ) -> dict[str, Any]:
     """Write ``n`` train (and ``val``) rows of class-dependent latents: each class has its own
     pattern, each row is that pattern plus a little noise, its posterior std is small, and its flip
-    view is the mirrored pattern. Returns the stats.json contents."""
+    view (where ``views`` has "flip") is the mirrored pattern. Returns the stats.json contents.
+    ``views=None``: both views, and a stats.json without "views", as encode wrote it before
+    ``flip_views`` existed. The same seed gives the same image view whatever ``views`` is."""
+    stored = ("image", "flip") if views is None else tuple(views)
+    columns = [c for v in stored for c in VIEW_COLUMNS[v]]
     rng = np.random.default_rng(seed)
     root = Path(dir)
     patterns = rng.standard_normal((num_classes, *shape)).astype(np.float32)
@@ -43,17 +49,17 @@ def write_synthetic_latents(
         labels = (np.arange(count) % num_classes).astype(np.int32)
         mean = patterns[labels] + 0.1 * rng.standard_normal((count, *shape)).astype(np.float32)
         std = np.full_like(mean, 0.05)
-        views = {"mean": mean, "std": std, "mean_flip": mean[..., ::-1], "std_flip": std[..., ::-1]}
+        arrays = {"mean": mean, "std": std, "mean_flip": mean[..., ::-1], "std_flip": std[..., ::-1]}
         for i, start in enumerate(range(0, count, rows_per_shard)):
             sl = slice(start, start + rows_per_shard)
             keys = [f"{split}-{j:06d}" for j in range(start, min(start + rows_per_shard, count))]
-            table = pa.table({**{c: _list_column(views[c][sl]) for c in COLUMNS},
+            table = pa.table({**{c: _list_column(arrays[c][sl]) for c in columns},
                               "label": pa.array(labels[sl], pa.int32()), "key": pa.array(keys)})
             rel = f"{split}/part-{i:05d}.parquet"
             (root / split).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, root / rel)
             shards[split].append(rel)
-            row_hashes += [hashlib.sha256(views["mean"][j].tobytes()).hexdigest() for j in range(start, min(start + rows_per_shard, count))]
+            row_hashes += [hashlib.sha256(arrays["mean"][j].tobytes()).hexdigest() for j in range(start, min(start + rows_per_shard, count))]
     stats = {
         "autoencoder_id": "synthetic",
         "autoencoder_path": "none",
@@ -68,5 +74,8 @@ def write_synthetic_latents(
         "shards": shards,
         "fingerprint": hashlib.sha256("\n".join(row_hashes).encode()).hexdigest(),
     }
+    if views is not None:  # the views decide the columns: latents with and without flips differ
+        stats["views"] = list(stored)
+        stats["fingerprint"] = hashlib.sha256(f"{stats['fingerprint']}\tviews={','.join(stored)}".encode()).hexdigest()
     (root / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     return stats

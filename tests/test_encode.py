@@ -17,10 +17,11 @@ from dit_core.data import pngs_to_batch
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.train_autoencoder import publish
 from ray_jobs import storage
-from ray_jobs.encode import LATENT_COLUMNS, EncodeBatch, config_from, encode, latents_fingerprint
+from ray_jobs.encode import EncodeBatch, config_from, encode, latents_fingerprint
 from tests.fixtures_data import IMAGE_SIZE, REPO, planted_folder, prepare_params, repo_params, run, stage_env
 
 SCALE = 0.5  # an arbitrary record value: stats.json must carry the autoencoder's, whatever it is
+ALL_COLUMNS = ("mean", "std", "mean_flip", "std_flip")  # both views (flip_views: true)
 
 
 def tiny_autoencoder() -> Autoencoder:
@@ -57,22 +58,23 @@ def inputs(tmp_path_factory):
 
 def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     out = str(tmp_path / "latents")
-    stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params()))
+    stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params(flip_views=True)))
     manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
     assert stats["counts"] == {s: manifest["splits"][s]["count"] for s in ("train", "val")}
     assert stats["latent_shape"] == [4, 8, 8] and stats["scale_factor"] == SCALE
     assert stats["autoencoder_id"] == "tiny" and stats["input_fingerprint"] == manifest["fingerprint"]
+    assert stats["views"] == ["image", "flip"]
     assert storage.read_json(f"{out}/stats.json") == stats
     # the reader's rows are split into several blocks, so every actor of the pool gets work (one
     # block per split, as Ray's parquet reader returns them, would leave the second actor idle)
     assert len(stats["shards"]["train"]) >= 2, stats["shards"]
 
     train = read_latents(out, stats, "train")
-    for col in LATENT_COLUMNS:
+    for col in ALL_COLUMNS:
         assert train.schema.field(col).type == pa.list_(pa.float32())
     assert train.schema.field("label").type == pa.int32()
     latents = {c: np.stack(train.column(c).to_numpy(zero_copy_only=False)).reshape(-1, *stats["latent_shape"])
-               for c in LATENT_COLUMNS}
+               for c in ALL_COLUMNS}
 
     # the job's latents are what the autoencoder gives for the same images (and their flips)
     prepared = pa.concat_tables(pq.read_table(f"{inputs['prepared']}/{s}") for s in manifest["splits"]["train"]["shards"])
@@ -92,10 +94,10 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     assert np.allclose(stats["channel_std"], latents["mean"].std(axis=(0, 2, 3)), atol=1e-4)
 
     # the fingerprint identifies data + autoencoder + settings: batching does not change it
-    assert latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(batch_size=3))) \
-        == stats["fingerprint"]
-    assert latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(mode="sample"))) \
-        != stats["fingerprint"]
+    fingerprint = lambda **o: latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(**o)))
+    assert fingerprint(batch_size=3, flip_views=True) == stats["fingerprint"]
+    assert fingerprint(mode="sample", flip_views=True) != stats["fingerprint"]
+    assert fingerprint(flip_views=False) != stats["fingerprint"]
 
 
 def test_sample_mode_is_seeded_per_key(inputs):
@@ -144,5 +146,7 @@ def test_stage_subprocess_on_s3_beside_the_test_cluster(ray_cluster, inputs, s3_
     assert stats["autoencoder_path"] == f"{bucket}/autoencoder" and stats["latent_shape"] == [4, 8, 8]
     train = read_latents(f"{bucket}/latents", stats, "train")
     assert train.num_rows == stats["counts"]["train"]
+    # params.yaml's default (train.random_flip: false): the image view only
+    assert stats["views"] == ["image"] and "mean_flip" not in train.column_names and "std_flip" not in train.column_names
     assert len(train.column("mean")[0].as_py()) == int(np.prod(stats["latent_shape"]))
     assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42  # the test cluster is still there

@@ -52,7 +52,8 @@ def workspace(tmp_path_factory, ray_cluster):
     """Latents, storage and an MLflow SQLite store for the module; a fake AWS secret is set (and
     forwarded to the workers) so the tests can check that it never reaches MLflow."""
     root = tmp_path_factory.mktemp("train")
-    stats = write_synthetic_latents(root / "latents", n=256, num_classes=NUM_CLASSES, shape=SHAPE)
+    # the default pipeline's latents: encode.flip_views and train.random_flip both false, so no flip view
+    stats = write_synthetic_latents(root / "latents", n=256, num_classes=NUM_CLASSES, shape=SHAPE, views=("image",))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -65,12 +66,12 @@ def workspace(tmp_path_factory, ray_cluster):
 @pytest.fixture(scope="module")
 def stage_run(workspace):
     """The train stage (pipelines/train.py) on the cluster the test process is connected to."""
-    from pipelines.train import run_stage
+    from pipelines.train import train_and_report
 
     params = {**PARAMS, "name": "main", "storage_path": workspace["storage"]}
     metrics, pointer = workspace["root"] / "metrics" / "train.json", workspace["root"] / "models" / "dit.json"
     t0 = time.time()
-    result = run_stage(workspace["latents"], params, str(metrics), str(pointer))
+    result = train_and_report(workspace["latents"], params, str(metrics), str(pointer))
     print(f"stage run: {time.time() - t0:.1f}s")
     return {"result": result, "metrics": json.loads(metrics.read_text()), "pointer": json.loads(pointer.read_text())}
 
