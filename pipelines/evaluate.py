@@ -25,7 +25,7 @@ from dit_core.data import pngs_to_uint8
 from dit_core.metrics import FeatureStats, InceptionFeatures, batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
 from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
 from ray_jobs import storage, tracking
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE, ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for, read_images
+from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for, read_images
 from ray_jobs.model_source import load_bundle
 
 FEATURES = ("classifier", "inception")
@@ -109,11 +109,20 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "seed": sample_cfg["seed"],
         "model": sample_cfg["model"],
     }
+    metrics.update(sampled_model(samples))
     if params.get("baseline"):
         base, _ = untrained_samples(samples, int(params["baseline_images"]))
         metrics["fid_untrained"] = fid_from_stats(feature_stats(batched_features(net, base)), ref)
         metrics["fid_ratio_to_untrained"] = fid / metrics["fid_untrained"]
     return metrics
+
+
+def sampled_model(samples: str) -> dict[str, str]:
+    """The exact version the sample job resolved (an alias resolved once, when sampling) and the
+    sha256 of its weights, from the samples' summary.json."""
+    uri = storage.join(samples, SUMMARY_FILE)
+    summary = storage.read_json(uri) if storage.exists(uri) else {}
+    return {k: summary[k] for k in ("model_version", "weights_sha256") if summary.get(k)}
 
 
 def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -125,9 +134,14 @@ def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any]:
     """Log the evaluation to the scored version's training run, tag the version, move the alias."""
-    bundle = load_bundle(metrics["model"]) if str(metrics["model"]).startswith("models:/") else None
+    # the version that was sampled (resolved once, by the sample job), never the alias as it is now
+    uri = str(metrics.get("model_version") or metrics["model"])
+    bundle = load_bundle(uri) if uri.startswith("models:/") else None
     if bundle is None or not bundle.registered_model:
-        return {"registered": False, "reason": f"{metrics['model']} is not a registered model version"}
+        return {"registered": False, "reason": f"{uri} is not a registered model version"}
+    if metrics.get("weights_sha256") and bundle.weights_digest() != metrics["weights_sha256"]:
+        raise ValueError(f"{uri} holds other weights than the ones sampled into {samples} (sha256 "
+                         f"{bundle.weights_digest()[:12]} vs {metrics['weights_sha256'][:12]}); re-run the sample stage")
     settings = {k: metrics[k] for k in ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "cache_interval", "seed",
                                         "feature_network", "reference", "num_samples") if k in metrics}
     scores = {k: metrics[k] for k in ("fid", "class_accuracy", "fid_untrained") if metrics.get(k) is not None}

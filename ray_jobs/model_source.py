@@ -4,6 +4,7 @@ architecture, the diffusion settings and the latent space (autoencoder and scale
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,6 +44,21 @@ class ModelBundle:
     @property
     def config(self) -> DiTConfig:
         return DiTConfig(**self.model_config)
+
+    @property
+    def pinned_uri(self) -> str:
+        """The exact model: ``models:/name/<version>`` for a registry URI (an alias resolved once,
+        here), else the source as given."""
+        return f"models:/{self.registered_model}/{self.version}" if self.registered_model and self.version else self.source
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights (names, dtypes, shapes and bytes, in name order)."""
+        h = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            t = self.state_dict[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
 
 def _torch_load_bytes(data: bytes, source: str) -> Any:

@@ -403,6 +403,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         "model": bundle.source,
         "registered_model": bundle.registered_model,
         "version": bundle.version,
+        "model_version": bundle.pinned_uri,        # what was sampled: evaluate credits this, not the alias
+        "weights_sha256": bundle.weights_digest(),
         "mlflow_run_id": bundle.mlflow_run_id,
         "sampler": cfg.sampler,
         "num_steps": cfg.num_steps,

@@ -113,3 +113,32 @@ def test_classifier_learns_digits_and_round_trips(tmp_path):
         train_classifier(x[:4], torch.tensor([0, 1, 2, 10]), cfg, ClassifierTrainConfig(steps=1))
     with pytest.raises(FileNotFoundError, match="train_classifier stage"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqlite, tmp_path):
+    """The sample job resolves `models:/name@champion` once and records the version and its weights'
+    digest; if the alias moves before scoring, the FID still goes to the version that was sampled."""
+    from mlflow import MlflowClient
+
+    from pipelines.evaluate import register, sampled_model
+    from ray_jobs.sample import SUMMARY_FILE
+
+    tracking.configure_tracking()
+    client = MlflowClient()
+    _, v1, _ = register_version(1)
+    _, v2, _ = register_version(2)
+    client.set_registered_model_alias(NAME, "champion", v1)
+    sampled = load_bundle(f"models:/{NAME}@champion")               # what the sample job does
+    assert sampled.pinned_uri == f"models:/{NAME}/{v1}"
+    samples = fake_samples(tmp_path / "s", f"models:/{NAME}@champion")
+    storage.write_json(storage.join(samples, SUMMARY_FILE), {"model_version": sampled.pinned_uri,
+                                                            "weights_sha256": sampled.weights_digest()})
+    client.set_registered_model_alias(NAME, "champion", v2)         # the alias moves before scoring
+    metrics = eval_metrics(f"models:/{NAME}@champion", 1.0) | sampled_model(samples)
+    out = register(samples, metrics, "other-alias")
+    assert out["version"] == v1
+    assert float(client.get_model_version(NAME, v1).tags[tracking.FID_TAG]) == 1.0
+    assert tracking.FID_TAG not in client.get_model_version(NAME, v2).tags
+    assert sampled.weights_digest() != load_bundle(f"models:/{NAME}/{v2}").weights_digest()
+    with pytest.raises(ValueError, match="holds other weights than the ones sampled"):
+        register(samples, metrics | {"weights_sha256": "0" * 64}, "other-alias")
