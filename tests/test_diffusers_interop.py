@@ -38,6 +38,7 @@ from dit_core.diffusers_interop import (  # noqa: E402
 )
 from dit_core.diffusion import DDIMSampler, create_diffusion, make_betas, make_model_fn, sample_loop  # noqa: E402
 from dit_core.models import DiT, DiTConfig, load_checkpoint  # noqa: E402
+from tests.test_models import randomize  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 CLASS_NAMES = [f"class {i}" for i in range(10)]
@@ -48,13 +49,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 def tiny_dit(seed: int = 0, **overrides) -> DiT:
     """A random tiny DiT in eval mode; every parameter but the fixed pos_embed is N(0, 0.05^2)."""
-    model = DiT(DiTConfig(**{**TINY, **overrides})).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return randomize(DiT(DiTConfig(**{**TINY, **overrides})).eval(), seed)
 
 
 def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
