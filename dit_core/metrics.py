@@ -6,15 +6,21 @@ any network that maps images to vectors (e.g. a classifier trained on the data s
 
 Tr((S_1 S_2)^{1/2}) is computed as the sum of the square roots of the eigenvalues of the symmetric
 matrix S_1^{1/2} S_2 S_1^{1/2} (same spectrum as S_1 S_2): stable, real, no complex sqrtm.
+
+Large sets are never held whole: each block of features becomes ``FeatureMoments`` (count, mean and
+centred second-moment sum, float64), and blocks computed apart merge exactly (Chan et al.'s
+pairwise update), in any order. The ADM suite's ``.npz`` batches are written and read a block of
+images at a time (``AdmNpzWriter``, ``read_npz_rows``).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import IO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -45,6 +51,48 @@ def feature_stats(features: np.ndarray) -> FeatureStats:
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features of shape {f.shape}: need (N, D) with N >= 2")
     return FeatureStats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), count=f.shape[0])
+
+
+@dataclass(frozen=True)
+class FeatureMoments:
+    """Count, mean and centred second-moment sum M2 = sum (f - mean)(f - mean)^T of a block of
+    feature vectors, in float64: what a worker sends back instead of its features."""
+
+    count: int
+    mean: np.ndarray    # (D,)
+    m2: np.ndarray      # (D, D)
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureMoments":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 1:
+            raise ValueError(f"features of shape {f.shape}: need (N, D) with N >= 1")
+        mean = f.mean(axis=0)
+        centred = f - mean
+        return cls(count=f.shape[0], mean=mean, m2=centred.T @ centred)
+
+    def merge(self, other: "FeatureMoments") -> "FeatureMoments":
+        """The moments of both blocks together (Chan, Golub and LeVeque's pairwise update)."""
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"cannot merge features of dimension {self.mean.shape} and {other.mean.shape}")
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.count * other.count / n)
+        return FeatureMoments(count=n, mean=mean, m2=m2)
+
+    def stats(self) -> FeatureStats:
+        """Mean and unbiased covariance, as ``feature_stats`` gives for all the features at once."""
+        if self.count < 2:
+            raise ValueError(f"{self.count} feature vectors: need at least 2 for a covariance")
+        return FeatureStats(mu=self.mean, sigma=self.m2 / (self.count - 1), count=self.count)
+
+
+def merge_moments(blocks: Iterable[FeatureMoments]) -> FeatureMoments | None:
+    total = None
+    for block in blocks:
+        total = block if total is None else total.merge(block)
+    return total
 
 
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:
@@ -78,6 +126,73 @@ def load_reference_npz(data: bytes, features: Callable[[np.ndarray], np.ndarray]
         if "arr_0" in z and features is not None:
             return feature_stats(features(z["arr_0"]))
         raise ValueError(f"reference .npz has {sorted(z.files)}; expected mu and sigma, or arr_0 images")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ADM evaluation suite's .npz batches (arr_0: uint8 N x H x W x 3), a block at a time
+# ---------------------------------------------------------------------------------------------
+
+class AdmNpzWriter:
+    """Writes ``arr_0`` (uint8 images, N x H x W x 3) and ``arr_1`` (int64 labels) into an
+    uncompressed zip, as ``np.savez`` does, one block of images at a time: the writer holds only
+    the labels. ``f`` may be unseekable (an S3 upload stream): the zip then uses data descriptors."""
+
+    def __init__(self, f: IO[bytes], num_images: int, image_shape: tuple[int, int, int]):
+        self.zip = zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.num_images, self.shape, self.written, self.labels = num_images, tuple(image_shape), 0, []
+        self.member = self.zip.open("arr_0.npy", "w", force_zip64=True)   # size unknown to zipfile up front
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (num_images, *self.shape)}
+        np.lib.format.write_array_header_1_0(self.member, header)
+
+    def write(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.dtype != np.uint8 or images.shape[1:] != self.shape:
+            raise ValueError(f"images {images.dtype} {images.shape[1:]}: this npz holds uint8 {self.shape}")
+        if self.written + len(images) > self.num_images:
+            raise ValueError(f"{self.written + len(images)} images written to an npz declared for {self.num_images}")
+        self.member.write(np.ascontiguousarray(images).tobytes())
+        self.labels.append(np.asarray(labels, dtype=np.int64))
+        self.written += len(images)
+
+    def close(self) -> None:
+        self.member.close()
+        if self.written != self.num_images:
+            raise ValueError(f"{self.written} of the {self.num_images} images declared were written to the npz")
+        with self.zip.open("arr_1.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array(m, np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64))
+        self.zip.close()
+
+
+def _npy_member(z: zipfile.ZipFile, name: str) -> tuple[IO[bytes], tuple[int, ...], np.dtype]:
+    member = z.open(f"{name}.npy")
+    major = np.lib.format.read_magic(member)[0]
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(member)
+    if fortran:
+        raise ValueError(f"{name} is stored in Fortran order; write it in C order (np.savez of a C-contiguous array)")
+    return member, shape, dtype
+
+
+def npz_array_shape(f: IO[bytes], name: str = "arr_0") -> tuple[int, ...]:
+    """The shape of array ``name`` of an ``.npz`` (a seekable binary file), reading only its header."""
+    with zipfile.ZipFile(f) as z:
+        if f"{name}.npy" not in z.namelist():
+            raise KeyError(f"the .npz holds {sorted(n[:-4] for n in z.namelist())}, not {name}")
+        member, shape, _ = _npy_member(z, name)
+        member.close()
+        return shape
+
+
+def read_npz_rows(f: IO[bytes], start: int, stop: int, name: str = "arr_0") -> np.ndarray:
+    """Rows ``start:stop`` of array ``name`` of an ``.npz`` without reading the others."""
+    with zipfile.ZipFile(f) as z:
+        member, shape, dtype = _npy_member(z, name)
+        with member:
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            stop = min(stop, shape[0])
+            member.seek(member.tell() + start * row)
+            data = member.read((stop - start) * row)
+    return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
 
 def uint8_to_float(images: np.ndarray) -> torch.Tensor:

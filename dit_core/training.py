@@ -1,17 +1,17 @@
-"""Pure-PyTorch training helpers: EMA of the weights, the learning-rate schedule, reproducible data
-order and per-step seeds, latent batches from the stored posterior pairs, config flattening.
+"""Pure-PyTorch training helpers: EMA of the weights, the learning-rate schedule, per-step seeds,
+training latents from the stored posterior pairs, config flattening.
 
-Determinism: the data order of epoch e is a function of (seed, e) only, and every random draw of
-optimizer step s on rank r (posterior sample, timesteps, noise, label dropout) comes from a seed
-derived from (seed, s, r, micro-batch). A run stopped after k steps and resumed from its
-checkpoint therefore continues exactly as the uninterrupted run would have.
+Determinism: the data order is a function of (seed, epoch, worker count, shuffle window, the
+latents' row-group layout) (ray_jobs/latent_input.py), and every random draw of optimizer step s on
+rank r (posterior sample, timesteps, noise, label dropout) comes from a seed derived from
+(seed, s, r, micro-batch). A run stopped after k steps and resumed from its checkpoint therefore
+continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -99,108 +99,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
 LATENT_VIEWS: dict[str, tuple[str, str]] = {"image": ("mean", "std"), "flip": ("mean_flip", "std_flip")}
 
 
-@dataclass
-class LatentArrays:
-    """The train split in memory: posterior mean/std of each stored view, (N, C, H, W) float32, and
-    labels. ``mean_flip``/``std_flip`` are None where the flip view was not stored."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    labels: np.ndarray  # (N,) int64
-    mean_flip: np.ndarray | None = None
-    std_flip: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if (self.mean_flip is None) != (self.std_flip is None):
-            raise ValueError("mean_flip and std_flip come together: give both (the flip view) or neither")
-
-    @property
-    def has_flip(self) -> bool:
-        return self.mean_flip is not None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Which rows each rank reads at each (optimizer step, micro-batch): every epoch is a fresh
-    permutation from (seed, epoch), cut into global micro-batches of world * per_rank rows; rank r
-    takes its own slice, so the ranks see disjoint parts of every epoch. The rows of an epoch that do
-    not fill a whole global micro-batch are skipped (a different remainder every epoch)."""
-
-    num_rows: int
-    per_rank: int      # rows per rank per micro-batch
-    world_size: int
-    grad_accum: int
-    seed: int
-    flip_prob: float = 0.5  # share of samples read as their horizontal flip (0: never)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"flip_prob={self.flip_prob} must be in [0, 1]")
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"a global micro-batch of {self.per_rank * self.world_size} rows ({self.world_size} workers x "
-                f"{self.per_rank}) is larger than the data ({self.num_rows} rows); lower train.batch_size"
-            )
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_rows // (self.per_rank * self.world_size)
-
-    def epoch_of(self, step: int, micro: int = 0) -> int:
-        return (step * self.grad_accum + micro) // self.batches_per_epoch
-
-    def rows(self, step: int, micro: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """(row indices, flip flags) of this rank's micro-batch."""
-        b = step * self.grad_accum + micro
-        epoch, within = divmod(b, self.batches_per_epoch)
-        rng = np.random.default_rng(derive_seed(self.seed, epoch))
-        order = rng.permutation(self.num_rows)
-        flips = rng.random(self.num_rows) < self.flip_prob  # one flip choice per sample per epoch
-        start = (within * self.world_size + rank) * self.per_rank
-        idx = order[start:start + self.per_rank]
-        return idx, flips[idx]
-
-
-def latent_batch(
-    data: LatentArrays,
-    rows: np.ndarray,
-    flips: np.ndarray,
-    scale_factor: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training latents scale * (mean + std * eps) of the chosen view of each row, and their labels.
-    Rows flagged in ``flips`` need the flip view; with none flagged it may be absent."""
-    if flips.any():
-        if not data.has_flip:
-            raise ValueError("the batch asks for flipped rows but the latents hold no flip view "
-                             "(encode with flip_views: true, or train with flip_prob 0)")
-        mean = np.where(flips[:, None, None, None], data.mean_flip[rows], data.mean[rows])
-        std = np.where(flips[:, None, None, None], data.std_flip[rows], data.std[rows])
-    else:
-        mean, std = data.mean[rows], data.std[rows]
-    mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
+def noisy_latents(mean: np.ndarray, std: np.ndarray, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """Training latents ``scale * (mean + std * eps)`` of a batch's posterior (N, C, H, W) float32."""
+    mean_t, std_t = torch.from_numpy(np.ascontiguousarray(mean)), torch.from_numpy(np.ascontiguousarray(std))
     eps = torch.randn(mean_t.shape, generator=generator)
-    latents = scale_factor * (mean_t + std_t * eps)
-    return latents, torch.from_numpy(data.labels[rows]).long()
-
-
-def micro_batches(plan: BatchPlan, step: int, rank: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    for micro in range(plan.grad_accum):
-        rows, flips = plan.rows(step, micro, rank)
-        yield micro, rows, flips
+    return scale_factor * (mean_t + std_t * eps)
 
 
 __all__ = [
     "EMA",
     "LATENT_VIEWS",
-    "BatchPlan",
-    "LatentArrays",
     "derive_seed",
     "flatten",
-    "latent_batch",
+    "noisy_latents",
     "learning_rate",
-    "micro_batches",
 ]

@@ -1,6 +1,6 @@
 """evaluate stage: FID of the samples against the reference, the share of samples the classifier
-assigns to their conditioning class, and (optionally) the FID of an untrained model's samples as
-the number to beat; logged to the MLflow run of the model version scored, whose alias moves when
+assigns to their conditioning class, and the FID of the untrained model's samples the sample job
+made beside them (``sample.baseline_images``) as the number to beat; logged to the MLflow run of the model version scored, whose alias moves when
 it beats the current holder.
 
     python -m pipelines.evaluate --samples samples --prepared data/prepared \
@@ -14,88 +14,93 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 
 from dit_core import settings
-from dit_core.classifier import Classifier, load_classifier, predict
-from dit_core.data import pngs_to_uint8
-from dit_core.metrics import FeatureStats, InceptionFeatures, batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
-from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
-from ray_jobs import storage, tracking
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for, read_images
+from dit_core.classifier import load_classifier
+from dit_core.metrics import FeatureStats, fid_from_stats
+from pipelines.common import StageIO, load_params, read_manifest, run_stage
+from ray_jobs import runtime, storage, tracking
+from ray_jobs.features import NETWORKS as FEATURES, feature_pass, npz_items, parquet_items
 from ray_jobs.model_source import load_bundle
-
-FEATURES = ("classifier", "inception")
+from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, baseline_output
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """The ``evaluate`` settings (params.yaml repeats these defaults for DVC)."""
+    """The ``evaluate`` settings (params.yaml repeats these defaults for DVC). The untrained baseline
+    is sampled by the sample job (``sample.baseline_images``)."""
 
     features: str = "classifier"         # classifier (offline default) | inception (pytorch-fid weights in the torch hub cache)
     reference: str = "val"               # val: the prepared val split | an ADM reference .npz (local or s3://)
-    baseline: bool = True                # also score an untrained model's samples: the FID to beat
-    baseline_images: int = 500
     register: bool = True                # log to the scored version's MLflow run, tag it, move the alias
     alias: str = "champion"
+    num_actors: int | None = None        # feature actors: default one per GPU, else one per CPU
+    actor_num_cpus: float | None = None  # CPU actors: CPUs each; default the CPUs split evenly, less a quarter core
 
 
 def local_folder(uri: str, tmp: str) -> str:
     return storage.download_folder(uri, Path(tmp, "dl")) if storage.is_s3(uri) else uri
 
 
-def feature_network(name: str, classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name == "classifier":
-        return classifier.features
-    if name == "inception":
-        return InceptionFeatures()
-    raise ValueError(f"evaluate.features={name!r}; choose one of {FEATURES}")
+def shard_uris(folder: str) -> list[str]:
+    return storage.list_files(storage.join(folder, "parquet"), suffix=".parquet")
 
 
-def reference_stats(reference: str, prepared: str, net: Callable[[torch.Tensor], torch.Tensor]) -> tuple[FeatureStats, str]:
-    """``val``: the prepared validation split; else an ADM-style reference ``.npz`` (local or s3://)."""
+def reference_source(reference: str, prepared: str) -> tuple[FeatureStats | None, list[dict[str, Any]], str]:
+    """The reference as statistics already computed (an ADM ``.npz`` with ``mu``/``sigma``) or as
+    work items for the feature pass (``val``: the prepared validation split; an ``.npz`` of
+    ``arr_0`` images), and its name for eval.json."""
     if reference == "val":
-        manifest = read_manifest(prepared)
-        images = pngs_to_uint8(read_split(prepared, manifest, "val", ["image"]).column("image").to_pylist())
-        return feature_stats(batched_features(net, images)), f"{prepared}:val"
+        shards = read_manifest(prepared)["splits"]["val"]["shards"]
+        if not shards:
+            raise ValueError(f"split 'val' of {prepared} is empty; lower prepare.val_fraction or set evaluate.reference to an ADM .npz")
+        return None, parquet_items("reference", [storage.join(prepared, s) for s in shards]), f"{prepared}:val"
     if not storage.exists(reference):
         raise FileNotFoundError(f"evaluate.reference={reference!r} does not exist; use 'val' or an ADM reference .npz")
-    return load_reference_npz(storage.read_bytes(reference), lambda a: batched_features(net, a)), reference
-
-
-def untrained_samples(samples: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images of an untrained (freshly initialised) model of the sampled architecture, with
-    the same sampler, autoencoder and per-image seeds: the baseline FID to beat."""
-    cfg = SampleConfig(**storage.read_json(storage.join(samples, CONFIG_FILE)) | {"output": samples})
-    bundle = load_bundle(cfg.model)
-    from dit_core.models import DiT
-
-    torch.manual_seed(cfg.seed)
-    model = DiT(bundle.config)
-    autoencoder, scale = load_autoencoder_for(cfg, bundle)
-    cfg.num_images = n
-    labels = class_labels_for(cfg, bundle.config.num_classes)
-    seeds = np.array([image_seed(cfg.seed, i) for i in range(n)], dtype=np.uint64)
-    return ImageSampler(bundle, autoencoder, scale, cfg, model=model).generate(labels, seeds), labels
+    fs, path = storage.resolve(reference)
+    with fs.open_input_file(path) as f, np.load(f) as z:   # members are read only when asked for
+        if "mu" in z and "sigma" in z:
+            return FeatureStats(mu=z["mu"], sigma=z["sigma"], count=int(z["count"]) if "count" in z else 0), [], reference
+        if "arr_0" not in z:
+            raise ValueError(f"evaluate.reference={reference!r} holds {sorted(z.files)}; expected mu and sigma, or arr_0 images")
+    return None, npz_items("reference", reference), reference
 
 
 def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The stage's core: the metrics of eval.json."""
+    """The stage's core: the metrics of eval.json. The features of the samples, of the untrained
+    baseline the sample job made and of the reference come from one Ray Data actor pool; this
+    process holds only their statistics."""
     with tempfile.TemporaryDirectory() as tmp:
         classifier, record = load_classifier(local_folder(classifier_dir, tmp))
     sample_cfg = storage.read_json(storage.join(samples, CONFIG_FILE))
-    images, labels = read_images(samples)
-    net = feature_network(params["features"], classifier)
-    ref, ref_name = reference_stats(str(params["reference"]), prepared, net)
-    fid = fid_from_stats(feature_stats(batched_features(net, images)), ref)
-    predicted = predict(classifier, uint8_to_float(images))
+    num_images, num_baseline = int(sample_cfg["num_images"]), int(sample_cfg.get("baseline_images") or 0)
+    items = parquet_items("samples", shard_uris(samples))
+    if not items:
+        raise FileNotFoundError(f"no parquet sample shards under {samples}/parquet; sample with formats including parquet or npz")
+    if num_baseline:
+        items += parquet_items("baseline", shard_uris(baseline_output(samples)))
+    ref_stats, ref_items, ref_name = reference_source(str(params["reference"]), prepared)
+    runtime.init_ray()
+    read_by_actors = {"evaluate --samples": samples}
+    if ref_items:
+        read_by_actors["evaluate --prepared" if params["reference"] == "val" else "evaluate.reference"] = ref_items[0]["uri"]
+    runtime.require_shared(read_by_actors, runtime.cluster_hosts(), "the Ray cluster")
+    found = feature_pass(items + ref_items, params["features"], classifier,
+                         num_actors=params.get("num_actors"), actor_num_cpus=params.get("actor_num_cpus"))
+    for name, expected in (("samples", num_images), ("baseline", num_baseline)):
+        got = found[name].moments.count if name in found else 0
+        if got != expected:
+            raise RuntimeError(f"{samples} holds {got} of the {expected} {name} images it was sampled with: shards are missing "
+                               "(written to another host's disk?); re-run the sample job (it generates only the missing shards)")
+    ref = ref_stats or found["reference"].moments.stats()
+    fid = fid_from_stats(found["samples"].moments.stats(), ref)
     metrics: dict[str, Any] = {
         "fid": fid,
-        "class_accuracy": float((predicted == labels).mean()),
-        "num_samples": int(len(images)),
+        "class_accuracy": found["samples"].accuracy,
+        "num_samples": num_images,
         "feature_network": params["features"],
         "reference": ref_name,
         "reference_count": int(ref.count),
@@ -110,10 +115,10 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "model": sample_cfg["model"],
     }
     metrics.update(sampled_model(samples))
-    if params.get("baseline"):
-        base, _ = untrained_samples(samples, int(params["baseline_images"]))
-        metrics["fid_untrained"] = fid_from_stats(feature_stats(batched_features(net, base)), ref)
+    if num_baseline:
+        metrics["fid_untrained"] = fid_from_stats(found["baseline"].moments.stats(), ref)
         metrics["fid_ratio_to_untrained"] = fid / metrics["fid_untrained"]
+        metrics["baseline_images"] = num_baseline
     return metrics
 
 

@@ -7,6 +7,14 @@ Sources (``prepare.source``):
 - ``parquet``: one file or a folder of files with an image column (encoded bytes, or a struct
   with a ``bytes`` field as Hugging Face datasets write it) and a label column (int or string).
 
+How: the driver lists the source, fixes each input's split (seeded, stratified) and its place in
+the output (seeded order, ``rows_per_shard`` inputs per shard) before anything is decoded. Each
+shard is then one unit of work: read, decode, ADM-crop, write ``<split>/part-NNNNN.parquet``. For
+imagefolder and parquet the shards run as Ray Data tasks over the cluster's CPUs
+(``num_workers`` at once); the digits run in this process. What a shard holds depends only on the
+plan, never on which worker ran it or when, so the manifest and its fingerprint are the same
+whatever the number of workers.
+
 Output (docs/CONTRACTS.md): ``<out>/{train,val}/part-NNNNN.parquet`` (image PNG bytes, label
 int32, key string) and ``<out>/manifest.json``, written last; locally the whole folder is built
 under a temporary name and renamed, so a failed or killed run leaves nothing that looks complete.
@@ -17,14 +25,16 @@ under a temporary name and renamed, so a failed or killed run leaves nothing tha
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
-import itertools
+import json
+import os
+import re
 import sys
-import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,11 +44,11 @@ import pyarrow.parquet as pq
 from dit_core import settings
 from dit_core.data import BadImage, png_bytes, prepare_image
 from pipelines.common import MANIFEST, SPLITS, StageIO, load_params, run_stage, write_parquet
-from ray_jobs import storage
+from ray_jobs import runtime, storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("key", pa.string())])
-CHUNK = 256  # items decoded per thread-pool round: bounds memory, keeps all workers busy
+IMAGEFOLDER_LAYOUT = "<path>/<class name>/<image files>"
 
 
 @dataclass(frozen=True)
@@ -50,9 +60,10 @@ class PrepareConfig:
     image_size: int = 16  # digits (8x8) are upsampled; other sources skip smaller images
     val_fraction: float = 0.1
     seed: int = 0
-    rows_per_shard: int = 1000
+    rows_per_shard: int = 1000  # also the unit of work: one Ray task reads, decodes and writes a shard
     max_skipped_fraction: float = 0.01  # share of inputs that may be skipped before the stage fails
-    workers: int = 4  # threads that read and decode (S3 reads are latency-bound)
+    num_workers: int | None = None  # imagefolder/parquet: shards decoded at once (Ray tasks of 1 CPU); null: every CPU of the cluster
+    read_threads: int = 4  # threads per worker fetching files (S3 reads wait on the network)
     image_column: str = "image"  # parquet source only
     label_column: str = "label"
     key_column: str | None = None
@@ -70,15 +81,20 @@ class PrepareConfig:
             raise ValueError(f"prepare.source={self.source!r} needs prepare.path (a local folder or s3:// URI)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"prepare.val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.image_size < 1 or self.rows_per_shard < 1 or self.workers < 1:
-            raise ValueError("prepare.image_size, rows_per_shard and workers must be positive")
+        if self.image_size < 1 or self.rows_per_shard < 1 or self.read_threads < 1:
+            raise ValueError("prepare.image_size, rows_per_shard and read_threads must be positive")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"prepare.num_workers={self.num_workers} must be positive, or null for every CPU")
 
 
 @dataclass(frozen=True)
 class Item:
+    """One input, as plain values a Ray task can receive."""
+
     key: str  # the source's name for the item: relative file path, parquet file#row, digits/NNNN
     label: int
-    fetch: Callable[[], bytes]  # reads the encoded bytes; run in a worker thread
+    where: str  # imagefolder: file URI; parquet: file path on the source's filesystem; digits: index
+    row: int = -1  # parquet: row in that file
 
 
 @dataclass
@@ -90,30 +106,37 @@ class Listing:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources
+# Sources: listing (driver) and reading (workers)
 # --------------------------------------------------------------------------------------------
 
-def list_digits() -> Listing:
+@functools.lru_cache(maxsize=1)
+def _digit_pixels() -> tuple[np.ndarray, np.ndarray, list[str]]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     max_value = 16.0  # sklearn's digits are 4-bit intensities in [0, 16]
     pixels = np.round(digits.images / max_value * 255).astype(np.uint8)
-
-    def fetch(i: int) -> Callable[[], bytes]:
-        return lambda: png_bytes(np.repeat(pixels[i][..., None], 3, axis=2))
-
-    items = [Item(f"digits/{i:04d}", int(y), fetch(i)) for i, y in enumerate(digits.target)]
-    return Listing([str(n) for n in digits.target_names], items, [], shuffle=True)
+    return pixels, digits.target, [str(n) for n in digits.target_names]
 
 
-def _list_tree(root: str) -> list[pafs.FileInfo]:
+def list_digits() -> Listing:
+    _, targets, names = _digit_pixels()
+    items = [Item(f"digits/{i:04d}", int(y), str(i)) for i, y in enumerate(targets)]
+    return Listing(names, items, [], shuffle=True)
+
+
+def _list_tree(root: str) -> tuple[pafs.FileInfo, list[pafs.FileInfo]]:
+    """(info of ``root``, everything under it); refuses a missing or unreadable ``root``."""
     fs, path = storage.resolve(root)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"source {root} does not exist: check prepare.path")
-        return fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            raise FileNotFoundError(
+                f"prepare.path={root} does not exist: set prepare.path to an existing folder or s3://bucket/prefix "
+                f"(imagefolder: {IMAGEFOLDER_LAYOUT}; parquet: a .parquet file or a folder of them)")
+        if info.type != pafs.FileType.Directory:
+            return info, [info]
+        return info, fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -124,15 +147,18 @@ def _list_tree(root: str) -> list[pafs.FileInfo]:
 
 def list_imagefolder(root: str) -> Listing:
     fs, base = storage.resolve(root)
-    infos = _list_tree(root)
+    info, infos = _list_tree(root)
+    if info.type != pafs.FileType.Directory:
+        raise ValueError(f"prepare.path={root} is a file, but source imagefolder reads a folder {IMAGEFOLDER_LAYOUT}: "
+                         "set prepare.path to that folder (or prepare.source: parquet for a parquet file)")
     by_class: dict[str, list[str]] = {}
     skipped: list[dict[str, str]] = []
-    for info in infos:
-        rel = info.path[len(base):].strip("/")
+    for entry in infos:
+        rel = entry.path[len(base):].strip("/")
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts):  # .DS_Store, .ipynb_checkpoints: not inputs
             continue
-        if info.type == pafs.FileType.Directory:
+        if entry.type == pafs.FileType.Directory:
             if len(parts) == 1:
                 by_class.setdefault(parts[0], [])
         elif len(parts) == 1:
@@ -143,44 +169,25 @@ def list_imagefolder(root: str) -> Listing:
         skipped.append({"key": f"{name}/", "reason": "empty class folder"})
     class_names = sorted(n for n, files in by_class.items() if files)
     if not class_names:
-        raise ValueError(f"no class folder with files under {root}: expected {root}/<class name>/<image files>")
-
-    def fetch(rel: str) -> Callable[[], bytes]:
-        uri = storage.join(root, rel)
-        return lambda: storage.read_bytes(uri)
-
-    items = [Item(rel, label, fetch(rel)) for label, name in enumerate(class_names) for rel in sorted(by_class[name])]
+        loose = sum(s["reason"] == "file is not inside a class folder" for s in skipped)
+        found = (f"{loose} files directly under it and no class folder" if loose else
+                 f"only empty class folders ({', '.join(sorted(by_class))})" if by_class else "nothing in it")
+        raise ValueError(f"prepare.path={root} has {found}: source imagefolder expects {IMAGEFOLDER_LAYOUT}, class ids "
+                         "from the folder names. Move the images into one folder per class, or point prepare.path "
+                         "at the folder that holds the class folders")
+    where = storage.absolute(root)  # workers may run in another folder
+    items = [Item(rel, label, storage.join(where, rel)) for label, name in enumerate(class_names)
+             for rel in sorted(by_class[name])]
     return Listing(class_names, items, skipped, shuffle=True)
-
-
-class _ParquetColumnCache:
-    """The image column of the parquet file being read; items come in file order, so each file is
-    read once. A lock because worker threads share it."""
-
-    def __init__(self, fs: pafs.FileSystem, column: str):
-        self.fs, self.column = fs, column
-        self.lock = threading.Lock()
-        self.path: str | None = None
-        self.values: pa.ChunkedArray | None = None
-
-    def get(self, path: str, row: int) -> bytes:
-        with self.lock:
-            if path != self.path:
-                self.values = pq.read_table(path, filesystem=self.fs, columns=[self.column]).column(0)
-                self.path = path
-            value = self.values[row].as_py()
-        if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
-            value = value.get("bytes")
-        return value or b""
 
 
 def list_parquet(root: str, image_column: str, label_column: str, key_column: str | None) -> Listing:
     fs, base = storage.resolve(root)
-    infos = _list_tree(root) if fs.get_file_info(base).type == pafs.FileType.Directory else [fs.get_file_info(base)]
+    _, infos = _list_tree(root)
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
-        raise ValueError(f"no .parquet files under {root}")
-    cache = _ParquetColumnCache(fs, image_column)
+        raise ValueError(f"prepare.path={root} holds no .parquet files: set prepare.path to a parquet file or a "
+                         f"folder of them (or prepare.source: imagefolder for {IMAGEFOLDER_LAYOUT})")
     rows: list[tuple[str, str, int, Any]] = []  # (key, file, row, label value)
     for path in files:
         schema = pq.read_schema(path, filesystem=fs)
@@ -198,14 +205,9 @@ def list_parquet(root: str, image_column: str, label_column: str, key_column: st
             rows.append((str(keys[row]) if keys else f"{name}#{row}", path, row, value))
     skipped = [{"key": k, "reason": "missing label"} for k, _, _, v in rows if v is None]
     values = sorted({v for _, _, _, v in rows if v is not None})
-    class_names = [str(v) for v in values]
     index = {v: i for i, v in enumerate(values)}
-
-    def fetch(path: str, row: int) -> Callable[[], bytes]:
-        return lambda: cache.get(path, row)
-
-    items = [Item(k, index[v], fetch(p, r)) for k, p, r, v in rows if v is not None]
-    return Listing(class_names, items, skipped, shuffle=False)
+    items = [Item(k, index[v], p, r) for k, p, r, v in rows if v is not None]
+    return Listing([str(v) for v in values], items, skipped, shuffle=False)
 
 
 def list_source(cfg: PrepareConfig) -> Listing:
@@ -216,125 +218,213 @@ def list_source(cfg: PrepareConfig) -> Listing:
     return list_parquet(cfg.path, cfg.image_column, cfg.label_column, cfg.key_column)
 
 
+def _read_parquet_rows(fs: pafs.FileSystem, column: str, items: list[Item]) -> Iterator[bytes | OSError]:
+    """The encoded images of ``items`` (in file order), reading only the row groups that hold them."""
+    file: tuple[str, pq.ParquetFile, np.ndarray] | None = None  # (path, reader, first row of each group)
+    group: tuple[int, pa.ChunkedArray] | None = None  # (row group, its image column)
+    for it in items:
+        try:
+            if file is None or file[0] != it.where:
+                reader = pq.ParquetFile(it.where, filesystem=fs)
+                sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+                file, group = (it.where, reader, np.cumsum([0] + sizes)), None
+            g = int(np.searchsorted(file[2], it.row, side="right")) - 1
+            if group is None or group[0] != g:
+                group = (g, file[1].read_row_group(g, columns=[column]).column(0))
+            value = group[1][it.row - int(file[2][g])].as_py()
+        except OSError as e:
+            yield e
+            continue
+        if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes")
+        yield value or b""
+
+
+def read_items(source: str, root: str | None, items: list[Item], threads: int, image_column: str) -> Iterator[bytes | OSError]:
+    """The encoded bytes of each item, in order (an OSError in place of an unreadable one)."""
+    if source == "digits":
+        pixels = _digit_pixels()[0]
+        yield from (png_bytes(np.repeat(pixels[int(it.where)][..., None], 3, axis=2)) for it in items)
+    elif source == "parquet":
+        yield from _read_parquet_rows(storage.resolve(root)[0], image_column, items)
+    else:
+        def fetch(it: Item) -> bytes | OSError:
+            try:
+                return storage.read_bytes(it.where)
+            except OSError as e:
+                return e
+
+        with ThreadPoolExecutor(threads) as pool:  # fetches overlap; decoding stays on this worker's CPU
+            yield from pool.map(fetch, items)
+
+
 # --------------------------------------------------------------------------------------------
-# Split, decode, write
+# Plan: splits and shards, fixed before anything is decoded
 # --------------------------------------------------------------------------------------------
 
 def assign_splits(items: list[Item], val_fraction: float, seed: int) -> dict[str, str]:
     """key -> split, stratified by class and fixed by the seed. Decided before decoding, so a
-    skipped image leaves its own split and never moves another image across."""
+    skipped image leaves its own split and never moves another image across. One pass groups the
+    keys by class; then each class's sorted keys take the next permutation of one seeded stream."""
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for it in items:
+        by_label[it.label].append(it.key)
     rng = np.random.default_rng(seed)
     split: dict[str, str] = {}
-    for label in sorted({it.label for it in items}):
-        keys = sorted(it.key for it in items if it.label == label)
-        order = rng.permutation(len(keys))
+    for label in sorted(by_label):
+        keys = sorted(by_label[label])
         n_val = int(round(val_fraction * len(keys)))
-        for rank, i in enumerate(order):
+        for rank, i in enumerate(rng.permutation(len(keys))):
             split[keys[i]] = "val" if rank < n_val else "train"
     return split
 
 
-class ShardWriter:
-    """Buffers rows of one split and writes ``<split>/part-NNNNN.parquet`` files."""
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: ``items`` (in output order) of one split -> ``<split>/part-<index>.parquet``."""
 
-    def __init__(self, out: str, split: str, rows_per_shard: int):
-        self.out, self.split, self.rows_per_shard = out, split, rows_per_shard
-        self.rows: list[tuple[bytes, int, str]] = []
-        self.shards: list[str] = []
-        self.per_class: Counter[int] = Counter()
-
-    def add(self, image: bytes, label: int, key: str) -> None:
-        self.rows.append((image, label, key))
-        self.per_class[label] += 1
-        if len(self.rows) >= self.rows_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        name = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        images, labels, keys = zip(*self.rows)
-        table = pa.table([pa.array(images, pa.binary()), pa.array(labels, pa.int32()), pa.array(keys, pa.string())],
-                         schema=SCHEMA)
-        write_parquet(storage.join(self.out, name), table)
-        self.shards.append(name)
-        self.rows = []
+    split: str
+    index: int
+    positions: list[int]  # each item's place in the plan's order (the fingerprint's order)
+    items: list[Item]
 
     @property
-    def count(self) -> int:
-        return sum(self.per_class.values())
+    def name(self) -> str:
+        return f"{self.split}/part-{self.index:05d}.parquet"
 
 
-def _process(item: Item, image_size: int, allow_upsample: bool) -> tuple[bytes | None, str | None]:
+def plan_shards(items: list[Item], splits: dict[str, str], rows_per_shard: int) -> list[Shard]:
+    """Cut each split's items, in the given order, into shards of ``rows_per_shard`` inputs. A shard
+    whose inputs are partly skipped holds fewer rows; one whose inputs are all skipped is not written."""
+    by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for pos, it in enumerate(items):
+        by_split[splits[it.key]].append(pos)
+    return [Shard(split, k // rows_per_shard, positions[k:k + rows_per_shard],
+                  [items[p] for p in positions[k:k + rows_per_shard]])
+            for split, positions in by_split.items() for k in range(0, len(positions), rows_per_shard)]
+
+
+# --------------------------------------------------------------------------------------------
+# Work: one shard (in a Ray task, or in this process for the digits)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard's task needs besides its items (plain values, shipped to the workers)."""
+
+    source: str
+    root: str | None
+    out: str  # the staging folder
+    image_size: int
+    read_threads: int
+    image_column: str
+    # The driver's AWS_* variables: a worker has its node's environment, and a runtime_env would start
+    # new workers for every change of it and print it with Ray Data's task options.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def _clean_reason(reason: str) -> str:
+    """A reason without the memory addresses some exceptions print (``<_io.BytesIO object at 0x7f..>``),
+    so that the manifest is the same on every run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
+
+
+def _process(data: bytes | OSError, image_size: int, allow_upsample: bool) -> tuple[bytes | None, str | None]:
     """(png, conversion note) or (None, skip reason)."""
-    try:
-        data = item.fetch()
-    except OSError as e:
-        return None, f"unreadable ({type(e).__name__}: {e})"
+    if isinstance(data, OSError):
+        return None, _clean_reason(f"unreadable ({type(data).__name__}: {data})")
     try:
         return prepare_image(data, image_size, allow_upsample)
     except BadImage as e:
-        return None, e.reason
+        return None, _clean_reason(e.reason)
 
 
-def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
+def run_shard(shard: Shard, job: ShardJob) -> dict[str, Any]:
+    """Read, decode and write one shard. Returns per position: the PNG's sha256 (written rows), the
+    skip reason or the conversion note; and the shard's name when it has rows."""
+    allow_upsample = job.source == "digits"  # digits are 8x8: upsampled by design
+    rows: list[tuple[bytes, int, str]] = []
+    done: dict[str, Any] = {"sha256": {}, "skipped": {}, "converted": {}, "shard": None}
+    data = read_items(job.source, job.root, shard.items, job.read_threads, job.image_column)
+    for pos, item, raw in zip(shard.positions, shard.items, data):
+        png, note = _process(raw, job.image_size, allow_upsample)
+        if png is None:
+            done["skipped"][pos] = note
+            continue
+        if note:
+            done["converted"][pos] = note
+        done["sha256"][pos] = hashlib.sha256(png).hexdigest()
+        rows.append((png, item.label, item.key))
+    if rows:
+        images, labels, keys = zip(*rows)
+        table = pa.table([pa.array(images, pa.binary()), pa.array(labels, pa.int32()), pa.array(keys, pa.string())],
+                         schema=SCHEMA)
+        write_parquet(storage.join(job.out, shard.name), table)
+        done["shard"] = shard.name
+    return done
 
+
+def _ray_task(row: dict[str, Any], job: ShardJob) -> dict[str, Any]:
+    """Ray Data ``map`` function: a shard (as JSON, so Arrow keeps it as given) -> its result (JSON)."""
+    os.environ.update(job.env)
+    spec = json.loads(row["shard"])
+    shard = Shard(spec["split"], spec["index"], spec["positions"], [Item(**it) for it in spec["items"]])
+    return {"result": json.dumps(run_shard(shard, job))}
+
+
+def run_shards_ray(shards: list[Shard], job: ShardJob, num_workers: int | None) -> list[dict[str, Any]]:
+    """Every shard as one Ray Data task of one CPU, ``num_workers`` at once (None: as many as the
+    cluster's CPUs allow). The results come back in any order; the caller orders them by position."""
+    import ray
+
+    specs = [{"shard": json.dumps({"split": s.split, "index": s.index, "positions": s.positions,
+                                   "items": [asdict(it) for it in s.items]})} for s in shards]
+    results = ray.data.from_items(specs, override_num_blocks=len(specs)).map(
+        _ray_task,
+        fn_kwargs={"job": job},
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=num_workers),
+    ).take_all()
+    return [_json_result(r["result"]) for r in results]
+
+
+def _json_result(text: str) -> dict[str, Any]:
+    done = json.loads(text)
+    for name in ("sha256", "skipped", "converted"):  # JSON object keys are strings
+        done[name] = {int(k): v for k, v in done[name].items()}
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
 
 def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the stage: list, split, decode, write shards, check the skip share, write the manifest."""
-    listing = list_source(cfg)
+    """Run the stage: list, plan, decode and write shards, check the skip share, write the manifest."""
+    listing = list_source(cfg)  # refuses a missing path or one without classes before any work
     items = listing.items
     if listing.shuffle:  # class-mixed shards, so any one shard is a fair sample
         items = [items[i] for i in np.random.default_rng(cfg.seed + 1).permutation(len(items))]
     splits = assign_splits(items, cfg.val_fraction, cfg.seed)
+    shards = plan_shards(items, splits, cfg.rows_per_shard)
     num_inputs = len(listing.items) + len(listing.skipped)
-    log(f"prepare: {len(listing.items)} inputs in {len(listing.class_names)} classes from {cfg.source} {cfg.path or ''}")
+    log(f"prepare: {len(listing.items)} inputs in {len(listing.class_names)} classes from {cfg.source} "
+        f"{cfg.path or ''}, {len(shards)} shards")
+    on_ray = cfg.source != "digits"
+    if on_ray:
+        runtime.init_ray()
+        runtime.require_shared({"prepare.path": cfg.path, "prepare output": out}, runtime.cluster_hosts(),
+                               "the Ray cluster")
 
     staging = storage.begin_output(out)
     try:
-        writers = {s: ShardWriter(staging, s, cfg.rows_per_shard) for s in SPLITS}
-        skipped = list(listing.skipped)
-        converted: Counter[str] = Counter()
-        digest = hashlib.sha256()
-        allow_upsample = cfg.source == "digits"  # digits are 8x8: upsampled by design
-        with ThreadPoolExecutor(cfg.workers) as pool:
-            for chunk in _chunks(items, CHUNK):
-                results = pool.map(lambda it: _process(it, cfg.image_size, allow_upsample), chunk)
-                for item, (png, note) in zip(chunk, results):
-                    if png is None:
-                        skipped.append({"key": item.key, "reason": note})
-                        continue
-                    if note:
-                        converted[note] += 1
-                    split = splits[item.key]
-                    writers[split].add(png, item.label, item.key)
-                    digest.update(f"{split}\t{item.key}\t{item.label}\t{hashlib.sha256(png).hexdigest()}\n".encode())
-        _check_skipped(skipped, num_inputs, cfg)
-        for w in writers.values():
-            w.flush()
-        if writers["train"].count == 0:
+        job = ShardJob(cfg.source, cfg.path and storage.absolute(cfg.path), storage.absolute(staging), cfg.image_size,
+                       cfg.read_threads, cfg.image_column, storage.aws_env())
+        results = run_shards_ray(shards, job, cfg.num_workers) if on_ray else [run_shard(s, job) for s in shards]
+        manifest = _manifest(cfg, listing, items, splits, results, num_inputs)
+        _check_skipped(manifest["skipped"], num_inputs, cfg)
+        if manifest["splits"]["train"]["count"] == 0:
             raise ValueError(f"no usable training images from {cfg.source} {cfg.path or ''}")
-        digest.update(f"image_size={cfg.image_size}\n".encode())
-        manifest = {
-            "source": {"type": cfg.source, "path": cfg.path},
-            "image_size": cfg.image_size,
-            "num_classes": len(listing.class_names),
-            "class_names": listing.class_names,
-            "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction,
-            "num_inputs": num_inputs,
-            "splits": {
-                s: {"count": w.count, "per_class": {str(k): w.per_class[k] for k in sorted(w.per_class)}, "shards": w.shards}
-                for s, w in writers.items()
-            },
-            "skipped": skipped,
-            "skipped_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
-            "converted": {"count": sum(converted.values()), "by_reason": dict(converted)},
-            "fingerprint": digest.hexdigest(),
-        }
         storage.write_json(storage.join(staging, MANIFEST), manifest)  # last: marks the output complete
         storage.commit_output(staging, out)
     except BaseException:
@@ -342,9 +432,59 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         raise
     log(
         f"prepare: train {manifest['splits']['train']['count']}, val {manifest['splits']['val']['count']}, "
-        f"skipped {len(skipped)}, converted {manifest['converted']['count']} -> {out}"
+        f"skipped {len(manifest['skipped'])}, converted {manifest['converted']['count']} -> {out}"
     )
     return manifest
+
+
+def _manifest(cfg: PrepareConfig, listing: Listing, items: list[Item], splits: dict[str, str],
+              results: list[dict[str, Any]], num_inputs: int) -> dict[str, Any]:
+    """The manifest from the shards' results, walked in the plan's order (one pass), so that it is
+    the same whatever order the results came back in."""
+    sha = [None] * len(items)
+    skipped_at: dict[int, str] = {}
+    converted_at: dict[int, str] = {}
+    written: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for done in results:
+        for pos, h in done["sha256"].items():
+            sha[pos] = h
+        skipped_at.update(done["skipped"])
+        converted_at.update(done["converted"])
+        if done["shard"]:
+            written[done["shard"].split("/", 1)[0]].append(done["shard"])
+    skipped = list(listing.skipped)
+    converted: Counter[str] = Counter()
+    per_class: dict[str, Counter[int]] = {s: Counter() for s in SPLITS}
+    digest = hashlib.sha256()
+    for pos, item in enumerate(items):
+        if pos in skipped_at:
+            skipped.append({"key": item.key, "reason": skipped_at[pos]})
+            continue
+        if sha[pos] is None:
+            raise RuntimeError(f"prepare: no result for input {item.key}: a shard's task was lost; run the stage again")
+        if pos in converted_at:
+            converted[converted_at[pos]] += 1
+        split = splits[item.key]
+        per_class[split][item.label] += 1
+        digest.update(f"{split}\t{item.key}\t{item.label}\t{sha[pos]}\n".encode())
+    digest.update(f"image_size={cfg.image_size}\n".encode())
+    return {
+        "source": {"type": cfg.source, "path": cfg.path},
+        "image_size": cfg.image_size,
+        "num_classes": len(listing.class_names),
+        "class_names": listing.class_names,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "num_inputs": num_inputs,
+        "splits": {
+            s: {"count": sum(c.values()), "per_class": {str(k): c[k] for k in sorted(c)}, "shards": sorted(written[s])}
+            for s, c in per_class.items()
+        },
+        "skipped": skipped,
+        "skipped_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
+        "converted": {"count": sum(converted.values()), "by_reason": dict(converted)},
+        "fingerprint": digest.hexdigest(),
+    }
 
 
 def _reason_kind(reason: str) -> str:

@@ -57,6 +57,7 @@ class EncodeConfig:
     cpu_actors: int = 2
     actor_num_cpus: float = 0.5  # a fraction, so the actor pool never starves Ray Data's read tasks
     flip_views: bool = False  # also store each image's horizontal flip (train.random_flip needs it): twice the work
+    rows_per_group: int = 256  # parquet row group size: the unit a training worker reads (its memory is a few groups)
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -71,8 +72,8 @@ class EncodeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"encode.mode={self.mode!r} is not one of {MODES}")
-        if self.batch_size < 1 or self.cpu_actors < 1:
-            raise ValueError("encode.batch_size and encode.cpu_actors must be positive")
+        if self.batch_size < 1 or self.cpu_actors < 1 or self.rows_per_group < 1:
+            raise ValueError("encode.batch_size, encode.cpu_actors and encode.rows_per_group must be positive")
 
 
 def latent_columns(views: Sequence[str]) -> tuple[str, ...]:
@@ -174,7 +175,7 @@ def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str, 
         **resources,
     )
     out_fs, out_path = storage.resolve(dest)
-    ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["split"])
+    ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["split"], row_group_size=cfg.rows_per_group)
 
 
 def arrange_shards(staging: str) -> dict[str, list[str]]:

@@ -1,6 +1,8 @@
 """Where a trained DiT comes from: an MLflow model URI, one of our checkpoints (local or s3://),
 or an official DiT ``.pt`` release. Each resolves to a ``ModelBundle``: the EMA weights, the
-architecture, the diffusion settings and the latent space (autoencoder and scale factor)."""
+architecture, the diffusion settings and the latent space (autoencoder and scale factor). An MLflow
+model is the registered pyfunc's bundle (``ray_jobs/mlflow_model.py``), read here without its code:
+the sample and evaluate jobs use the very files that ``mlflow models serve`` does."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class ModelBundle:
     state_dict: dict[str, torch.Tensor]
     diffusion: dict[str, Any] = field(default_factory=dict)
     latents: dict[str, Any] = field(default_factory=dict)   # stats.json of the training data
+    sampling: dict[str, Any] = field(default_factory=dict)  # recorded sampling defaults (registered models)
     source: str = ""
     mlflow_run_id: str | None = None
     registered_model: str | None = None
@@ -99,11 +102,37 @@ def _from_checkpoint(uri: str, num_heads: int | None = None) -> ModelBundle:
     return ModelBundle(model_config=cfg.to_dict(), state_dict=sd, source=target)
 
 
+def _download_dir() -> str:
+    """A folder for downloaded models that lives as long as this process (the sample job loads the
+    bundled autoencoder from it after ``load_bundle`` returns)."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="dit-model-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _bundle_folder(model_dir: str) -> str | None:
+    """The bundle folder of a downloaded MLflow model (the pyfunc's ``bundle`` artifact), or None
+    for a model registered before the bundle existed (a pickled ``mlflow.pytorch`` model)."""
+    from mlflow.models import Model
+
+    from .mlflow_model import BUNDLE
+
+    pyfunc = Model.load(model_dir).flavors.get("python_function", {})
+    artifact = (pyfunc.get("artifacts") or {}).get(BUNDLE)
+    return os.path.join(model_dir, artifact["path"]) if artifact else None
+
+
 def _from_mlflow(uri: str) -> ModelBundle:
+    """A registered or logged model: the same bundle the pyfunc loads (``ray_jobs/mlflow_model.py``),
+    read without its code; ``latents.autoencoder_path`` points at the bundled autoencoder."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from .mlflow_model import read_bundle
     from .tracking import configure_tracking
 
     configure_tracking()
@@ -119,18 +148,44 @@ def _from_mlflow(uri: str) -> ModelBundle:
                 name, ver = rest.split("/", 1)
                 mv = client.get_model_version(name, ver)
             run_id, version = mv.run_id, str(mv.version)
+            uri_pinned = f"models:/{name}/{version}"     # the alias resolved once: one version throughout
         else:  # runs:/<run_id>/<path>
             run_id = uri[len("runs:/"):].split("/", 1)[0]
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        with tempfile.TemporaryDirectory() as tmp:
-            info_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_INFO_PATH, dst_path=tmp)
-            with open(info_path) as f:
-                info = json.load(f)
+            uri_pinned = uri
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri_pinned, dst_path=_download_dir())
+        folder = _bundle_folder(model_dir)
+        if folder is None:
+            return _from_legacy_mlflow(uri, model_dir, run_id, name, version)
     except MlflowException as e:
         raise ValueError(
             f"model {uri!r} could not be resolved in MLflow at {mlflow.get_tracking_uri()}: {e.message}. "
             "Check the name, version or alias (e.g. models:/dit-digits@champion) and MLFLOW_TRACKING_URI."
         ) from e
+    contents = read_bundle(folder)
+    latents = contents.latents
+    if contents.autoencoder_dir is not None:
+        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+    return ModelBundle(
+        model_config=contents.model_config,
+        state_dict=contents.state_dict,
+        diffusion=dict(contents.config.get("diffusion") or {}),
+        latents=latents,
+        sampling=contents.sampling,
+        source=uri,
+        mlflow_run_id=run_id,
+        registered_model=name,
+        version=version,
+    )
+
+
+def _from_legacy_mlflow(uri: str, model_dir: str, run_id: str, name: str | None, version: str | None) -> ModelBundle:
+    """A version registered before the bundle: the pickled module and the run's model_info.json."""
+    import mlflow
+
+    model = mlflow.pytorch.load_model(model_dir, map_location="cpu")
+    info_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_INFO_PATH, dst_path=model_dir)
+    with open(info_path) as f:
+        info = json.load(f)
     return ModelBundle(
         model_config=dict(info["model_config"]),
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},

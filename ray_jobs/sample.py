@@ -6,19 +6,25 @@ the images do not depend on the number of actors or the batch size. Images are g
 shards of ``images_per_shard`` consecutive indices; an actor pool (each actor loads the DiT and the
 autoencoder once) generates a shard, writes it under a temporary name and renames it. Running the
 job again generates only the shards that are missing, so a killed job resumes where it stopped.
+
+The same pool samples the untrained baseline (``baseline_images`` of a freshly initialised model of
+the same architecture, same sampler, labels and seeds) into ``baseline/``: the evaluate stage's FID
+to beat. The driver's finishing steps (``samples.npz``, ``grid.png``) read one shard at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import tarfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, load_autoencoder
 from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
 from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
+from dit_core.metrics import AdmNpzWriter
 
 from . import runtime, storage
 from .model_source import ModelBundle, load_bundle
@@ -37,6 +44,9 @@ CONFIG_FILE = "sample_config.json"
 SUMMARY_FILE = "summary.json"
 NPZ_FILE = "samples.npz"
 GRID_FILE = "grid.png"
+BASELINE_DIR = "baseline"        # the untrained model's samples, the same shard layout (parquet only)
+GRID_MAX_CLASSES = 16            # grid.png has at most this many rows (classes) ...
+GRID_MAX_PER_CLASS = 32          # ... of at most this many images: its size does not grow with the run
 
 
 @dataclass
@@ -58,6 +68,9 @@ class SampleConfig:
     images_per_shard: int = 250
     formats: list[str] = field(default_factory=lambda: ["parquet", "npz"])  # png (tar shards) | parquet | npz (ADM)
     grid_per_class: int = 8                  # grid.png: a row of this many samples per class (0: none)
+    grid_classes: list[int] | None = None    # grid.png's rows: these classes; None: up to 16 evenly spaced
+    baseline_images: int = 500               # also this many from an untrained model (same sampler, labels,
+                                             # seeds) into baseline/: evaluate's FID to beat; 0: none
     autoencoder: str | None = None           # default: the one the model was trained with
     scale_factor: float | None = None        # default: the model's latent record, else the autoencoder's
     expect_preset: str | None = None
@@ -70,7 +83,8 @@ class SampleConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the images (a resumed run must share them)."""
         keep = ("model", "num_images", "class_labels", "sampler", "num_steps", "eta", "guidance_scale",
-                "guided_channels", "cache_interval", "seed", "images_per_shard", "autoencoder", "scale_factor")
+                "guided_channels", "cache_interval", "seed", "images_per_shard", "autoencoder", "scale_factor",
+                "baseline_images")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -102,6 +116,10 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}"
 
 
+def baseline_output(output: str) -> str:
+    return storage.join(output, BASELINE_DIR)
+
+
 def shard_files(output: str, shard: int, formats: Sequence[str]) -> dict[str, str]:
     files = {}
     if "png" in formats:
@@ -117,8 +135,7 @@ def shard_files(output: str, shard: int, formats: Sequence[str]) -> dict[str, st
 
 class ImageSampler:
     """The model, the autoencoder and the sampler settings, loaded once: labels and per-image seeds
-    in, uint8 images out. Plain PyTorch (the Ray actor below wraps it; the evaluate stage uses it
-    directly for its untrained baseline)."""
+    in, uint8 images out. Plain PyTorch (the Ray actor below wraps it)."""
 
     def __init__(self, bundle: ModelBundle, autoencoder: Any, scale_factor: float, cfg: SampleConfig,
                  model: torch.nn.Module | None = None):
@@ -156,6 +173,17 @@ class ImageSampler:
         return np.concatenate(out)
 
 
+def untrained_model(bundle: ModelBundle, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of the bundle's architecture (seeded: the same on every actor)."""
+    from dit_core.models import DiT
+
+    torch.manual_seed(seed)
+    return DiT(bundle.config)
+
+
+SAMPLES, BASELINE = 0, 1   # the ``kind`` of a row: the model's samples, or the untrained baseline's
+
+
 class ShardGenerator:
     """Ray Data callable class: one call = one shard's rows -> the shard written, a summary row back."""
 
@@ -164,33 +192,46 @@ class ShardGenerator:
 
         if isinstance(bundle, ray.ObjectRef):
             bundle = ray.get(bundle)
+        self.bundle = bundle
         self.cfg = SampleConfig(**cfg)
         use_assigned_cpus()
-        self.sampler = ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)
+        self.samplers = {SAMPLES: ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)}
+
+    def sampler(self, kind: int) -> ImageSampler:
+        if kind not in self.samplers:   # the untrained model, built on this actor when it first needs it
+            b = self.bundle
+            model = untrained_model(b["model"], self.cfg.seed)
+            self.samplers[kind] = ImageSampler(b["model"], b["autoencoder"], b["scale_factor"], self.cfg, model=model)
+        return self.samplers[kind]
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch holds whole shards (one block per shard, never split): generate and write each."""
-        out: dict[str, list] = {"shard": [], "images": [], "seconds": []}
-        for shard in np.unique(rows["shard"]):
-            mine = rows["shard"] == shard
-            expected = min(self.cfg.images_per_shard, self.cfg.num_images - int(shard) * self.cfg.images_per_shard)
+        out: dict[str, list] = {"kind": [], "shard": [], "images": [], "seconds": []}
+        for kind, shard in sorted(set(zip(rows["kind"].tolist(), rows["shard"].tolist()))):
+            mine = (rows["shard"] == shard) & (rows["kind"] == kind)
+            total = self.cfg.num_images if kind == SAMPLES else self.cfg.baseline_images
+            expected = min(self.cfg.images_per_shard, total - shard * self.cfg.images_per_shard)
             if int(mine.sum()) != expected:
-                raise RuntimeError(f"shard {int(shard)} arrived with {int(mine.sum())} of its {expected} rows; it is not written")
+                raise RuntimeError(f"shard {shard} arrived with {int(mine.sum())} of its {expected} rows; it is not written")
             t0 = time.perf_counter()
-            self.write_shard(int(shard), rows["index"][mine], rows["label"][mine], rows["seed"][mine])
-            out["shard"].append(int(shard))
+            self.write_shard(kind, shard, rows["index"][mine], rows["label"][mine], rows["seed"][mine])
+            out["kind"].append(kind)
+            out["shard"].append(shard)
             out["images"].append(expected)
             out["seconds"].append(time.perf_counter() - t0)
         return {k: np.array(v) for k, v in out.items()}
 
-    def write_shard(self, shard: int, index: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
+    def write_shard(self, kind: int, shard: int, index: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         order = np.argsort(index)
         index, labels, seeds = index[order], labels[order], seeds[order]
-        images = self.sampler.generate(labels, seeds)
-        files = shard_files(self.cfg.output, shard, self.cfg.formats)
+        images = self.sampler(kind).generate(labels, seeds)
+        if kind == SAMPLES:
+            files = shard_files(self.cfg.output, shard, self.cfg.formats)
+        else:
+            files = shard_files(baseline_output(self.cfg.output), shard, ["parquet"])
         pngs = [png_bytes(im) for im in images]
         if "parquet" in files:
             table = pa.table({
@@ -234,6 +275,12 @@ def validate(cfg: SampleConfig) -> None:
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or not cfg.formats:
         raise ValueError(f"formats {sorted(unknown) or cfg.formats} not understood; choose from {FORMATS}")
+    if cfg.baseline_images < 0:
+        raise ValueError(f"baseline_images={cfg.baseline_images} must be >= 0 (0: no untrained baseline)")
+    if not 0 <= cfg.grid_per_class <= GRID_MAX_PER_CLASS:
+        raise ValueError(f"grid_per_class={cfg.grid_per_class} must be within 0..{GRID_MAX_PER_CLASS} (0: no grid.png)")
+    if cfg.grid_classes is not None and not 1 <= len(cfg.grid_classes) <= GRID_MAX_CLASSES:
+        raise ValueError(f"grid_classes has {len(cfg.grid_classes)} classes; give 1 to {GRID_MAX_CLASSES}, or null for evenly spaced ones")
 
 
 def load_autoencoder_for(cfg: SampleConfig, bundle: ModelBundle) -> tuple[Any, float]:
@@ -272,14 +319,45 @@ def _check_resume(cfg: SampleConfig) -> None:
         storage.write_json(path, cfg.identity())
 
 
-def missing_shards(cfg: SampleConfig) -> list[int]:
-    num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
-    present = set(storage.list_files(cfg.output))
-    return [s for s in range(num_shards) if not all(f in present for f in shard_files(cfg.output, s, cfg.formats).values())]
+def missing_shards(cfg: SampleConfig, baseline: bool = False) -> list[int]:
+    """Shards not yet written: of the samples, or (``baseline``) of the untrained baseline."""
+    output, total, formats = ((baseline_output(cfg.output), cfg.baseline_images, ["parquet"]) if baseline
+                              else (cfg.output, cfg.num_images, cfg.formats))
+    present = set(storage.list_files(output))
+    return [s for s in range(math.ceil(total / cfg.images_per_shard))
+            if not all(f in present for f in shard_files(output, s, formats).values())]
+
+
+def actor_pool(num_actors: int | None, actor_num_cpus: float | None, use_gpu: bool | None, work: int) -> tuple[int, float, bool]:
+    """(actors, CPUs each, whether each holds a GPU) for an actor pool over ``work`` blocks: by
+    default one actor per GPU when the cluster has GPUs (a whole GPU each), else one per CPU, the
+    cores split evenly less a quarter core each for Ray Data's own tasks (and an actor fits on one
+    node: a pool that asks for whole cores on a small machine starves those tasks and hangs)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
+    actors = max(1, min(num_actors or int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)), work))
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    cpus = 1.0 if gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
+    if actor_num_cpus is not None and not gpu:
+        cpus = float(actor_num_cpus)
+    return actors, cpus, gpu
+
+
+def read_shard(output: str, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One parquet shard: (indices, labels, uint8 NHWC images), ordered by index."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(storage.read_bytes(shard_files(output, shard, ["parquet"])["parquet"])))
+    index = np.asarray(t.column("index").to_pylist(), dtype=np.int64)
+    order = np.argsort(index)
+    return index[order], np.asarray(t.column("label").to_pylist(), dtype=np.int64)[order], pngs_to_uint8(t.column("image").to_pylist())[order]
 
 
 def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All generated images (uint8 NHWC) and labels, ordered by index, from the parquet shards."""
+    """All generated images (uint8 NHWC) and labels, ordered by index, from the parquet shards.
+    Every image in memory at once: for tests and small runs; the job and evaluate read shard by shard."""
     import pyarrow.parquet as pq
 
     images, labels, indices = [], [], []
@@ -298,41 +376,132 @@ def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray,
     return (arr[:num_images], lab[:num_images]) if num_images else (arr, lab)
 
 
-def grid(images: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
-    """One row per class (in label order), up to ``per_class`` images each, a 1-pixel gap."""
-    classes = np.unique(labels)
-    h, w, c = images.shape[1:]
-    canvas = np.full((len(classes) * (h + 1) + 1, per_class * (w + 1) + 1, c), 255, np.uint8)
-    for r, cls in enumerate(classes):
-        for col, i in enumerate(np.flatnonzero(labels == cls)[:per_class]):
-            canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
-    return canvas
+def grid_rows(cfg: SampleConfig, labels: np.ndarray) -> np.ndarray:
+    """The classes grid.png shows: ``grid_classes``, else up to GRID_MAX_CLASSES of the sampled
+    classes, evenly spaced."""
+    present = np.unique(labels)
+    if cfg.grid_classes is None:
+        return present[np.unique(np.linspace(0, len(present) - 1, min(len(present), GRID_MAX_CLASSES)).round().astype(int))]
+    absent = sorted(set(cfg.grid_classes) - set(present.tolist()))
+    if absent:
+        raise ValueError(f"grid_classes {absent} are not among the sampled classes; choose from the class_labels sampled")
+    return np.asarray(cfg.grid_classes, dtype=np.int64)
 
 
-def write_grid(out: str, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 4) -> str:
-    from PIL import Image
+class GridBuilder:
+    """grid.png filled as shards stream by: one row per class, up to ``per_class`` images each, a
+    1-pixel gap. Its size is fixed by the classes and ``per_class``, never by the run."""
 
-    img = Image.fromarray(grid(images, labels, per_class))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)  # small images, visible
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    path = storage.join(out, GRID_FILE)
-    storage.write_bytes(path, buf.getvalue())
-    return path
+    def __init__(self, classes: np.ndarray, per_class: int):
+        self.classes, self.per_class = [int(c) for c in classes], per_class
+        self.filled = {c: 0 for c in self.classes}
+        self.canvas: np.ndarray | None = None
+
+    @property
+    def full(self) -> bool:
+        return all(n >= self.per_class for n in self.filled.values())
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        h, w, c = images.shape[1:]
+        if self.canvas is None:
+            self.canvas = np.full((len(self.classes) * (h + 1) + 1, self.per_class * (w + 1) + 1, c), 255, np.uint8)
+        for image, label in zip(images, labels.tolist()):
+            col = self.filled.get(label, self.per_class)
+            if col < self.per_class:
+                row = self.classes.index(label)
+                self.canvas[1 + row * (h + 1):1 + row * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
+                self.filled[label] = col + 1
+
+    def png(self, scale: int = 4) -> bytes:
+        from PIL import Image
+
+        img = Image.fromarray(self.canvas)
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)  # small images, visible
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
 
 
-def write_npz(output: str, images: np.ndarray, labels: np.ndarray) -> str:
-    """The ADM evaluation suite's batch layout: arr_0 uint8 (N, H, W, 3), arr_1 the class labels."""
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images.astype(np.uint8), arr_1=labels.astype(np.int64))
-    path = storage.join(output, NPZ_FILE)
-    storage.write_bytes(path, buf.getvalue())
-    return path
+@contextlib.contextmanager
+def open_output(uri: str) -> Iterator[IO[bytes]]:
+    """A local file to write ``uri`` into; it appears at ``uri`` (renamed, or uploaded in chunks to
+    S3) only when the block ends without an error. Memory: none beyond the copy buffer."""
+    import shutil
+    import tempfile
+
+    fs, path = storage.resolve(uri)
+    if storage.is_s3(uri):
+        tmp = os.path.join(tempfile.gettempdir(), f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"   # remove_temporaries clears it if the job is killed
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if storage.is_s3(uri):
+            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def finish(cfg: SampleConfig, labels: np.ndarray) -> list[str]:
+    """The driver's finishing steps, one shard in memory at a time: ``samples.npz`` (the ADM suite's
+    layout, its ``arr_0`` streamed into the zip) and ``grid.png``. Returns the files written."""
+    want_npz = "npz" in cfg.formats
+    builder = GridBuilder(grid_rows(cfg, labels), cfg.grid_per_class) if cfg.grid_per_class else None
+    written = []
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for shard in range(math.ceil(cfg.num_images / cfg.images_per_shard)):
+            if not want_npz and (builder is None or builder.full):
+                break
+            try:
+                index, labs, images = read_shard(cfg.output, shard)
+            except FileNotFoundError as e:
+                raise RuntimeError(f"{cfg.output} lacks shard {shard} ({e}): written to another host's disk? "
+                                   "Re-run the sample job (it generates only the missing shards)") from e
+            expected = np.arange(shard * cfg.images_per_shard, min((shard + 1) * cfg.images_per_shard, cfg.num_images))
+            if not np.array_equal(index, expected):
+                raise RuntimeError(f"shard {shard} of {cfg.output} holds indices {index[:3].tolist()}... not "
+                                   f"{expected[0]}..{expected[-1]}; delete it and re-run the sample job")
+            if want_npz:
+                if writer is None:
+                    npz = storage.join(cfg.output, NPZ_FILE)
+                    writer = AdmNpzWriter(stack.enter_context(open_output(npz)), cfg.num_images, images.shape[1:])
+                    written.append(npz)
+                writer.write(images, labs)
+            if builder is not None:
+                builder.add(images, labs)
+        if writer is not None:
+            writer.close()
+    if builder is not None and builder.canvas is not None:
+        written.append(storage.join(cfg.output, GRID_FILE))
+        storage.write_bytes(written[-1], builder.png())
+    return written
+
+
+def shard_block(cfg: SampleConfig, kind: int, shard: int, labels: np.ndarray, total: int) -> Any:
+    """The rows of one shard (index, label, seed, kind, shard) as one Arrow block."""
+    import pyarrow as pa
+
+    idx = np.arange(shard * cfg.images_per_shard, min((shard + 1) * cfg.images_per_shard, total))
+    return pa.table({
+        "index": pa.array(idx, pa.int64()),
+        "label": pa.array(labels[idx], pa.int64()),
+        "seed": pa.array([image_seed(cfg.seed, int(i)) for i in idx], pa.uint64()),
+        "kind": pa.array(np.full(len(idx), kind), pa.int64()),
+        "shard": pa.array(np.full(len(idx), shard), pa.int64()),
+    })
 
 
 def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
-    """Generate every missing shard of ``cfg.output``; return the closing summary."""
-    import pyarrow as pa
+    """Generate every missing shard of ``cfg.output`` (and of its baseline); return the closing summary."""
     import ray
 
     validate(cfg)
@@ -341,41 +510,27 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     bundle = load_bundle(cfg.model, cfg.expect_preset)
     mc = bundle.config
     labels = class_labels_for(cfg, mc.num_classes)
+    base_labels = class_labels_for(replace(cfg, num_images=cfg.baseline_images), mc.num_classes) if cfg.baseline_images else labels[:0]
+    if cfg.grid_per_class:
+        grid_rows(cfg, labels)   # chosen grid classes checked before any sampling
     autoencoder, scale = load_autoencoder_for(cfg, bundle)
     _check_resume(cfg)
 
     storage.remove_temporaries(cfg.output)  # a killed run's half-written shards
-    todo = missing_shards(cfg)
+    todo = [(SAMPLES, s) for s in missing_shards(cfg)] + [(BASELINE, s) for s in missing_shards(cfg, baseline=True)]
     t0 = time.perf_counter()
-    generated = 0
+    generated = {SAMPLES: 0, BASELINE: 0}
     if todo:
         init_ray()
         runtime.require_shared({"sample output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
         runtime.require_persistent({"sample output": cfg.output})
-        resources = ray.cluster_resources()
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
-        # default: one actor per GPU; on CPUs one per core, each a single-threaded PyTorch
-        actors = cfg.num_actors or int(resources.get("GPU", 0) if use_gpu else resources.get("CPU", 1))
-        actors = max(1, min(actors, len(todo)))
+        actors, cpus, use_gpu = actor_pool(cfg.num_actors, cfg.actor_num_cpus, cfg.use_gpu, len(todo))
         # The rows (index, label, seed), one block per shard: an actor gets whole shards, and no
         # shuffle is needed (a groupby's reduce tasks would wait for CPUs the actors hold).
-        blocks = []
-        for shard in todo:
-            idx = np.arange(shard * cfg.images_per_shard, min((shard + 1) * cfg.images_per_shard, cfg.num_images))
-            blocks.append(pa.table({
-                "index": pa.array(idx, pa.int64()),
-                "label": pa.array(labels[idx], pa.int64()),
-                "seed": pa.array([image_seed(cfg.seed, int(i)) for i in idx], pa.uint64()),
-                "shard": pa.array(np.full(len(idx), shard), pa.int64()),
-            }))
+        blocks = [shard_block(cfg, kind, shard, labels, cfg.num_images) if kind == SAMPLES
+                  else shard_block(cfg, kind, shard, base_labels, cfg.baseline_images) for kind, shard in todo]
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        # CPU actors share the cores, leaving a quarter core each for Ray Data's own tasks
-        # (and an actor fits on one node)
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-        cpus = 1.0 if use_gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
-        if cfg.actor_num_cpus is not None and not use_gpu:
-            cpus = cfg.actor_num_cpus
         out = ray.data.from_arrow(blocks).map_batches(
             ShardGenerator,
             batch_size=None,             # whole blocks: a shard is never split across batches
@@ -386,20 +541,19 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
             num_cpus=cpus,
             runtime_env={"env_vars": storage.aws_env()},
         ).take_all()
-        generated = int(sum(r["images"] for r in out))
+        for r in out:
+            generated[int(r["kind"])] += int(r["images"])
     if "npz" in cfg.formats or cfg.grid_per_class:
-        images, labs = read_images(cfg.output, cfg.num_images)
-        if "npz" in cfg.formats:
-            write_npz(cfg.output, images, labs)
-        if cfg.grid_per_class:
-            write_grid(cfg.output, images, labs, cfg.grid_per_class)
+        finish(cfg, labels)
     seconds = time.perf_counter() - t0
     summary = {
         "images": cfg.num_images,
-        "generated_now": generated,
-        "shards_generated_now": len(todo),
+        "generated_now": generated[SAMPLES],
+        "shards_generated_now": sum(kind == SAMPLES for kind, _ in todo),
+        "baseline_images": cfg.baseline_images,     # an untrained model's, in baseline/ (evaluate's FID to beat)
+        "baseline_generated_now": generated[BASELINE],
         "seconds": round(seconds, 3),
-        "images_per_second": round(generated / seconds, 3) if generated else 0.0,
+        "images_per_second": round(sum(generated.values()) / seconds, 3) if todo else 0.0,
         "model": bundle.source,
         "registered_model": bundle.registered_model,
         "version": bundle.version,

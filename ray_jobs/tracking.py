@@ -8,12 +8,14 @@ ever written to params, tags or logs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from dit_core.training import flatten
 
@@ -156,35 +158,126 @@ def log_model(
     tags: Mapping[str, Any],
     step: int,
 ) -> str:
-    """Log ``model`` (the EMA DiT) as the run's ``model`` and ``model_info/model_info.json``,
-    register it as a new version of ``registered_model``, tag the version; returns the version.
+    """Log ``model`` (the EMA DiT) as the run's ``model``: an MLflow pyfunc image generator
+    (``ray_jobs/mlflow_model.py``) bundling the weights, ``model_info`` (model_config, diffusion,
+    latents = the training data's stats.json, optional ``sampling`` defaults), the autoencoder that
+    ``latents.autoencoder_path`` names (local, relative to the project, s3:// or a Hugging Face id in
+    the local cache) and ``dit_core`` as code. Also writes ``model_info/model_info.json``, registers a
+    new version of ``registered_model`` and tags it; returns the version (the one this run already
+    registered for ``step``, if any).
 
-    Pickle serialization: the default "pt2" (torch.export) format needs one tensor input, and a
-    DiT takes three (x, t, y); the loader needs ``dit_core`` importable, as any of our jobs has it.
+    Sampling defaults: ``model_info["sampling"]`` where given, else the ``sample`` settings'
+    defaults (``ray_jobs.sample.SampleConfig``). An autoencoder that cannot be found is reported
+    and left out: the version then loads for sampling with ``--autoencoder`` only.
     """
+    import tempfile
+
     import mlflow
     from mlflow import MlflowClient
+
+    from . import mlflow_model
 
     existing = registered_version(run_id, registered_model, step)
     if existing is not None:
         return existing
-    import torch
-
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict(dict(model_info), MODEL_INFO_PATH)
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
-            name="model",
-            serialization_format="pickle",
-            registered_model_name=registered_model,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            step=step,
-        )
+    latents = dict(model_info.get("latents") or {})
+    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, _autoencoder_folder(latents.get("autoencoder_path")) as ae_dir:
+        bundle = mlflow_model.write_bundle(Path(tmp, mlflow_model.BUNDLE), model.cpu().eval(), model_info,
+                                           sampling_defaults(model_info.get("sampling")), ae_dir)
+        num_classes = int(model_info["model_config"]["num_classes"])
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(dict(model_info), MODEL_INFO_PATH)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=mlflow_model.__file__,      # models from code: no pickle
+                artifacts={mlflow_model.BUNDLE: str(bundle)},
+                code_paths=_model_code(Path(tmp, "code")),
+                signature=mlflow_model.signature(),
+                # the example is predicted once at logging (MLflow's serving check): only where it can decode
+                input_example=mlflow_model.input_example(num_classes) if ae_dir else None,
+                pip_requirements=_model_requirements(),
+                registered_model_name=registered_model,
+                step=step,
+            )
     version = str(info.registered_model_version)
     client = MlflowClient()
     for k, v in {**safe_params(tags), STEP_TAG: str(step)}.items():
         client.set_model_version_tag(registered_model, version, k, v)
     return version
+
+
+def sampling_defaults(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The sampling defaults a registered model records: ``dit_core.pipeline.SamplingSettings``'s
+    (= the ``sample`` settings' defaults), updated with ``given``; checked."""
+    from dataclasses import asdict, fields
+
+    from dit_core.pipeline import SamplingSettings
+
+    known = [f.name for f in fields(SamplingSettings)]
+    unknown = sorted(set(given or {}) - set(known))
+    if unknown:
+        raise ValueError(f"model_info sampling keys {unknown} are unknown; known: {known}")
+    chosen = SamplingSettings(**(given or {}))
+    chosen.check()
+    return asdict(chosen)
+
+
+@contextlib.contextmanager
+def _autoencoder_folder(path: str | None) -> Iterator[str | None]:
+    """A local folder holding the autoencoder ``path`` names, or None (reported) when none is found."""
+    import shutil
+    import tempfile
+
+    from dit_core.autoencoders import RECORD, load_autoencoder, save_autoencoder
+
+    from . import storage
+
+    if path and storage.is_s3(path):
+        if storage.exists(storage.join(path, RECORD)):
+            with storage.local_copy(path, RECORD) as local:
+                yield local
+            return
+    elif path:
+        local = Path(path).expanduser()
+        for candidate in (local, REPO / local):  # relative: to the working dir, else to the project
+            if candidate.is_dir():
+                yield str(candidate)
+                return
+        tmp = tempfile.mkdtemp(prefix="dit-autoencoder-")
+        try:
+            try:  # a Hugging Face id: from the local cache only, written out as a folder
+                save_autoencoder(load_autoencoder(path), Path(tmp, "ae"))
+            except FileNotFoundError:
+                pass
+            else:
+                yield str(Path(tmp, "ae"))
+                return
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"warning: the registered model bundles no autoencoder: the latents name {path!r}, which is no folder, "
+          "s3:// folder or Hugging Face model in the local cache; it loads for sampling with --autoencoder only",
+          file=sys.stderr, flush=True)
+    yield None
+
+
+def _model_code(dest: Path) -> list[str]:
+    """The code a registered model loads with besides its own file: ``dit_core``, without caches."""
+    import shutil
+
+    import dit_core
+
+    shutil.copytree(Path(dit_core.__file__).parent, dest / "dit_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(dest / "dit_core")]
+
+
+# what dit_core and the pyfunc import, pinned to this environment's versions
+_MODEL_PACKAGES = ("torch", "numpy", "pandas", "diffusers", "safetensors", "pillow", "pyyaml")
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in _MODEL_PACKAGES]
 
 
 FID_TAG = "fid"                         # on a model version: its FID (lower is better)
@@ -282,6 +375,7 @@ __all__ = [
     "registered_version",
     "registry_uri",
     "safe_params",
+    "sampling_defaults",
     "set_tags",
     "start_run",
     "tag_version",

@@ -38,14 +38,16 @@ import torch
 from dit_core import settings
 from dit_core.diffusion import create_diffusion, training_losses
 from dit_core.models import DiT, DiTConfig, preset_config
-from dit_core.training import LATENT_VIEWS, EMA, BatchPlan, LatentArrays, derive_seed, flatten, latent_batch, learning_rate
+from dit_core.training import LATENT_VIEWS, EMA, derive_seed, flatten, learning_rate, noisy_latents
 
 from . import runtime, storage, tracking
+from .latent_input import LatentStream, check_latents, plan_stream, scan_units
 
 STATS = "stats.json"
 RESULT_PREFIX = "TRAIN_RESULT "               # the last line of a job's log: its result for a human (the job API: --result)
 STATE_FILE = "state.pt"                      # inside each checkpoint directory (docs/CONTRACTS.md)
 HISTORY_FILE = "history.json"                # beside it: every logged row so far (step, loss, ...)
+ATTEMPTS_FILE = "attempts.json"              # and the steps each attempt (start, resume, restart) executed
 # stats.json without "views" was written before encode.flip_views existed, always with both views
 VIEWS_BEFORE_FLIP_VIEWS = ("image", "flip")
 STRATEGIES = ("ddp", "fsdp")
@@ -74,6 +76,7 @@ class TrainConfig:
     noise_schedule: str = "linear"                # the paper's (cosine: Improved DDPM's)
     diffusion_steps: int = 1000
     random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
+    shuffle_rows: int = 1024                      # rows a worker shuffles together (its input memory: ~4 such windows)
     # optimisation (steps = optimizer steps; batch_size = global: all workers, all micro-batches)
     steps: int = 1500
     batch_size: int = 128
@@ -111,7 +114,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy={self.strategy!r}; choose one of {STRATEGIES}")
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "num_workers", "diffusion_steps"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "num_workers", "diffusion_steps",
+                    "shuffle_rows"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be a positive integer")
         if self.batch_size % (self.num_workers * self.grad_accum):
@@ -211,23 +215,26 @@ def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
     return files
 
 
-def load_latents(latents: str, stats: dict[str, Any]) -> LatentArrays:
-    """The train split as (N, C, H, W) arrays, in shard order: the columns of the views stats.json lists."""
-    shape = tuple(stats["latent_shape"])
-    columns = [c for view in stored_views(stats) for c in LATENT_VIEWS[view]]
-    tables = []
-    for f in train_shards(latents, stats):
-        fs, path = storage.resolve(f)
-        tables.append(pq.read_table(path, filesystem=fs, columns=[*columns, "label"]))
-    table = pa.concat_tables(tables)
-    n = table.num_rows
-    arrays = {}
-    for c in columns:
-        flat = table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        if flat.size != n * int(np.prod(shape)):
-            raise ValueError(f"{latents}: column {c} has {flat.size // max(n, 1)} values per row; stats.json says {list(shape)}")
-        arrays[c] = flat.astype(np.float32, copy=False).reshape(n, *shape)
-    return LatentArrays(labels=table.column("label").to_numpy().astype(np.int64), **arrays)
+def layout_digest(units: Any) -> str:
+    """The row-group layout of the train shards: with the seed and the worker count it decides the
+    data order (ray_jobs/latent_input.py), so a resumed run must find the same layout."""
+    return hashlib.sha256(json.dumps([u.rows for u in units]).encode()).hexdigest()[:16]
+
+
+def check_data(latents: str, stats: dict[str, Any]) -> list[Any]:
+    """The train units, after refusing (on the driver, before any work) latents the workers could not
+    train on: an empty shard, a missing column, a wrong row width, labels outside the classes."""
+    files = train_shards(latents, stats)
+    units = scan_units(files)
+    if not units:
+        raise ValueError(f"the train shards under {latents} hold no rows; re-run the encode stage")
+    check_latents(files, units, stats["latent_shape"], int(stats["num_classes"]), stored_views(stats))
+    return units
+
+
+def check_batch(cfg: TrainConfig, units: list[Any]) -> None:
+    """Refuse on the driver a batch the workers' shares cannot serve (latent_input.plan_stream)."""
+    plan_stream(units, cfg.per_worker_batch, cfg.num_workers, cfg.seed, cfg.shuffle_rows)
 
 
 def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
@@ -254,14 +261,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 IDENTITY_FILE = "train_identity.json"   # beside a run's checkpoints: the settings it was started with
 
 
-def check_identity(cfg: TrainConfig, name: str) -> None:
-    """Record the run's weight-deciding settings at its first start; refuse to resume it with others."""
+def check_identity(cfg: TrainConfig, name: str, fingerprint: str) -> None:
+    """Record the run's weight-deciding settings and data at its first start; refuse to resume it
+    with other settings or on other data."""
     uri = storage.join(cfg.storage_path, name, IDENTITY_FILE)
-    current = json.loads(json.dumps(cfg.identity(), default=str))
+    current = json.loads(json.dumps(cfg.identity(), default=str)) | {"data_fingerprint": fingerprint}
     if not storage.exists(uri):
         storage.write_json(uri, current)
         return
     saved = storage.read_json(uri)
+    if saved.get("data_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"run {name!r} under {cfg.storage_path} was started on latents with fingerprint {saved['data_fingerprint']}; "
+            f"{cfg.latents} has fingerprint {fingerprint}: resuming on other data is refused; use a new train.name "
+            "(or name: null) or the latents the run was started on")
+    saved.setdefault("data_fingerprint", fingerprint)  # written before the data was part of the identity
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(
@@ -305,11 +319,27 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
     return [{"params": rest, "lr_scale": 1.0}, {"params": [table], "lr_scale": cfg.class_embed_lr_scale}]
 
 
-def _load_checkpoint(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
+def _load_checkpoint(checkpoint: Any, cfg: TrainConfig, fingerprint: str, layout: str) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        history = os.path.join(d, HISTORY_FILE)
-        state["history"] = json.loads(Path(history).read_text()) if os.path.exists(history) else []
+        try:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt file: say which, do not start over silently
+            raise ValueError(f"checkpoint {d}/{STATE_FILE} cannot be read ({type(e).__name__}: {e}); delete that checkpoint "
+                             "folder to resume from the one before, or use a new train.name") from e
+        for name, key in ((HISTORY_FILE, "history"), (ATTEMPTS_FILE, "attempts")):
+            path = os.path.join(d, name)
+            state[key] = json.loads(Path(path).read_text()) if os.path.exists(path) else []
+    saved_fp = state.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint:
+        raise ValueError(
+            f"run {state['config'].get('name')!r} was trained on latents with fingerprint {saved_fp}, and "
+            f"{cfg.latents} has fingerprint {fingerprint}: resuming on other data is refused; use a new train.name "
+            "(or name: null) or the latents it was started on")
+    if state.get("data_layout") not in (None, layout):
+        raise ValueError(
+            f"run {state['config'].get('name')!r} read latents laid out in row groups {state['data_layout']}, and "
+            f"{cfg.latents} has layout {layout} (same data, re-encoded with another encode.rows_per_group): the data order "
+            "would differ; use a new train.name or the latents it was started on")
     saved = state.get("identity")
     if saved is not None and saved != json.loads(json.dumps(cfg.identity(), default=str)):
         diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
@@ -335,12 +365,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     stats = read_stats(cfg.latents)
-    data = load_latents(cfg.latents, stats)
+    plan, units = plan_stream(scan_units(train_shards(cfg.latents, stats)),   # footers only: the data streams
+                              cfg.per_worker_batch, world, cfg.seed, cfg.shuffle_rows, flip_prob=0.5 if cfg.random_flip else 0.0)
+    layout = layout_digest(units)
     mcfg = model_config(cfg, stats)
     diffusion = create_diffusion(None, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
                                  diffusion_steps=cfg.diffusion_steps)
-    plan = BatchPlan(len(data), cfg.per_worker_batch, world, cfg.grad_accum, cfg.seed,
-                     flip_prob=0.5 if cfg.random_flip else 0.0)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(mcfg)
@@ -348,11 +378,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, cfg)
+        state = _load_checkpoint(checkpoint, cfg, stats["fingerprint"], layout)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
     start_step = int(state.get("step", 0))
     history: list[dict[str, Any]] = list(state.get("history", []))  # the logged rows, kept across resumes
+    # the steps each attempt executed: a resume that started over from 0 would show here
+    attempts: list[dict[str, int]] = [*state.get("attempts", []), {"start_step": start_step, "end_step": start_step}]
     if start_step > cfg.steps:
         raise ValueError(f"run {config['run_name']!r} already has {start_step} steps, more than train.steps={cfg.steps}; "
                          "use a new train.name (or name: null) or raise train.steps")
@@ -394,25 +426,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "model": model_sd, "ema": ema.state_dict(), "optimizer": opt_sd, "step": step,
                     "model_config": mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": stats,
                     "config": flatten(asdict(cfg)) | {"name": config["run_name"]}, "data_fingerprint": stats["fingerprint"],
+                    "data_layout": layout,
                     "identity": json.loads(json.dumps(cfg.identity(), default=str)), "mlflow_run_id": run_id,
                 }, os.path.join(tmp, STATE_FILE))
                 with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
                     json.dump(history, f)
+                with open(os.path.join(tmp, ATTEMPTS_FILE), "w") as f:
+                    json.dump(attempts, f)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")   # Ray
 
     window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     metrics: dict[str, Any] = {}
+    stream = LatentStream(plan, units, stats["latent_shape"], rank, start=start_step * cfg.grad_accum)
+    batches = iter(stream)
     model.train()
     for step in range(start_step, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps) * group.get("lr_scale", 1.0)
         for micro in range(cfg.grad_accum):
-            rows, flips = plan.rows(step, micro, rank)
+            batch = next(batches)
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank, micro, 0))
-            x, y = latent_batch(data, rows, flips, float(stats["scale_factor"]), gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = noisy_latents(batch.mean, batch.std, float(stats["scale_factor"]), gen)
+            x, y = x.to(device, non_blocking=True), torch.from_numpy(batch.labels).to(device, non_blocking=True)
             torch.manual_seed(derive_seed(cfg.seed, step, rank, micro, 1))  # timesteps, noise, label dropout
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
@@ -429,6 +466,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.update(model if cfg.strategy == "fsdp" else raw, step)
         window_steps += 1
         done = step + 1
+        attempts[-1]["end_step"] = done
         if done % cfg.log_every == 0 or done == cfg.steps:
             if world > 1:
                 dist.all_reduce(window_loss)  # the loss of every worker, not rank 0's alone
@@ -439,8 +477,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "steps_per_sec": window_steps / elapsed,
                 "images_per_sec": window_steps * cfg.batch_size / elapsed,
                 "peak_memory_mb": _peak_memory_mb(device),
-                "epoch": plan.epoch_of(step),
+                "data_wait_share": (stream.wait_seconds - window_wait) / elapsed,   # of the wall time: input-bound if high
+                "epoch": plan.epoch_of(step * cfg.grad_accum),
             }
+            window_wait = stream.wait_seconds
             history.append({"step": done, **metrics})
             if run_id:
                 tracking.log_metrics(run_id, metrics, step=done)
@@ -450,6 +490,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save(done, {**metrics, "step": done, "mlflow_run_id": run_id or ""})
+    stream.close()
 
     if rank == 0 and run_id:
         final = copy.deepcopy(ema.model).cpu()
@@ -477,10 +518,12 @@ class TrainResult:
     registered_model: str | None
     version: str | None
     history: list[dict[str, Any]] = field(default_factory=list)   # every logged row: step, loss, lr, ...
+    attempts: list[dict[str, int]] = field(default_factory=list)  # [{start_step, end_step}] of each start/resume/restart
 
     def summary(self) -> dict[str, Any]:
-        """What the job hands back (``--result``): the pointer, the last metrics and the history."""
-        return {"name": self.name, "step": self.step, "metrics": self.metrics, "history": self.history, **self.pointer()}
+        """What the job hands back (``--result``): the pointer, the last metrics, the history and the attempts."""
+        return {"name": self.name, "step": self.step, "metrics": self.metrics, "history": self.history,
+                "attempts": self.attempts, **self.pointer()}
 
     def pointer(self) -> dict[str, Any]:
         """``models/dit.json`` (docs/CONTRACTS.md)."""
@@ -506,6 +549,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
+    check_batch(cfg, check_data(cfg.latents, stats))  # and for latents the workers could not read
     runtime.init_ray()
     # hosts share nothing but S3 and the tracking server: refuse, before anything is written, what
     # another host cannot reach or what Ray deletes with the job
@@ -515,7 +559,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
-    check_identity(cfg, name)
+    check_identity(cfg, name, stats["fingerprint"])
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
@@ -548,11 +592,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         tracking.configure_tracking()
         version = tracking.registered_version(run_id, cfg.registered_model, int(metrics.get("step", cfg.steps)))
     checkpoint = _checkpoint_uri(result.checkpoint, cfg.storage_path)
-    history_uri = storage.join(checkpoint, HISTORY_FILE)
+    history_uri, attempts_uri = storage.join(checkpoint, HISTORY_FILE), storage.join(checkpoint, ATTEMPTS_FILE)
     return TrainResult(
         name=name, checkpoint=checkpoint, step=int(metrics.get("step", 0)),
         metrics=metrics, mlflow_run_id=run_id, registered_model=cfg.registered_model if version else None, version=version,
         history=storage.read_json(history_uri) if storage.exists(history_uri) else [],
+        attempts=storage.read_json(attempts_uri) if storage.exists(attempts_uri) else [],
     )
 
 

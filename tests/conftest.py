@@ -87,6 +87,8 @@ def ray_cluster(tmp_path_factory):
     )
     cluster.add_node(num_cpus=2, resources={"worker_node": 1})
     cluster.wait_for_nodes()
+    if ray.is_initialized():  # a stage run earlier in this process started a local Ray of its own
+        ray.shutdown()
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         yield cluster

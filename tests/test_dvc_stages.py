@@ -209,7 +209,7 @@ def test_experiments_run_show_and_compare(project):
     run(["git", "add", "dvc.lock", "metrics", "params.yaml"], root, env)
     run(["git", "commit", "-qm", "default run"], root, env)
     short = run([DVC, "exp", "run", "-n", "short", "-S", "train.steps=200", "-S", "sample.num_images=200",
-                 "-S", "evaluate.baseline_images=100"], root, env, timeout=1200)
+                 "-S", "sample.baseline_images=100"], root, env, timeout=1200)
     assert ran_stages(short.stdout + short.stderr) == {"train", "sample", "evaluate"}
     nocfg = run([DVC, "exp", "run", "-n", "nocfg", "-S", "sample.guidance_scale=1.0"], root, env, timeout=1200)
     assert ran_stages(nocfg.stdout + nocfg.stderr) == {"sample", "evaluate"}

@@ -142,3 +142,72 @@ def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqli
     assert sampled.weights_digest() != load_bundle(f"models:/{NAME}/{v2}").weights_digest()
     with pytest.raises(ValueError, match="holds other weights than the ones sampled"):
         register(samples, metrics | {"weights_sha256": "0" * 64}, "other-alias")
+
+
+def test_reference_sources(tmp_path):
+    """An ADM .npz with mu/sigma is used as it is; one of arr_0 images becomes slices for the actors."""
+    from pipelines.evaluate import reference_source
+    from ray_jobs.features import npz_items, read_item
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "stats.npz", mu=np.ones(4), sigma=np.eye(4), count=np.int64(7), arr_0=np.zeros((1, 2, 2, 3), np.uint8))
+    stats, items, name = reference_source(str(tmp_path / "stats.npz"), "unused")
+    assert items == [] and stats.count == 7 and name == str(tmp_path / "stats.npz")
+    np.testing.assert_array_equal(stats.sigma, np.eye(4))
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    stats, items, _ = reference_source(str(tmp_path / "images.npz"), "unused")
+    assert stats is None and [(i["start"], i["stop"]) for i in items] == [(0, 40)]
+    items = npz_items("reference", str(tmp_path / "images.npz"), rows_per_item=15)
+    assert [(i["start"], i["stop"]) for i in items] == [(0, 15), (15, 30), (30, 40)]
+    np.testing.assert_array_equal(np.concatenate([read_item(i)[0] for i in items]), images)
+    np.savez(tmp_path / "other.npz", something=np.zeros(3))
+    with pytest.raises(ValueError, match="expected mu and sigma, or arr_0 images"):
+        reference_source(str(tmp_path / "other.npz"), "unused")
+    with pytest.raises(FileNotFoundError, match="use 'val' or an ADM reference .npz"):
+        reference_source(str(tmp_path / "none.npz"), "unused")
+
+
+@pytest.mark.timeout(600)
+def test_distributed_feature_pass_equals_the_single_process_computation(ray_cluster, tmp_path):
+    """evaluate's FID, untrained FID and class accuracy, with the features of the samples, of the
+    baseline and of the reference computed by two actors in blocks (a shard each) and merged in
+    float64, equal the single-process computation on the same images. Tolerance: FID to a relative
+    1e-6 (float32 features of differently sized batches round differently, ~1e-7 relative; the
+    merge itself is exact to ~1e-12), the accuracy exactly."""
+    from dataclasses import replace
+
+    from dit_core.classifier import Classifier, ClassifierConfig, predict, save_classifier
+    from dit_core.metrics import batched_features, feature_stats, fid_from_stats, uint8_to_float
+    from pipelines.evaluate import evaluate
+    from ray_jobs.sample import SampleConfig, baseline_output, shard_files
+    from tests.test_sample import fake_shards
+
+    torch.manual_seed(0)
+    classifier = Classifier(ClassifierConfig(num_classes=3, image_size=8, width=8, feature_dim=16)).eval()
+    save_classifier(classifier, tmp_path / "classifier", extra={"metrics": {"val_accuracy": 0.5}})
+    rng = np.random.default_rng(0)
+    images, base, ref = (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (30, 12, 40))
+    labels = np.arange(30) % 3
+    cfg = SampleConfig(model="models:/m/1", output=str(tmp_path / "samples"), num_images=30, images_per_shard=7,
+                       baseline_images=12, sampler="ddim")
+    fake_shards(cfg, images, labels)
+    fake_shards(replace(cfg, output=baseline_output(cfg.output), num_images=12), base, labels[:12])
+    storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    params = {"features": "classifier", "reference": str(tmp_path / "ref.npz"), "num_actors": 2, "actor_num_cpus": 0.5}
+
+    metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+
+    def stats(a):
+        return feature_stats(batched_features(classifier.features, a))
+    assert metrics["fid"] == pytest.approx(fid_from_stats(stats(images), stats(ref)), rel=1e-6)
+    assert metrics["fid_untrained"] == pytest.approx(fid_from_stats(stats(base), stats(ref)), rel=1e-6)
+    assert metrics["fid_ratio_to_untrained"] == pytest.approx(metrics["fid"] / metrics["fid_untrained"])
+    assert metrics["class_accuracy"] == float((predict(classifier, uint8_to_float(images)) == labels).mean())
+    assert (metrics["num_samples"], metrics["reference_count"], metrics["baseline_images"]) == (30, 40, 12)
+    assert metrics["sampler"] == "ddim" and metrics["model"] == "models:/m/1"
+
+    storage.delete(shard_files(cfg.output, 2, ["parquet"])["parquet"])
+    with pytest.raises(RuntimeError, match="holds 23 of the 30 samples images"):
+        evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)

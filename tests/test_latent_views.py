@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dit_core.training import BatchPlan, LatentArrays, latent_batch
+from dit_core.training import noisy_latents
 from ray_jobs import storage
 from ray_jobs.encode import EncodeBatch, config_from as encode_config, encode, latents_fingerprint
-from ray_jobs.train import config_from, load_latents, model_config, read_stats
+from ray_jobs.latent_input import LatentStream, StreamPlan, scan_units
+from ray_jobs.train import config_from, model_config, read_stats, train_shards
 from tests.fixtures_latents import write_synthetic_latents
 from tests.test_encode import encode_params, inputs, read_latents  # noqa: F401 - `inputs` is a fixture
 
@@ -42,6 +43,17 @@ def prepared_rows(inputs: dict) -> pa.Table:
 
 def stacked(table: pa.Table, column: str) -> np.ndarray:
     return np.stack(table.column(column).to_numpy(zero_copy_only=False))
+
+
+def first_batches(latents: str, n: int, per_rank: int = 8, flip_prob: float = 0.0) -> list:
+    """The training input's first ``n`` micro-batches of one worker (ray_jobs/latent_input.py)."""
+    stats = read_stats(latents)
+    units = scan_units(train_shards(latents, stats))
+    stream = LatentStream(StreamPlan(tuple(u.rows for u in units), per_rank, 1, 0, 64, flip_prob), units,
+                          stats["latent_shape"], 0)
+    out = [b for _, b in zip(range(n), stream)]
+    stream.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,9 +99,9 @@ def test_encode_without_flip_views_on_ray_cluster(ray_cluster, inputs, tmp_path)
 
     # the train job's reader on the job's own output
     assert read_stats(out) == stats
-    data = load_latents(out, stats)
-    assert not data.has_flip and len(data) == stats["counts"]["train"]
-    assert np.allclose(data.mean.reshape(len(data), -1), stacked(read_latents(out, stats, "train"), "mean"))
+    stored = stacked(read_latents(out, stats, "train"), "mean")
+    for batch in first_batches(out, 3, per_rank=4):
+        assert np.allclose(batch.mean.reshape(4, -1), stored[batch.rows])
     model_config(config_from(out, {"random_flip": False}), stats)
     with pytest.raises(ValueError, match=refusal(out)):
         model_config(config_from(out, {"random_flip": True}), stats)
@@ -100,9 +112,8 @@ def test_encode_without_flip_views_on_ray_cluster(ray_cluster, inputs, tmp_path)
 # ---------------------------------------------------------------------------------------------
 
 def test_image_only_latents_train_without_flips(tmp_path):
-    """The worker's data path (read_stats, load_latents, BatchPlan without flips, latent_batch) on
-    latents with no flip columns gives the batches the same rows give with both views, and a DiT
-    trains on them."""
+    """The worker's data path (read_stats, the stream without flips, noisy_latents) on latents with
+    no flip columns gives the batches the same rows give with both views, and a DiT trains on them."""
     from dit_core.diffusion import create_diffusion, training_losses
     from dit_core.models import DiT
 
@@ -115,15 +126,13 @@ def test_image_only_latents_train_without_flips(tmp_path):
     assert stats["views"] == ["image"] and stats["fingerprint"] != read_stats(both)["fingerprint"]
     cfg = config_from(image_only, {"model": {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}})
     assert cfg.random_flip is False
-    data, reference = load_latents(image_only, stats), load_latents(both, read_stats(both))
-    assert not data.has_flip and reference.has_flip
-
-    plan = BatchPlan(len(data), 8, 1, 1, seed=0, flip_prob=0.0)
-    rows, flips = plan.rows(0, 0, 0)
-    x, y = latent_batch(data, rows, flips, float(stats["scale_factor"]), torch.Generator().manual_seed(1))
-    x_ref, y_ref = latent_batch(reference, rows, flips, 1.0, torch.Generator().manual_seed(1))
+    (batch,), (reference,) = first_batches(image_only, 1), first_batches(both, 1)
+    assert np.array_equal(batch.rows, reference.rows) and not batch.flips.any()
+    x = noisy_latents(batch.mean, batch.std, float(stats["scale_factor"]), torch.Generator().manual_seed(1))
+    x_ref = noisy_latents(reference.mean, reference.std, 1.0, torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
-    assert torch.equal(y, y_ref) and x.shape == (8, *SHAPE)
+    y = torch.from_numpy(batch.labels)
+    assert np.array_equal(batch.labels, reference.labels) and x.shape == (8, *SHAPE)
 
     torch.manual_seed(0)
     model = DiT(model_config(cfg, stats))
@@ -167,24 +176,18 @@ def test_latents_from_before_views_load_with_both_views(tmp_path):
 
     stats = read_stats(latents)
     model_config(config_from(latents, {"random_flip": True}), stats)
-    data = load_latents(latents, stats)
-    assert data.has_flip and np.array_equal(data.mean_flip, data.mean[..., ::-1])
-
-    rows, flips = np.arange(4), np.array([True, False, True, False])
-    x, _ = latent_batch(data, rows, flips, 1.0, torch.Generator().manual_seed(3))
-    eps = torch.randn((4, *SHAPE), generator=torch.Generator().manual_seed(3)).numpy()
-    expected = np.where(flips[:, None, None, None], data.mean_flip[rows] + data.std_flip[rows] * eps,
-                        data.mean[rows] + data.std[rows] * eps)
-    assert np.allclose(x.numpy(), expected, atol=1e-6)
+    stored = pa.concat_tables(pq.read_table(f"{latents}/{f}") for f in stats["shards"]["train"])
+    mean, mirror = stacked(stored, "mean").reshape(-1, *SHAPE), stacked(stored, "mean_flip").reshape(-1, *SHAPE)
+    assert np.array_equal(mirror, mean[..., ::-1])
+    (batch,) = first_batches(latents, 1, per_rank=4, flip_prob=1.0)
+    assert batch.flips.all() and np.array_equal(batch.mean, mirror[batch.rows])
 
 
-def test_latent_batch_needs_the_flip_view_only_for_flipped_rows():
+def test_noisy_latents_is_scale_times_a_posterior_draw():
     rng = np.random.default_rng(0)
     mean = rng.standard_normal((6, *SHAPE)).astype(np.float32)
-    data = LatentArrays(mean=mean, std=np.zeros_like(mean), labels=np.arange(6))
-    x, y = latent_batch(data, np.array([4, 1]), np.zeros(2, bool), 2.0, torch.Generator().manual_seed(0))
-    assert np.allclose(x.numpy(), 2.0 * mean[[4, 1]]) and y.tolist() == [4, 1]
-    with pytest.raises(ValueError, match="no flip view"):
-        latent_batch(data, np.array([4, 1]), np.array([False, True]), 1.0, torch.Generator())
-    with pytest.raises(ValueError, match="both"):
-        LatentArrays(mean=mean, std=mean, labels=np.arange(6), mean_flip=mean)
+    std = np.full_like(mean, 0.5)
+    x = noisy_latents(mean, std, 2.0, torch.Generator().manual_seed(3))
+    eps = torch.randn((6, *SHAPE), generator=torch.Generator().manual_seed(3)).numpy()
+    assert np.allclose(x.numpy(), 2.0 * (mean + std * eps), atol=1e-6)
+    assert torch.equal(noisy_latents(mean, np.zeros_like(mean), 1.0, torch.Generator()), torch.from_numpy(mean))

@@ -1,5 +1,6 @@
 """FID: the Frechet distance against an independent computation (scipy's sqrtm), 0 for a set
-against itself, reference .npz files, and the Inception feature network's offline loading."""
+against itself, statistics merged from blocks, reference .npz files written and read a block at a
+time, and the Inception feature network's offline loading."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ import torch
 
 from dit_core.metrics import (
     FID_INCEPTION_FILE,
+    AdmNpzWriter,
+    FeatureMoments,
     InceptionFeatures,
     batched_features,
     feature_stats,
     fid_from_stats,
     frechet_distance,
     load_reference_npz,
+    merge_moments,
+    npz_array_shape,
+    read_npz_rows,
 )
 
 
@@ -59,6 +65,70 @@ def test_frechet_distance_rejects_mismatched_statistics():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="N >= 2"):
         feature_stats(np.zeros((1, 3)))
+
+
+def test_moments_merged_from_blocks_equal_the_statistics_of_all_features():
+    """Blocks of any sizes, merged in any order, give the mean and covariance of the whole set (float64;
+    features with a large offset, where raw sums of squares would lose digits)."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((1000, 16)) @ rng.standard_normal((16, 16)) + 1e3
+    whole = feature_stats(feats)
+    cuts = np.sort(rng.choice(np.arange(1, 1000), 12, replace=False))
+    blocks = [FeatureMoments.of(b) for b in np.split(feats, cuts)]
+    for order in (blocks, blocks[::-1], [blocks[i] for i in rng.permutation(len(blocks))]):
+        merged = merge_moments(order).stats()
+        assert merged.count == 1000
+        np.testing.assert_allclose(merged.mu, whole.mu, rtol=1e-12)
+        np.testing.assert_allclose(merged.sigma, whole.sigma, rtol=1e-9, atol=1e-9)
+    single = FeatureMoments.of(feats[:1])
+    assert single.count == 1 and not single.m2.any()
+    with pytest.raises(ValueError, match="at least 2"):
+        single.stats()
+    with pytest.raises(ValueError, match="dimension"):
+        single.merge(FeatureMoments.of(np.zeros((2, 3))))
+
+
+class Unseekable(io.RawIOBase):
+    """An upload stream: write only, no seek, no tell."""
+
+    def __init__(self):
+        self.data = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self.data.write(b)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_npz_written_and_read_a_block_at_a_time(seekable):
+    """The ADM suite's layout (what np.load reads), written block by block, also to a stream that
+    cannot seek; rows read back without the rest of the array."""
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (23, 5, 6, 3), dtype=np.uint8), np.arange(23) % 4
+    f = io.BytesIO() if seekable else Unseekable()
+    writer = AdmNpzWriter(f, 23, (5, 6, 3))
+    for start in range(0, 23, 7):
+        writer.write(images[start:start + 7], labels[start:start + 7])
+    writer.close()
+    data = (f if seekable else f.data).getvalue()
+    with np.load(io.BytesIO(data)) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"] and z["arr_0"].dtype == np.uint8 and z["arr_1"].dtype == np.int64
+        np.testing.assert_array_equal(z["arr_0"], images)
+        np.testing.assert_array_equal(z["arr_1"], labels)
+    assert npz_array_shape(io.BytesIO(data)) == (23, 5, 6, 3)
+    np.testing.assert_array_equal(read_npz_rows(io.BytesIO(data), 5, 11), images[5:11])
+    np.testing.assert_array_equal(read_npz_rows(io.BytesIO(data), 20, 99), images[20:])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, arr_0=images)   # a compressed npz reads the same way
+    np.testing.assert_array_equal(read_npz_rows(io.BytesIO(buf.getvalue()), 3, 9), images[3:9])
+    with pytest.raises(ValueError, match=r"uint8 \(5, 6, 3\)"):
+        AdmNpzWriter(io.BytesIO(), 2, (5, 6, 3)).write(np.zeros((1, 4, 4, 3), np.uint8), np.zeros(1))
+    short = AdmNpzWriter(io.BytesIO(), 3, (5, 6, 3))
+    short.write(images[:2], labels[:2])
+    with pytest.raises(ValueError, match="2 of the 3 images"):
+        short.close()
 
 
 def test_reference_npz_with_statistics_or_images():

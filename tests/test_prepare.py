@@ -1,5 +1,6 @@
 """The prepare stage and the image helpers: modes, ADM centre crop, bad input, the three sources,
-the skip threshold, atomic output, and S3 in and out against the session's moto server."""
+the skip threshold, atomic output, S3 in and out against the session's moto server, and the Ray
+Data reader against what the earlier thread-pool reader produced."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dit_core.data import BadImage, center_crop, prepare_image
-from pipelines.prepare import PrepareConfig, _reason_kind, prepare
+from pipelines.prepare import PrepareConfig, _reason_kind, assign_splits, list_imagefolder, prepare
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, encode_image, planted_folder, prepare_params, random_rgb
 
@@ -32,6 +33,49 @@ def read_shards(out: str, manifest: dict, split: str) -> pa.Table:
 
 def no_leftovers(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_start():
+    """The imagefolder and parquet tests share the Ray runtime the first of them starts (through
+    prepare's own init_ray); it stops with this module unless it was running before."""
+    import ray
+
+    running = ray.is_initialized()
+    yield
+    if not running and ray.is_initialized():
+        ray.shutdown()
+
+
+# What the thread-pool reader (before prepare ran on Ray Data) wrote for planted_folder() with the
+# test params (rows_per_shard 1000): the reader on Ray Data must give the same, whatever its number
+# of workers. (Memory addresses in exception texts, "<_io.BytesIO object at 0x...>", are dropped.)
+UNDECODABLE = "not a decodable image (UnidentifiedImageError: cannot identify image file <_io.BytesIO object>)"
+THREAD_POOL_PLANTED = {
+    "num_inputs": 35,
+    "splits": {"train": {"count": 24, "per_class": {"0": 12, "1": 12}, "shards": ["train/part-00000.parquet"]},
+               "val": {"count": 4, "per_class": {"0": 2, "1": 2}, "shards": ["val/part-00000.parquet"]}},
+    "skipped": [
+        {"key": "README.txt", "reason": "file is not inside a class folder"},
+        {"key": "bird/", "reason": "empty class folder"},
+        {"key": "dog/empty.jpg", "reason": "empty file"},
+        {"key": "dog/tiny.png", "reason": "smaller than image_size (8x8 < 16)"},
+        {"key": "cat/truncated.png", "reason": "not a decodable image (OSError: image file is truncated)"},
+        {"key": "dog/notes.txt", "reason": UNDECODABLE},
+        {"key": "cat/corrupt.png", "reason": UNDECODABLE},
+    ],
+    "skipped_reasons": {"file is not inside a class folder": 1, "empty class folder": 1, "empty file": 1,
+                        "smaller than image_size": 1, "not a decodable image": 3},
+    "converted": {"count": 4, "by_reason": {"RGBA composited on white": 1, "I;16 to RGB": 1, "L to RGB": 1,
+                                            "P to RGB": 1}},
+    "fingerprint": "0c9bc0b50e4f608d2cc68a11b435dc939b8d4ed984c25f3f537c53f2962f1b23",
+}
+THREAD_POOL_DIGITS = "425db8f8ba06a311563609e8ec475ac0a36ab5542df161288c920b8b1db820f0"  # default params
+THREAD_POOL_PARQUET = "a87cb9e8bdd3c1b5385dd4c777d8865dd3cf3e49584bcfcc0dfe5efc391718c1"  # test_parquet_source
+
+
+def recorded_part(manifest: dict) -> dict:
+    return {k: manifest[k] for k in THREAD_POOL_PLANTED}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +135,7 @@ def test_digits_default(tmp_path):
     cfg = PrepareConfig.from_params(prepare_params())
     out = str(tmp_path / "prepared")
     manifest = prepare(cfg, out)
+    assert manifest["fingerprint"] == THREAD_POOL_DIGITS
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["count"] + val["count"] == 1797 and manifest["num_classes"] == 10
     assert val["count"] == pytest.approx(1797 * cfg.val_fraction, abs=10)
@@ -126,7 +171,43 @@ def test_imagefolder_with_planted_bad_files(tmp_path):
         for k, v in manifest["splits"][split]["per_class"].items():
             per_class[manifest["class_names"][int(k)]] += v
     assert dict(per_class) == planted.good
+    assert recorded_part(manifest) == THREAD_POOL_PLANTED
     assert no_leftovers(tmp_path)
+
+
+def test_ray_workers_give_the_same_manifest_and_shards(tmp_path):
+    """1 and 2 Ray workers, several shards each: the same manifest (counts, reasons, shards,
+    fingerprint) and the same shard files, and the thread-pool reader's accounting and fingerprint."""
+    root = planted_folder().write_local(tmp_path / "images")
+    runs = {}
+    for workers in (1, 2):
+        cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root), max_skipped_fraction=0.5,
+                                                       rows_per_shard=4, num_workers=workers))
+        out = tmp_path / f"prepared-{workers}"
+        manifest = prepare(cfg, str(out))
+        shards = {s: pq.read_table(out / s).to_pydict() for split in ("train", "val")
+                  for s in manifest["splits"][split]["shards"]}
+        runs[workers] = manifest, shards
+    (one, one_shards), (two, two_shards) = runs[1], runs[2]
+    assert one == two and one_shards == two_shards
+    assert len(one["splits"]["train"]["shards"]) == 8  # 29 listed train inputs (5 of them unusable), 4 a shard
+    assert all(len(t["key"]) <= 4 for t in one_shards.values())
+    assert sum(len(t["key"]) for t in one_shards.values()) == 28
+    expected = {k: v for k, v in THREAD_POOL_PLANTED.items() if k != "splits"}
+    assert {k: one[k] for k in expected} == expected  # the fingerprint does not depend on shard sizes
+    assert {s: {k: v for k, v in one["splits"][s].items() if k != "shards"} for s in ("train", "val")} == \
+        {s: {k: v for k, v in THREAD_POOL_PLANTED["splits"][s].items() if k != "shards"} for s in ("train", "val")}
+
+
+def test_split_assignment_is_stratified_and_seeded():
+    from pipelines.prepare import Item
+
+    items = [Item(f"c{c}/{i:03d}", c, "") for c in range(3) for i in range(50 * (c + 1))]
+    splits = assign_splits(items, 0.2, seed=7)
+    assert splits == assign_splits(list(reversed(items)), 0.2, seed=7)  # independent of the listing order
+    assert splits != assign_splits(items, 0.2, seed=8)
+    val = Counter(it.label for it in items if splits[it.key] == "val")
+    assert val == {0: 10, 1: 20, 2: 30}
 
 
 def test_too_many_skipped_fails_and_leaves_nothing(tmp_path):
@@ -164,11 +245,14 @@ def test_parquet_source(tmp_path):
     folder.mkdir()
     for part in range(2):  # two files, as a Hugging Face dataset export would have
         sl = slice(part * 10, part * 10 + 10)
-        pq.write_table(pa.table({"img": images[sl], "class": labels[sl]}), folder / f"data-{part}.parquet")
+        pq.write_table(pa.table({"img": images[sl], "class": labels[sl]}), folder / f"data-{part}.parquet",
+                       row_group_size=3)  # workers read only the row groups of their rows
     cfg = PrepareConfig.from_params(prepare_params(
-        source="parquet", path=str(folder), image_column="img", label_column="class", max_skipped_fraction=0.2))
+        source="parquet", path=str(folder), image_column="img", label_column="class", max_skipped_fraction=0.2,
+        rows_per_shard=5))
     out = str(tmp_path / "prepared")
     manifest = prepare(cfg, out)
+    assert manifest["fingerprint"] == THREAD_POOL_PARQUET
     assert manifest["class_names"] == ["ant", "zebra"]
     assert manifest["skipped_reasons"] == {"empty file": 1, "missing label": 1}
     assert {s["key"] for s in manifest["skipped"]} == {"data-0.parquet#3", "data-0.parquet#5"}
@@ -184,6 +268,44 @@ def test_parquet_source_missing_column_names_it(tmp_path):
         prepare(cfg, str(tmp_path / "prepared"))
 
 
+@pytest.mark.parametrize("layout,says", [
+    ("missing", "does not exist"),
+    ("empty", "has nothing in it"),
+    ("flat", "2 files directly under it and no class folder"),
+    ("empty_classes", "only empty class folders (a, b)"),
+    ("file", "is a file"),
+])
+def test_path_without_class_folders_is_refused_before_work(tmp_path, layout, says):
+    root = tmp_path / "images"
+    if layout == "flat":
+        root.mkdir()
+        (root / "a.png").write_bytes(encode_image(Image.new("RGB", (20, 20))))
+        (root / "b.png").write_bytes(encode_image(Image.new("RGB", (20, 20))))
+    elif layout == "empty":
+        root.mkdir()
+    elif layout == "empty_classes":
+        (root / "a").mkdir(parents=True)
+        (root / "b").mkdir()
+    elif layout == "file":
+        root.write_bytes(b"x")
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=str(root)))
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        prepare(cfg, str(tmp_path / "prepared"))
+    message = str(e.value)
+    assert f"prepare.path={root}" in message and says in message
+    assert "<class name>" in message  # the layout it expects: the fix
+    assert not (tmp_path / "prepared").exists() and no_leftovers(tmp_path)
+
+
+def test_missing_s3_prefix_is_refused_before_work(s3_bucket, tmp_path):
+    cfg = PrepareConfig.from_params(prepare_params(source="imagefolder", path=f"s3://{s3_bucket}/no/such/prefix"))
+    with pytest.raises(FileNotFoundError, match=rf"prepare.path=s3://{s3_bucket}/no/such/prefix does not exist"):
+        list_imagefolder(cfg.path)
+    with pytest.raises(FileNotFoundError):
+        prepare(cfg, str(tmp_path / "prepared"))
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_bad_params_are_named():
     with pytest.raises(ValueError, match="prepare.source"):
         PrepareConfig.from_params(prepare_params(source="flickr"))
@@ -191,6 +313,8 @@ def test_bad_params_are_named():
         PrepareConfig.from_params(prepare_params(source="imagefolder", path=None))
     with pytest.raises(ValueError, match="imagesize"):
         PrepareConfig.from_params(prepare_params(imagesize=32))
+    with pytest.raises(ValueError, match="prepare.num_workers"):
+        PrepareConfig.from_params(prepare_params(num_workers=0))
 
 
 def test_reason_kind_strips_details():

@@ -1,5 +1,6 @@
 """Bulk sampling on Ray Data (ray_jobs/sample.py): images independent of the number of actors and
-the batch size, resume after a killed job, S3 output, the ADM .npz layout, and bad input refused
+the batch size, the untrained baseline sampled by the same job, resume after a killed job, S3
+output, the ADM .npz layout and a grid of bounded size built shard by shard, and bad input refused
 before any sampling starts."""
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencod
 from dit_core.models import DiT, DiTConfig
 from ray_jobs import storage
 from ray_jobs.model_source import load_bundle
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE, NPZ_FILE, SampleConfig, missing_shards, read_images, run
+from ray_jobs.sample import (BASELINE_DIR, CONFIG_FILE, GRID_FILE, GRID_MAX_CLASSES, NPZ_FILE, ImageSampler, SampleConfig,
+                             finish, image_seed, load_autoencoder_for, missing_shards, read_images, run,
+                             shard_files, untrained_model)
 from tests.conftest import REPO
 
 IMAGE_SIZE = 8
@@ -62,7 +65,8 @@ def sample_model(tmp_path_factory) -> dict[str, str]:
 
 def config(sample_model, output, **kw) -> SampleConfig:
     base = dict(model=sample_model["checkpoint"], output=str(output), num_images=12, sampler="ddim", num_steps=8,
-                batch_size=4, images_per_shard=5, formats=["png", "parquet", "npz"], guidance_scale=2.0, grid_per_class=2)
+                batch_size=4, images_per_shard=5, formats=["png", "parquet", "npz"], guidance_scale=2.0, grid_per_class=2,
+                baseline_images=0)
     return SampleConfig(**{**base, **kw})
 
 
@@ -73,9 +77,10 @@ def files_under(root: str) -> set[str]:
 @pytest.mark.timeout(600)
 def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model, tmp_path):
     one = config(sample_model, tmp_path / "one", num_actors=1, batch_size=5)
-    two = config(sample_model, tmp_path / "two", num_actors=2, batch_size=2, actor_num_cpus=0.5)
+    two = config(sample_model, tmp_path / "two", num_actors=2, batch_size=2, actor_num_cpus=0.5, baseline_images=7)
     s1, s2 = run(one, progress=False), run(two, progress=False)
     assert s1["generated_now"] == s2["generated_now"] == 12
+    assert s2["baseline_generated_now"] == 7 and s1["baseline_generated_now"] == 0
     a, la = read_images(one.output)
     b, lb = read_images(two.output)
     assert a.shape == (12, IMAGE_SIZE, IMAGE_SIZE, 3) and a.dtype == np.uint8
@@ -101,6 +106,69 @@ def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model,
         png = np.asarray(Image.open(io.BytesIO(tar.extractfile("00000007.png").read())))
         np.testing.assert_array_equal(png, a[7])
         assert tar.extractfile("00000007.cls").read() == str(7 % NUM_CLASSES).encode()
+    # the same job sampled the untrained baseline: the samples an untrained model of the same
+    # architecture gives with the same sampler, labels and per-image seeds
+    assert {f for f in files_under(two.output) if f.startswith(BASELINE_DIR)} == {
+        f"{BASELINE_DIR}/parquet/shard-000000.parquet", f"{BASELINE_DIR}/parquet/shard-000001.parquet"}
+    base, lbase = read_images(str(Path(two.output, BASELINE_DIR)))
+    bundle = load_bundle(two.model)
+    autoencoder, scale = load_autoencoder_for(two, bundle)
+    expected = ImageSampler(bundle, autoencoder, scale, two, model=untrained_model(bundle, two.seed)).generate(
+        lbase, np.array([image_seed(two.seed, i) for i in range(7)], dtype=np.uint64))
+    np.testing.assert_array_equal(lbase, np.arange(7) % NUM_CLASSES)
+    assert np.abs(base.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(base.astype(int) - b[:7].astype(int)).max() > 1, "the baseline is not the trained model's samples"
+
+
+def fake_shards(cfg: SampleConfig, images: np.ndarray, labels: np.ndarray) -> None:
+    """Sample shards as the actors write them, from given images (no model)."""
+    import pyarrow as pa
+
+    from dit_core.data import png_bytes
+    from pipelines.common import write_parquet
+
+    for shard, start in enumerate(range(0, len(images), cfg.images_per_shard)):
+        idx = np.arange(start, min(start + cfg.images_per_shard, len(images)))[::-1]   # any order within a shard
+        write_parquet(shard_files(cfg.output, shard, ["parquet"])["parquet"], pa.table({
+            "index": pa.array(idx, pa.int64()), "label": pa.array(labels[idx], pa.int32()),
+            "seed": pa.array(idx.astype(np.uint64), pa.uint64()), "image": pa.array([png_bytes(images[i]) for i in idx], pa.binary())}))
+
+
+def test_npz_and_grid_are_built_shard_by_shard(tmp_path, monkeypatch):
+    """samples.npz equals the images in index order (np.load reads it); grid.png has one row per
+    chosen class, or at most GRID_MAX_CLASSES evenly spaced ones, whatever the number of classes;
+    the driver never reads more than one shard at a time, and for a grid alone stops once it is full."""
+    import ray_jobs.sample as job
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    n, classes = 23, 40
+    images, labels = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), rng.permutation(np.arange(n) % classes)
+    cfg = SampleConfig(model="unused", output=str(tmp_path), num_images=n, images_per_shard=5, formats=["parquet", "npz"],
+                       grid_per_class=3, class_labels=labels.tolist())
+    fake_shards(cfg, images, labels)
+    reads = []
+    read_shard = job.read_shard
+    monkeypatch.setattr(job, "read_shard", lambda out, shard: reads.append(shard) or read_shard(out, shard))
+    finish(cfg, labels)
+    assert reads == [0, 1, 2, 3, 4]
+    with np.load(tmp_path / NPZ_FILE) as z:
+        np.testing.assert_array_equal(z["arr_0"], images)
+        np.testing.assert_array_equal(z["arr_1"], labels)
+    grid = np.asarray(Image.open(tmp_path / GRID_FILE))
+    rows = min(GRID_MAX_CLASSES, len(np.unique(labels)))
+    assert grid.shape == (4 * (rows * 5 + 1), 4 * (3 * 5 + 1), 3)   # 4x4 images, 1-pixel gaps, drawn 4x
+
+    reads.clear()
+    chosen = [int(labels[0]), int(labels[1])]
+    finish(replace(cfg, formats=["parquet"], grid_classes=chosen, grid_per_class=1), labels)
+    assert reads == [0], "a grid of one image per chosen class is full after the first shard"
+    grid = np.asarray(Image.open(tmp_path / GRID_FILE))[::4, ::4]
+    assert grid.shape == (2 * 5 + 1, 5 + 1, 3)
+    np.testing.assert_array_equal(grid[1:5, 1:5], images[0])
+    np.testing.assert_array_equal(grid[6:10, 1:5], images[1])
+    with pytest.raises(ValueError, match=r"grid_classes \[99\] are not among the sampled classes"):
+        finish(replace(cfg, grid_classes=[chosen[0], 99]), labels)
 
 
 def sample_cli(cfg: SampleConfig) -> list[str]:
@@ -108,7 +176,8 @@ def sample_cli(cfg: SampleConfig) -> list[str]:
             "--num-images", str(cfg.num_images), "--sampler", cfg.sampler, "--num-steps", str(cfg.num_steps),
             "--batch-size", str(cfg.batch_size), "--images-per-shard", str(cfg.images_per_shard),
             "--formats", ",".join(cfg.formats), "--guidance-scale", str(cfg.guidance_scale),
-            "--num-actors", str(cfg.num_actors), "--grid-per-class", str(cfg.grid_per_class)]
+            "--num-actors", str(cfg.num_actors), "--grid-per-class", str(cfg.grid_per_class),
+            "--baseline-images", str(cfg.baseline_images)]
 
 
 @pytest.mark.timeout(600)
@@ -183,6 +252,9 @@ def test_official_release_layout_loads_with_a_given_autoencoder(sample_model, tm
         ({"sampler": "euler"}, ValueError, "sampler 'euler' is unknown"),
         ({"actor_num_cpus": 0.0}, ValueError, "actor_num_cpus=0.0 must be > 0"),
         ({"cache_interval": 0}, ValueError, "cache_interval=0 must be at least 1"),
+        ({"baseline_images": -1}, ValueError, "baseline_images=-1 must be >= 0"),
+        ({"grid_per_class": 100}, ValueError, "grid_per_class=100 must be within 0..32"),
+        ({"grid_classes": [0, 5]}, ValueError, r"grid_classes \[5\] are not among the sampled classes"),
         ({"output": "under a file"}, PermissionError, "cannot write to"),
     ],
 )

@@ -57,8 +57,26 @@ def test_log_model_registers_once_per_step(mlflow_sqlite):
     info = {"model_config": model.config.to_dict(), "diffusion": {}, "latents": {}}
     v1 = tracking.log_model(run_id, model, "reg-model", info, {"preset": "custom"}, step=5)
     assert tracking.log_model(run_id, model, "reg-model", info, {"preset": "custom"}, step=5) == v1
-    loaded = mlflow.pytorch.load_model(f"models:/reg-model/{v1}")
+    from ray_jobs.model_source import load_bundle
+
+    loaded = load_bundle(f"models:/reg-model/{v1}").build_model()
     x, t, y = torch.randn(2, 2, 4, 4), torch.tensor([1, 2]), torch.tensor([0, 2])
-    assert torch.equal(loaded.eval()(x, t, y), model.eval()(x, t, y))
+    assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))
     mv = mlflow.MlflowClient().get_model_version("reg-model", v1)
     assert mv.tags == {"preset": "custom", "step": "5"}
+    # no autoencoder was found at registration: the generator refuses to load, saying why
+    with pytest.raises(Exception, match="holds no autoencoder"):
+        mlflow.pyfunc.load_model(f"models:/reg-model/{v1}")
+
+
+def test_recorded_sampling_defaults_are_the_sample_settings_defaults():
+    from dit_core import settings
+    from dit_core.pipeline import SamplingSettings
+    from ray_jobs.sample import SampleConfig
+
+    recorded = tracking.sampling_defaults()
+    assert recorded == {k: settings.defaults(SampleConfig)[k] for k in recorded}
+    assert set(recorded) == set(settings.defaults(SamplingSettings))
+    assert tracking.sampling_defaults({"num_steps": 8})["num_steps"] == 8
+    with pytest.raises(ValueError, match="sampling keys \\['steps'\\] are unknown"):
+        tracking.sampling_defaults({"steps": 8})

@@ -149,7 +149,9 @@ def test_mlflow_params_metrics_and_registered_model(workspace, stage_run):
                                                                dst_path=str(workspace["root"] / "info"))).read_text())
     assert info["model_config"]["depth"] == 2 and info["latents"]["latent_shape"] == list(SHAPE)
 
-    registered = mlflow.pytorch.load_model(pointer["model_uri"]).eval()
+    from ray_jobs.model_source import load_bundle
+
+    registered = load_bundle(pointer["model_uri"]).build_model().eval()  # the registered pyfunc bundle's weights
     ema = load_checkpoint(Path(pointer["checkpoint"], "state.pt")).eval()
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(6, *SHAPE, generator=g), torch.tensor([0, 10, 100, 500, 900, 999]), torch.tensor([0, 1, 2, 3, 4, 0])
@@ -162,24 +164,20 @@ def test_mlflow_params_metrics_and_registered_model(workspace, stage_run):
 @pytest.mark.timeout(400)
 def test_resume_equals_uninterrupted_run(workspace, stage_run):
     """Stop after 2 checkpoints' worth of steps, resume to the end: weights, optimizer, EMA and step
-    equal those of the uninterrupted stage run (same seed and settings, other name)."""
+    are bit-equal to those of the uninterrupted stage run (same seed and settings, other name), and
+    the second attempt executed only the last steps (a run that ignored its checkpoint and trained
+    from step 0 gives the same tensors, so the executed steps are what tells a resume apart)."""
     from ray_jobs.train import config_from, train
 
     base = {**PARAMS, "name": "resume", "storage_path": workspace["storage"], "tracking": False}
     first = train(config_from(workspace["latents"], {**base, "steps": 2 * CHECKPOINT_EVERY}))
-    assert first.step == 2 * CHECKPOINT_EVERY
+    assert first.step == 2 * CHECKPOINT_EVERY and first.attempts == [{"start_step": 0, "end_step": 2 * CHECKPOINT_EVERY}]
     second = train(config_from(workspace["latents"], base))
     assert second.step == STEPS
-    resumed, reference = _state(second.checkpoint), _state(stage_run["pointer"]["checkpoint"])
-    assert resumed["step"] == reference["step"] == STEPS
-    for part in ("model", "ema"):
-        for k, v in reference[part].items():
-            torch.testing.assert_close(resumed[part][k], v, rtol=0, atol=1e-6, msg=f"{part}.{k}")
-    ref_opt, res_opt = reference["optimizer"], resumed["optimizer"]
-    assert ref_opt["param_groups"] == res_opt["param_groups"]
-    for i, s in ref_opt["state"].items():
-        for k, v in s.items():
-            torch.testing.assert_close(res_opt["state"][i][k], v, rtol=0, atol=1e-6)
+    assert second.attempts == [{"start_step": 0, "end_step": 2 * CHECKPOINT_EVERY},
+                               {"start_step": 2 * CHECKPOINT_EVERY, "end_step": STEPS}], second.attempts
+    assert stage_run["result"]["attempts"] == [{"start_step": 0, "end_step": STEPS}]
+    assert_same_training_state(_state(second.checkpoint), _state(stage_run["pointer"]["checkpoint"]))
 
     # FSDP on a CPU-only cluster is refused before any worker starts.
     with pytest.raises(ValueError, match="strategy: ddp"):
@@ -187,6 +185,27 @@ def test_resume_equals_uninterrupted_run(workspace, stage_run):
     # Resuming with settings that change the weights is refused, naming the fix.
     with pytest.raises(Exception, match="new train.name"):
         train(config_from(workspace["latents"], {**base, "steps": STEPS + 10, "lr": 5e-4}))
+    # Resuming on other data (same shape and classes, other rows) is refused, naming both fingerprints.
+    other = write_synthetic_latents(workspace["root"] / "other", n=256, num_classes=NUM_CLASSES, shape=SHAPE, seed=1,
+                                    views=("image",))
+    assert other["fingerprint"] != workspace["stats"]["fingerprint"]
+    with pytest.raises(ValueError, match=f"fingerprint {workspace['stats']['fingerprint']}.*fingerprint {other['fingerprint']}"
+                                         ".*resuming on other data is refused"):
+        train(config_from(str(workspace["root"] / "other"), {**base, "steps": STEPS + 10}))
+
+
+def assert_same_training_state(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Step, weights, EMA and optimizer state bit-equal (CPU, same world size: the same operations
+    in the same order)."""
+    assert got["step"] == want["step"]
+    for part in ("model", "ema"):
+        assert got[part].keys() == want[part].keys()
+        for k, v in want[part].items():
+            assert torch.equal(got[part][k], v), f"{part}.{k} differs"
+    assert got["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
+    for i, s in want["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(got["optimizer"]["state"][i][k], v), f"optimizer state {i}.{k} differs"
 
 
 def _training_worker_pids() -> list[int]:
@@ -202,9 +221,10 @@ def _training_worker_pids() -> list[int]:
 
 @pytest.mark.timeout(400)
 def test_killed_worker_restarts_from_checkpoint(workspace):
-    """SIGKILL one training worker after the first checkpoint: Ray restarts the worker group from
-    it, the run reaches its last step, and the MLflow loss has no gap, repeating at most the steps
-    since the checkpoint."""
+    """SIGKILL one training worker after the first checkpoint: Ray restarts the worker group from a
+    checkpoint (never step 0), the run reaches its last step, its final weights, EMA and optimizer
+    state are bit-equal to an uninterrupted run's, and the MLflow loss has no gap, repeating exactly
+    the steps since the checkpoint it restarted from."""
     import signal
 
     from ray_jobs.train import config_from, train
@@ -215,11 +235,20 @@ def test_killed_worker_restarts_from_checkpoint(workspace):
     out: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: out.update(result=train(config_from(workspace["latents"], params))), daemon=True)
     thread.start()
-    first_ckpt = Path(workspace["storage"], "killed", f"checkpoint_{every:08d}")
+    # wait until Ray has registered the first checkpoint (its snapshot names it), not only until
+    # the folder exists: a kill before the registration restarts from step 0, which this test refuses
+    snapshot = Path(workspace["storage"], "killed", "checkpoint_manager_snapshot.json")
+
+    def registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        except (OSError, ValueError):
+            return False
+
     deadline = time.time() + 200
-    while not first_ckpt.exists() and time.time() < deadline and thread.is_alive():
+    while not registered() and time.time() < deadline and thread.is_alive():
         time.sleep(0.05)
-    assert first_ckpt.exists(), "the run never wrote its first checkpoint"
+    assert registered(), "Ray never registered the run's first checkpoint"
     client = _client()
     run_id = _run_id(client, "killed")
     while time.time() < deadline and thread.is_alive() and max(
@@ -244,42 +273,19 @@ def test_killed_worker_restarts_from_checkpoint(workspace):
     restart = repeated[0] - LOG_EVERY
     assert restart % every == 0 and repeated == list(range(restart + LOG_EVERY, repeated[-1] + 1, LOG_EVERY)), logged
     assert len(repeated) <= 2 * every // LOG_EVERY, logged
-    assert _state(result.checkpoint)["step"] == steps
+    # the attempts: the second started at that checkpoint, not at step 0, and ran to the end
+    assert len(result.attempts) == 2 and restart >= every, result.attempts
+    assert result.attempts[1] == {"start_step": restart, "end_step": steps}, result.attempts
+    assert result.attempts[0]["start_step"] == 0 and result.attempts[0]["end_step"] == restart, result.attempts
+    # the same run, never interrupted
+    reference = train(config_from(workspace["latents"], {**params, "name": "killed-reference", "tracking": False}))
+    assert reference.attempts == [{"start_step": 0, "end_step": steps}]
+    assert_same_training_state(_state(result.checkpoint), _state(reference.checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast checks of the pure parts (no Ray)
 # ---------------------------------------------------------------------------------------------
-
-def test_batch_plan_splits_each_epoch_between_ranks_reproducibly():
-    import numpy as np
-
-    from dit_core.training import BatchPlan
-
-    plan = BatchPlan(num_rows=50, per_rank=4, world_size=3, grad_accum=2, seed=1)
-    assert plan.batches_per_epoch == 4
-    seen = [plan.rows(step, micro, rank)[0] for step in range(2) for micro in range(2) for rank in range(3)]
-    flat = np.concatenate(seen)
-    assert len(flat) == len(set(flat.tolist())) == 48  # epoch 0: disjoint rows across ranks and steps
-    again = BatchPlan(num_rows=50, per_rank=4, world_size=3, grad_accum=2, seed=1)
-    assert all(np.array_equal(a[0], again.rows(*k)[0]) and np.array_equal(a[1], again.rows(*k)[1])
-               for a, k in ((plan.rows(5, 1, 2), (5, 1, 2)),))
-    assert not np.array_equal(plan.rows(0, 0, 0)[0], plan.rows(2, 0, 0)[0])  # epoch 1 reshuffles
-
-
-def test_batch_plan_flip_prob():
-    import numpy as np
-
-    from dit_core.training import BatchPlan
-
-    flips = lambda p: np.concatenate([BatchPlan(200, 10, 1, 1, 3, flip_prob=p).rows(s, 0, 0)[1] for s in range(20)])
-    assert not flips(0.0).any() and flips(1.0).all()
-    assert 0.35 < flips(0.5).mean() < 0.65
-    # the rows do not depend on the flip setting: turning flips off changes nothing else
-    assert np.array_equal(BatchPlan(200, 10, 1, 1, 3, flip_prob=0.0).rows(7, 0, 0)[0], BatchPlan(200, 10, 1, 1, 3).rows(7, 0, 0)[0])
-    with pytest.raises(ValueError, match="flip_prob"):
-        BatchPlan(200, 10, 1, 1, 3, flip_prob=1.5)
-
 
 def test_config_errors_name_the_fix(tmp_path):
     from ray_jobs.train import config_from, model_config, read_stats

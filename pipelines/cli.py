@@ -1,0 +1,170 @@
+"""``dit``: one command for every stage and job (``[project.scripts]`` in pyproject.toml).
+
+``dit <command> ...`` runs the same ``main`` as ``python -m <module> ...`` (which keeps working for
+``ray job submit``), with the same flags; ``dit <command> --help`` also lists the settings of the
+command's ``params.yaml`` section with their defaults, taken from the settings dataclass (the one
+place they live). ``dit generate`` makes a grid of images from any model in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import io
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dit_core import settings
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str                     # python -m <module>
+    help: str
+    settings: str | None = None     # "module:Class", the settings dataclass of its params section
+    section: str | None = None
+    prefix: tuple[str, ...] = ()    # arguments put before the user's (a subcommand of the module)
+
+
+COMMANDS = {
+    "prepare": Command("pipelines.prepare", "decode, crop and split the source images into parquet shards (stage)",
+                       "pipelines.prepare:PrepareConfig", "prepare"),
+    "train-autoencoder": Command("pipelines.train_autoencoder", "train the small autoencoder on the prepared data (stage)",
+                                 "pipelines.train_autoencoder:AutoencoderSettings", "train_autoencoder"),
+    "encode": Command("ray_jobs.encode", "encode prepared images to latents with Ray Data (job)",
+                      "ray_jobs.encode:EncodeConfig", "encode"),
+    "train": Command("ray_jobs.train", "train a DiT on latents with Ray Train; logs and registers it in MLflow (job)",
+                     "ray_jobs.train:TrainConfig", "train"),
+    "sample": Command("ray_jobs.sample", "generate images in bulk with Ray Data, resumable (job)",
+                      "ray_jobs.sample:SampleConfig", "sample"),
+    "train-classifier": Command("pipelines.train_classifier", "train the classifier behind the offline FID (stage)",
+                                "pipelines.train_classifier:ClassifierSettings", "train_classifier"),
+    "evaluate": Command("pipelines.evaluate", "score samples (FID, class accuracy), tag the version, move the alias (stage)",
+                        "pipelines.evaluate:EvaluateSettings", "evaluate"),
+    "generate": Command("pipelines.cli", "a grid of images (labels x seeds) from a model, in seconds on a CPU"),
+    "export": Command("dit_core.diffusers_interop", "a checkpoint -> a diffusers DiTPipeline folder", prefix=("export",)),
+    "import": Command("dit_core.diffusers_interop", "a diffusers DiT folder -> our checkpoint .pt", prefix=("import",)),
+}
+
+
+def _load(ref: str) -> object:
+    module, _, name = ref.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, name) if name else obj
+
+
+def settings_help(cmd: Command) -> str:
+    """The command's params.yaml section: each setting and its default, from the dataclass."""
+    if cmd.settings is None:
+        return ""
+    cls = _load(cmd.settings)
+    hints, dflt = settings.field_types(cls), settings.defaults(cls)
+    lines = [f"settings (params.yaml section `{cmd.section}`; defaults from {cmd.settings.replace(':', '.')}):"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  {f.name} ({settings.type_name(hints[f.name])}): {dflt.get(f.name, 'required')}")
+    return "\n".join(lines)
+
+
+def run_module(name: str, argv: Sequence[str]) -> int:
+    """``python -m <module> argv`` in this process: its ``main``, its help, its exit code."""
+    cmd = COMMANDS[name]
+    main: Callable[..., int | None] = _load(f"{cmd.module}:main")  # type: ignore[assignment]
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    prog, sys.argv[0] = sys.argv[0], f"dit {name}"
+    try:
+        code = main([*cmd.prefix, *argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv[0] = prog
+    if wants_help and code == 0 and cmd.settings:
+        print("\n" + settings_help(cmd))
+    return int(code or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# dit generate
+# ---------------------------------------------------------------------------------------------
+
+def generate_parser() -> argparse.ArgumentParser:
+    from dit_core.pipeline import SamplingSettings
+
+    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.")
+    p.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model, a checkpoint dir or .pt")
+    p.add_argument("--labels", required=True, help="comma-separated class ids or class names, e.g. 3,7")
+    p.add_argument("--seeds", default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")
+    p.add_argument("--out", default="grid.png", help="the PNG to write, local or s3:// (default: grid.png)")
+    p.add_argument("--autoencoder", default=None, help="autoencoder folder (default: the model's own; needed for official .pt files)")
+    p.add_argument("--zoom", type=int, default=4, help="pixels per image pixel in the grid (default: 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    settings.add_arguments(p, SamplingSettings, help={k: "the model's recorded value, else" for k in ("sampler", "num_steps", "guidance_scale")})
+    return p
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """(rows, columns, H, W, C) uint8 -> one image, 1-pixel white gaps."""
+    r, c, h, w, ch = images.shape
+    canvas = np.full((r * (h + 1) + 1, c * (w + 1) + 1, ch), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            canvas[1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w] = images[i, j]
+    return canvas
+
+
+def generate(argv: Sequence[str] | None = None) -> int:
+    from PIL import Image
+
+    from dit_core.pipeline import ImagePipeline, SamplingSettings
+    from ray_jobs import storage
+    from ray_jobs.mlflow_model import resolve_label
+    from ray_jobs.model_source import load_bundle
+    from ray_jobs.sample import SampleConfig, load_autoencoder_for
+
+    p = generate_parser()
+    a = p.parse_args(argv)
+    try:
+        given = settings.from_args(a, SamplingSettings)
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        bundle = load_bundle(a.model)
+        sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
+        sampling.check()
+        names = [str(n) for n in bundle.latents.get("class_names") or []]
+        nc = bundle.config.num_classes
+        labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
+        if not labels or not seeds:
+            raise ValueError("give at least one label (--labels 3,7) and one seed (--seeds 0,1)")
+        autoencoder, scale = load_autoencoder_for(SampleConfig(model=a.model, output="", autoencoder=a.autoencoder), bundle)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion, device=a.device)
+    rows = [(c, s) for c in labels for s in seeds]
+    images = pipe.generate([c for c, _ in rows], [s for _, s in rows], sampling)
+    img = Image.fromarray(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:])))
+    img = img.resize((img.width * a.zoom, img.height * a.zoom), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    storage.write_bytes(a.out, buf.getvalue())
+    print(f"{len(images)} images ({len(labels)} labels x {len(seeds)} seeds, {sampling.sampler} {sampling.num_steps} steps) -> {a.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        name, rest = argv[0], argv[1:]
+        return generate(rest) if name == "generate" else run_module(name, rest)
+    p = argparse.ArgumentParser(prog="dit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {n:<18} {c.help}" for n, c in COMMANDS.items())
+                                + "\n\n`dit <command> --help` shows its flags and settings.")
+    p.add_argument("command", choices=list(COMMANDS), metavar="command")
+    p.parse_args(argv[:1] or None)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
