@@ -44,7 +44,9 @@ elif a["what"] == "evaluate-in-driver":   # before: every image in the driver, f
     from dit_core.classifier import load_classifier, predict
     from dit_core.metrics import batched_features, feature_stats, fid_from_stats, load_reference_npz, uint8_to_float
     from ray_jobs.sample import read_images
-    clf, _ = load_classifier(a["classifier"])
+    from ray_jobs import storage
+    with storage.local_copy(a["classifier"], "classifier.json") as folder:   # its published version
+        clf, _ = load_classifier(folder)
     images, labels = read_images(a["samples"])
     ref = load_reference_npz(open(a["reference"], "rb").read())
     fid = fid_from_stats(feature_stats(batched_features(clf.features, images)), ref)

@@ -44,7 +44,11 @@ def scaled_prepared(src: Path, dest: Path, repeat: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ray_jobs import storage
+
     manifest = json.loads((src / "manifest.json").read_text())
+    manifest.pop(storage.VERSION_KEY, None)
+    src = Path(storage.current(str(src), "manifest.json"))   # the published version's shards
     train = manifest["splits"]["train"]
     shards = []
     for r in range(repeat):

@@ -55,10 +55,11 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from dit_core.classifier import load_classifier, predict
+    from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier, predict
+    from dit_core.data import pngs_to_batch, to_uint8
     from dit_core.metrics import batched_features, feature_stats, fid_from_stats, uint8_to_float
-    from pipelines.common import load_params
-    from pipelines.evaluate import reference_stats
+    from pipelines.common import load_params, read_manifest, read_split
+    from ray_jobs import storage
     from ray_jobs.model_source import load_bundle
     from ray_jobs.sample import ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for
 
@@ -67,8 +68,11 @@ def main() -> None:
     specs = [parse_sampler(s) for s in a.samplers.split(",") if s.strip()]
     if a.reference_sampler not in a.samplers.split(","):
         raise SystemExit(f"--reference-sampler {a.reference_sampler} is not in --samplers")
-    classifier, _ = load_classifier(a.classifier)
-    ref, ref_name = reference_stats("val", a.prepared, classifier.features)
+    with storage.local_copy(a.classifier, CLASSIFIER_RECORD) as folder:   # its published version
+        classifier, _ = load_classifier(folder)
+    val = read_split(a.prepared, read_manifest(a.prepared), "val", ["image"])   # the evaluate stage's default reference
+    ref = feature_stats(batched_features(classifier.features, to_uint8(pngs_to_batch(val.column("image").to_pylist()))))
+    ref_name = f"{a.prepared}:val"
     bundle = load_bundle(model)
     rows: list[dict[str, Any]] = []
     runs = [(name, steps, k, 0) for name, steps, k in specs]

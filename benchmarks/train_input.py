@@ -1,8 +1,9 @@
 """The streaming training input (ray_jobs/latent_input.py), measured two ways.
 
 1. ``memory``: the peak RSS of a real training worker (``ray_jobs.train.train``, one Ray Train worker,
-   its ``peak_memory_mb`` metric) on latents of 1x and 20x the digits train split (4x8x8) and on an
-   ImageNet-shaped set (200,000 rows of 4x32x32, image view only: 6.6 GB of parquet), all written
+   its ``peak_memory_mb`` metric; per-worker batch 32, 200 steps: 6,400 rows, several windows) on
+   latents of 1x and 20x the digits train split (4x8x8) and on ImageNet-shaped sets (4x32x32, image
+   view only) of 1,617 and 200,000 rows (3.6 GB of parquet), all written
    here in the latents contract with the encode stage's row groups (256 rows). The in-memory reader
    this replaces held every row of the split (its size is printed beside).
 2. ``speed``: optimizer steps/s of the digits default (its model, batch 128, one process) with the
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .common import machine, median, table, write_result
+from .common import median, table, write_result
 
 DIGITS_ROWS = 1617          # the digits default's train split
 DIGITS_SHAPE = (4, 8, 8)
@@ -71,12 +72,13 @@ def write_latents(root: Path, rows: int, shape: tuple[int, int, int], num_classe
 # 1. worker peak RSS through the real training job
 # --------------------------------------------------------------------------------------------
 
-def memory(work: Path, steps: int) -> list[dict[str, Any]]:
+def memory(work: Path, steps: int, batch: int) -> list[dict[str, Any]]:
     from ray_jobs.train import config_from, train
 
     sets = [
         ("digits 1x", DIGITS_ROWS, DIGITS_SHAPE, 10, {"depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 4}),
         ("digits 20x", 20 * DIGITS_ROWS, DIGITS_SHAPE, 10, {"depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 4}),
+        ("imagenet-shaped 1x", DIGITS_ROWS, IMAGENET_SHAPE, 1000, {"depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 8}),
         ("imagenet-shaped 200k", 200_000, IMAGENET_SHAPE, 1000, {"depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 8}),
     ]
     rows_out = []
@@ -88,7 +90,7 @@ def memory(work: Path, steps: int) -> list[dict[str, Any]]:
         written = time.perf_counter() - t0
         on_disk = sum(p.stat().st_size for p in folder.rglob("*.parquet"))
         cfg = config_from(str(folder), {
-            "model": model, "steps": steps, "batch_size": 128, "log_every": steps, "checkpoint_every": steps,
+            "model": model, "steps": steps, "batch_size": batch, "log_every": steps, "checkpoint_every": steps,
             "tracking": False, "num_workers": 1, "cpus_per_worker": 1, "storage_path": str(work / "ckpt"),
             "name": f"mem-{folder.name}"})
         shutil.rmtree(work / "ckpt" / f"mem-{folder.name}", ignore_errors=True)
@@ -99,7 +101,7 @@ def memory(work: Path, steps: int) -> list[dict[str, Any]]:
             "in_memory_reader_mb": round(n * 2 * int(np.prod(shape)) * 4 / 2**20, 1),  # mean + std, float32
             "worker_peak_rss_mb": round(result.metrics["peak_memory_mb"], 1),
             "data_wait_share": round(result.metrics.get("data_wait_share", float("nan")), 4),
-            "steps": steps, "train_s": round(time.perf_counter() - t0, 1), "write_s": round(written, 1),
+            "steps": steps, "batch_size": batch, "train_s": round(time.perf_counter() - t0, 1), "write_s": round(written, 1),
         })
         print(table(rows_out[-1:], list(rows_out[-1])), flush=True)
     smallest = min(r["worker_peak_rss_mb"] for r in rows_out)
@@ -215,27 +217,28 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the synthetic latents (default: a temporary one, removed)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=40, help="steps per speed round")
-    p.add_argument("--memory-steps", type=int, default=60)
+    p.add_argument("--memory-steps", type=int, default=200)
+    p.add_argument("--memory-batch", type=int, default=32,
+                   help="per-worker batch of the memory runs (32: a worker of the ImageNet preset, 256 over 8 GPUs)")
     a = p.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="train-input-"))
-    payload: dict[str, Any] = {"machine": machine()}
     try:
-        if "speed" in a.parts:
-            payload["speed"] = speed(work, a.rounds, a.steps, DIGITS_ROWS)
-            s = payload["speed"]
+        if "speed" in a.parts:  # train_input-{cpu,gpu}-speed.json
+            s = speed(work, a.rounds, a.steps, DIGITS_ROWS)
             print(table([{"input": k, "steps_per_sec": v, "data_wait_share": s["data_wait_share"][k]}
                          for k, v in s["steps_per_sec"].items()], ["input", "steps_per_sec", "data_wait_share"]))
             print(f"streamed / in-memory: {s['streamed_over_in_memory']}", flush=True)
-        if "memory" in a.parts:
+            print(write_result("train_input", {"speed": s}, tag="speed"))
+        if "memory" in a.parts:  # train_input-{cpu,gpu}-memory.json
             from ray_jobs import runtime
 
             runtime.init_ray()
-            payload["memory"] = memory(work, a.memory_steps)
-            print(table(payload["memory"], list(payload["memory"][0])))
+            rows = memory(work, a.memory_steps, a.memory_batch)
+            print(table(rows, list(rows[0])))
+            print(write_result("train_input", {"memory": rows}, tag="memory"))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(write_result("train_input", payload))
 
 
 if __name__ == "__main__":

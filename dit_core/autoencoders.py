@@ -161,13 +161,24 @@ def save_autoencoder(ae: Autoencoder, path: str | os.PathLike) -> None:
             shutil.rmtree(tmp)
 
 
+def _published_folder(folder: Path) -> Path:
+    """The version folder a published output's record names (``ray_jobs.storage.begin_output``'s
+    layout), else ``folder`` itself (a plain diffusers folder, or one written before versions)."""
+    record_path = folder / RECORD
+    if record_path.is_file():
+        version = json.loads(record_path.read_text()).get("version")
+        if version:
+            return folder / version
+    return folder
+
+
 def load_autoencoder(path_or_id: str | os.PathLike, scale_factor: float | None = None) -> Autoencoder:
     """Load from a local diffusers folder or, for a hub id like ``stabilityai/sd-vae-ft-ema``,
     from the local Hugging Face cache only (never downloads). ``scale_factor`` overrides the record."""
     from diffusers import AutoencoderKL
 
     ref = str(path_or_id)
-    local = Path(ref).expanduser()
+    local = _published_folder(Path(ref).expanduser())
     try:
         if local.is_dir():
             vae = AutoencoderKL.from_pretrained(local)

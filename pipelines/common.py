@@ -161,7 +161,8 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_manifest(prepared: str) -> dict[str, Any]:
-    """The prepared data's manifest; its presence is what marks the folder complete."""
+    """The prepared data's published manifest (its ``version`` names the folder of the shards:
+    ``read_split`` resolves it); its presence is what marks the output complete."""
     uri = storage.join(prepared, MANIFEST)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: {prepared} is not a complete prepared data set; run the prepare stage")
@@ -169,9 +170,10 @@ def read_manifest(prepared: str) -> dict[str, Any]:
 
 
 def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: list[str] | None = None) -> pa.Table:
-    """All shards of one split, in manifest order."""
+    """All shards of one split, in manifest order, from the version the manifest names."""
     shards = manifest["splits"][split]["shards"]
-    tables = [read_parquet(storage.join(prepared, s), columns) for s in shards]
+    folder = storage.version_folder(prepared, manifest)
+    tables = [read_parquet(storage.join(folder, s), columns) for s in shards]
     if not tables:
         raise ValueError(f"split {split!r} of {prepared} is empty; lower prepare.val_fraction or add data")
     return pa.concat_tables(tables)

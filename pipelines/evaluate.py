@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dit_core import settings
-from dit_core.classifier import load_classifier
+from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
 from dit_core.metrics import FeatureStats, fid_from_stats
 from pipelines.common import StageIO, load_params, read_manifest, run_stage
 from ray_jobs import runtime, storage, tracking
@@ -41,10 +41,6 @@ class EvaluateSettings:
     actor_num_cpus: float | None = None  # CPU actors: CPUs each; default the CPUs split evenly, less a quarter core
 
 
-def local_folder(uri: str, tmp: str) -> str:
-    return storage.download_folder(uri, Path(tmp, "dl")) if storage.is_s3(uri) else uri
-
-
 def shard_uris(folder: str) -> list[str]:
     return storage.list_files(storage.join(folder, "parquet"), suffix=".parquet")
 
@@ -54,10 +50,11 @@ def reference_source(reference: str, prepared: str) -> tuple[FeatureStats | None
     work items for the feature pass (``val``: the prepared validation split; an ``.npz`` of
     ``arr_0`` images), and its name for eval.json."""
     if reference == "val":
-        shards = read_manifest(prepared)["splits"]["val"]["shards"]
+        manifest = read_manifest(prepared)
+        shards, folder = manifest["splits"]["val"]["shards"], storage.version_folder(prepared, manifest)
         if not shards:
             raise ValueError(f"split 'val' of {prepared} is empty; lower prepare.val_fraction or set evaluate.reference to an ADM .npz")
-        return None, parquet_items("reference", [storage.join(prepared, s) for s in shards]), f"{prepared}:val"
+        return None, parquet_items("reference", [storage.join(folder, s) for s in shards]), f"{prepared}:val"
     if not storage.exists(reference):
         raise FileNotFoundError(f"evaluate.reference={reference!r} does not exist; use 'val' or an ADM reference .npz")
     fs, path = storage.resolve(reference)
@@ -73,8 +70,8 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     """The stage's core: the metrics of eval.json. The features of the samples, of the untrained
     baseline the sample job made and of the reference come from one Ray Data actor pool; this
     process holds only their statistics."""
-    with tempfile.TemporaryDirectory() as tmp:
-        classifier, record = load_classifier(local_folder(classifier_dir, tmp))
+    with storage.local_copy(classifier_dir, CLASSIFIER_RECORD) as folder:   # the published version
+        classifier, record = load_classifier(folder)
     sample_cfg = storage.read_json(storage.join(samples, CONFIG_FILE))
     num_images, num_baseline = int(sample_cfg["num_images"]), int(sample_cfg.get("baseline_images") or 0)
     items = parquet_items("samples", shard_uris(samples))

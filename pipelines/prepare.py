@@ -15,9 +15,10 @@ imagefolder and parquet the shards run as Ray Data tasks over the cluster's CPUs
 plan, never on which worker ran it or when, so the manifest and its fingerprint are the same
 whatever the number of workers.
 
-Output (docs/CONTRACTS.md): ``<out>/{train,val}/part-NNNNN.parquet`` (image PNG bytes, label
-int32, key string) and ``<out>/manifest.json``, written last; locally the whole folder is built
-under a temporary name and renamed, so a failed or killed run leaves nothing that looks complete.
+Output (docs/CONTRACTS.md): ``{train,val}/part-NNNNN.parquet`` (image PNG bytes, label int32, key
+string) and ``manifest.json``, published atomically: they go to a fresh version folder
+``<out>/v-.../`` and ``<out>/manifest.json`` naming it is written last (``storage.begin_output``),
+so a failed or killed run leaves the previous output as it was, and the next run removes its leftovers.
 
     python -m pipelines.prepare --out data/prepared [--params params.yaml]
 """
@@ -416,7 +417,7 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         runtime.require_shared({"prepare.path": cfg.path, "prepare output": out}, runtime.cluster_hosts(),
                                "the Ray cluster")
 
-    staging = storage.begin_output(out)
+    staging = storage.begin_output(out, MANIFEST)
     try:
         job = ShardJob(cfg.source, cfg.path and storage.absolute(cfg.path), storage.absolute(staging), cfg.image_size,
                        cfg.read_threads, cfg.image_column, storage.aws_env())
@@ -425,8 +426,8 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         _check_skipped(manifest["skipped"], num_inputs, cfg)
         if manifest["splits"]["train"]["count"] == 0:
             raise ValueError(f"no usable training images from {cfg.source} {cfg.path or ''}")
-        storage.write_json(storage.join(staging, MANIFEST), manifest)  # last: marks the output complete
-        storage.commit_output(staging, out)
+        storage.write_json(storage.join(staging, MANIFEST), manifest)  # last: completes the version
+        manifest = storage.commit_output(staging, out, MANIFEST)  # publishes it
     except BaseException:
         storage.abort_output(staging, out)
         raise

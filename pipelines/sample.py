@@ -16,7 +16,7 @@ from typing import Any
 
 from dit_core import settings
 from ray_jobs import storage, tracking
-from ray_jobs.sample import SampleConfig, run
+from ray_jobs.sample import SampleConfig, run, validate
 from pipelines.common import StageIO, load_params, run_stage
 
 STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
@@ -29,8 +29,11 @@ def model_uri(params: dict[str, Any], pointer_path: str | None) -> str:
         return str(params["model"])
     if not pointer_path or not storage.exists(pointer_path):
         raise FileNotFoundError(f"sample.model is null and the train pointer {pointer_path} does not exist; run the train stage or set sample.model")
-    pointer = storage.read_json(pointer_path)
-    uri = pointer.get("model_uri") or pointer.get("checkpoint")
+    try:
+        pointer = storage.read_json(pointer_path)
+    except ValueError as e:   # empty or cut short: a train stage that did not finish writing it
+        raise ValueError(f"the train pointer {pointer_path} is not JSON ({e}); re-run the train stage or set sample.model") from e
+    uri = (pointer.get("model_uri") or pointer.get("checkpoint")) if isinstance(pointer, dict) else None
     if not uri:
         raise ValueError(f"{pointer_path} names neither a model version nor a checkpoint; re-run the train stage")
     return str(uri)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     a = p.parse_args(argv)
     params = load_params("sample", a.params)
-    config_from(params, "unresolved", a.out)  # typed and complete before any work, here and not on a cluster
+    validate(config_from(params, "unresolved", a.out))  # typed, complete and sound before any work, here and not on a cluster
 
     def core(job: argparse.Namespace) -> None:
         cfg = config_from(params, model_uri(params, job.pointer), job.out)

@@ -29,7 +29,9 @@ def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_history(path: str, history: list[dict[str, Any]]) -> None:
     """The per-step plots file (``dvc plots show``): one CSV row per logged step."""
-    columns = ["step", *sorted({k for row in history for k in row} - {"step"})]
+    lead = ["step", "epoch", "loss"]                      # first, in this order; the rest by name
+    keys = {k for row in history for k in row}
+    columns = [k for k in lead if k in keys or k == "step"] + sorted(keys - set(lead))
     lines = [",".join(columns)] + [",".join(f"{row.get(c, '')}" for c in columns) for row in history]
     storage.write_bytes(path, ("\n".join(lines) + "\n").encode())
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dit_core.autoencoders import (
+    RECORD,
     Autoencoder,
     SmallAutoencoderConfig,
     TrainConfig,
@@ -115,20 +116,26 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
     return ae, metrics
 
 
-def publish(ae: Autoencoder, out: str) -> None:
-    """Save locally (atomic rename) or, for s3://, save to a temporary folder and upload it with
-    the record last, so a reader that finds autoencoder.json finds the weights too."""
-    if not storage.is_s3(out):
-        save_autoencoder(ae, out)
-        return
+def write_version(ae: Autoencoder, staging: str) -> None:
+    """Save into the version folder ``staging`` (local or s3://), the record last."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "autoencoder")
         save_autoencoder(ae, local)
-        record = (local / "autoencoder.json").read_bytes()
-        (local / "autoencoder.json").unlink()
-        storage.begin_output(out)
-        storage.upload_folder(local, out)
-        storage.write_bytes(storage.join(out, "autoencoder.json"), record)
+        record = (local / RECORD).read_bytes()
+        (local / RECORD).unlink()
+        storage.upload_folder(local, staging)
+        storage.write_bytes(storage.join(staging, RECORD), record)
+
+
+def publish(ae: Autoencoder, out: str) -> None:
+    """Publish the autoencoder folder ``out`` (local or s3://) atomically: a new version, then its record."""
+    staging = storage.begin_output(out, RECORD)
+    try:
+        write_version(ae, staging)
+        storage.commit_output(staging, out, RECORD)
+    except BaseException:
+        storage.abort_output(staging, out)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params("train_autoencoder", a.params)
 
     def core(job: argparse.Namespace) -> None:
-        ae, metrics = build_autoencoder(job.prepared, params)
-        publish(ae, job.out)
+        staging = storage.begin_output(job.out, RECORD)  # before training: a killed run leaves only this
+        try:
+            ae, metrics = build_autoencoder(job.prepared, params)
+            write_version(ae, staging)
+            storage.commit_output(staging, job.out, RECORD)
+        except BaseException:
+            storage.abort_output(staging, job.out)
+            raise
         if job.metrics:
             storage.write_bytes(job.metrics, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
         print(f"train_autoencoder: {ae.id} scale_factor {ae.scale_factor:.5f} -> {job.out}; {metrics}")

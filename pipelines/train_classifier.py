@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dit_core import settings
-from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.classifier import CONFIG_FILE, ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
 from dit_core.data import pngs_to_batch
 from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
 from ray_jobs import storage
@@ -69,19 +69,19 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
 
 
 def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
-    """Write the classifier folder whole: a temporary folder, then a rename (or an upload with the
-    record last, on S3)."""
+    """Publish the classifier folder ``out`` (local or s3://) atomically: a new version folder, the
+    record last, then the top-level record that names it."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "classifier")
         save_classifier(model, local, extra={"metrics": metrics})
-        staging = storage.begin_output(out)
+        staging = storage.begin_output(out, CONFIG_FILE)
         try:
-            for name in ("classifier.pt", "classifier.json"):  # the record last
+            for name in ("classifier.pt", CONFIG_FILE):  # the record last
                 storage.write_bytes(storage.join(staging, name), (local / name).read_bytes())
+            storage.commit_output(staging, out, CONFIG_FILE)
         except BaseException:
             storage.abort_output(staging, out)
             raise
-        storage.commit_output(staging, out)
 
 
 def main(argv: list[str] | None = None) -> int:

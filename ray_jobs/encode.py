@@ -4,7 +4,9 @@ Reads the prepared parquet shards, encodes them in ``map_batches`` with an actor
 hold the autoencoder (one GPU per actor where the cluster has GPUs, a fraction of a CPU otherwise),
 stores the unscaled posterior (mean, std) of each image (and, with ``flip_views``, of its horizontal
 flip: only training with ``random_flip`` reads it) with its label, writes parquet latent shards and
-then ``stats.json``, the file that marks the output complete and names the views it holds.
+then ``stats.json``, which names the views it holds. Published atomically
+(``storage.begin_output``): a fresh version folder under the output, then the top-level
+``stats.json`` naming it, so a failed or killed run leaves the previous latents as they were.
 
     python -m ray_jobs.encode --prepared data/prepared --autoencoder models/autoencoder --out data/latents
     ray job submit --working-dir . -- python -m ray_jobs.encode --prepared s3://b/prepared ...
@@ -152,13 +154,14 @@ def actor_resources(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
     return (cfg.num_actors or cfg.cpu_actors), {"num_cpus": cfg.actor_num_cpus}
 
 
-def encode_splits(cfg: EncodeConfig, ae_ref: Any, shards: list[str], dest: str, num_rows: int) -> None:
-    """All splits in one Ray Data execution (one actor pool start): read the shards, encode with the
-    actor pool, write parquet partitioned by split to ``dest/split=<name>/``."""
+def encode_splits(cfg: EncodeConfig, ae_ref: Any, prepared_folder: str, shards: list[str], dest: str, num_rows: int) -> None:
+    """All splits in one Ray Data execution (one actor pool start): read the shards (relative to
+    ``prepared_folder``, the published version), encode with the actor pool, write parquet
+    partitioned by split to ``dest/split=<name>/``."""
     import ray
 
     fs, _ = storage.resolve(cfg.prepared)
-    paths = [storage.resolve(storage.join(cfg.prepared, s))[1] for s in shards]
+    paths = [storage.resolve(storage.join(prepared_folder, s))[1] for s in shards]
     pool_size, resources = actor_resources(cfg)
     # The parquet reader may hand over all the rows as one block, which only one actor of the pool
     # could work on: split them (streaming, no shuffle) into about four blocks per actor, of 1 to
@@ -244,26 +247,43 @@ def latents_fingerprint(input_fingerprint: str, ae: Autoencoder, cfg: EncodeConf
     return h.hexdigest()
 
 
+def check_autoencoder(ae: Autoencoder, source: str, image_size: int, trained_here: bool) -> None:
+    """Refuse an autoencoder that cannot encode the prepared images: one that does not take RGB, or
+    (one of ours, trained for a single size) one trained on images of another size."""
+    in_channels = int(getattr(ae.vae.config, "in_channels", 3))
+    if in_channels != 3:
+        raise ValueError(f"autoencoder {source!r} takes {in_channels}-channel images, and the prepared images are RGB "
+                         "(3 channels); use an RGB autoencoder (encode.autoencoder / --autoencoder)")
+    if trained_here and ae.record.image_size and ae.record.image_size != image_size:
+        raise ValueError(f"autoencoder {source!r} was trained on {ae.record.image_size}px images, and the prepared images "
+                         f"are {image_size}px; re-run train_autoencoder on these images, or prepare at {ae.record.image_size}px")
+
+
 def encode(cfg: EncodeConfig) -> dict[str, Any]:
     """Run the job; returns the stats.json contents."""
     import ray
 
     cfg.validate()
+    if storage.is_s3(cfg.output):  # a missing bucket or refused credentials: now, not after the encoding
+        storage.check_writable(cfg.output)
     manifest_uri = storage.join(cfg.prepared, MANIFEST)
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(f"{manifest_uri} not found: {cfg.prepared} is not a complete prepared data set; run prepare")
     manifest = storage.read_json(manifest_uri)
     with storage.local_copy(cfg.autoencoder, AUTOENCODER_RECORD) as path:
         ae = load_autoencoder(path)  # on the driver: the actors get it through the object store
+        ours = os.path.isfile(os.path.join(path, AUTOENCODER_RECORD))  # trained here, for one image size
+    check_autoencoder(ae, cfg.autoencoder, int(manifest["image_size"]), ours)
     latent_shape = ae.latent_shape(int(manifest["image_size"]))
     init_ray()
     runtime.require_shared({"encode input": cfg.prepared, "encode output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
     runtime.require_persistent({"encode output": cfg.output})
     ae_ref = ray.put(ae.to("cpu"))
-    staging = storage.begin_output(cfg.output)
+    staging = storage.begin_output(cfg.output, STATS)
     try:
         shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
-        encode_splits(cfg, ae_ref, shards, staging, sum(int(manifest["splits"][s]["count"]) for s in SPLITS))
+        encode_splits(cfg, ae_ref, storage.version_folder(cfg.prepared, manifest), shards, staging,
+                      sum(int(manifest["splits"][s]["count"]) for s in SPLITS))
         written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
@@ -282,8 +302,8 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
         expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
         if stats["counts"] != expected:
             raise RuntimeError(f"encoded {stats['counts']} rows but {cfg.prepared} holds {expected}")
-        storage.write_json(storage.join(staging, STATS), stats)  # last: marks the output complete
-        storage.commit_output(staging, cfg.output)
+        storage.write_json(storage.join(staging, STATS), stats)  # last: completes the version
+        stats = storage.commit_output(staging, cfg.output, STATS)  # publishes it
     except BaseException:
         storage.abort_output(staging, cfg.output)
         raise

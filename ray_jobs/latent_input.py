@@ -239,25 +239,38 @@ class LatentStream:
         return self._files[uri]
 
     def _read_window(self, epoch: int, w: int, units: np.ndarray, keep_from: int, keep_to: int) -> Batch:
-        """The window's rows in their shuffled order, positions [keep_from, keep_to) of it."""
-        tables, ids = [], []
+        """The window's rows in their shuffled order, positions [keep_from, keep_to) of it. Each row
+        group is read and scattered into the output at once, so the window's memory is its output
+        arrays plus one row group (no concatenated copy of the window)."""
+        n = int(sum(self.units[u].rows for u in units))
+        perm, flips = self.plan.window_order(epoch, self.rank, w, n)
+        take, flips = perm[keep_from:keep_to], flips[keep_from:keep_to]
+        k = len(take)
+        dest = np.full(n, -1, dtype=np.int64)      # window row -> its place in the output (or -1: not kept)
+        dest[take] = np.arange(k)
+        mean, std = np.empty((k, *self.shape), np.float32), np.empty((k, *self.shape), np.float32)
+        labels, ids = np.empty(k, np.int64), np.empty(k, np.int64)
+        first = 0
         for u in units:
             unit = self.units[u]
-            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, "label"])
-            tables.append(table if unit.rows == table.num_rows else table.slice(unit.offset, unit.rows))
-            ids.append(np.arange(unit.first_row, unit.first_row + unit.rows))
-        table = pa.concat_tables(tables)
-        perm, flips = self.plan.window_order(epoch, self.rank, w, table.num_rows)
-        take = perm[keep_from:keep_to]
-        flips = flips[keep_from:keep_to]
-        where = f"{self.units[units[0]].file}"
-        mean = _column(table, "mean", self.shape, where)[take]
-        std = _column(table, "std", self.shape, where)[take]
-        if flips.any():
-            mean = np.where(flips[:, None, None, None], _column(table, "mean_flip", self.shape, where)[take], mean)
-            std = np.where(flips[:, None, None, None], _column(table, "std_flip", self.shape, where)[take], std)
-        labels = table.column("label").to_numpy().astype(np.int64)[take]
-        return Batch(mean, std, labels, np.concatenate(ids)[take], flips)
+            d = dest[first:first + unit.rows]
+            first += unit.rows
+            keep = np.flatnonzero(d >= 0)
+            if not keep.size:
+                continue
+            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, "label"], use_threads=False)
+            if table.num_rows != unit.rows:
+                table = table.slice(unit.offset, unit.rows)
+            where, to, flip = unit.file, d[keep], flips[d[keep]]
+            for out, name in ((mean, "mean"), (std, "std")):
+                values = _column(table, name, self.shape, where)[keep]
+                if flip.any():
+                    mirror = _column(table, f"{name}_flip", self.shape, where)[keep]
+                    values = np.where(flip[:, None, None, None], mirror, values)
+                out[to] = values
+            labels[to] = table.column("label").to_numpy()[keep]
+            ids[to] = unit.first_row + keep
+        return Batch(mean, std, labels, ids, flips)
 
     def _windows_from(self, start: int) -> Iterator[tuple[int, Batch]]:
         """(epoch, rows) of consecutive windows, the first starting at micro-batch ``start``."""
@@ -299,7 +312,7 @@ class LatentStream:
         self._thread = threading.Thread(target=self._produce, name="latent-prefetch", daemon=True)
         self._thread.start()
         need = self.plan.per_rank
-        parts: list[Batch] = []
+        pieces: list[Batch] = []   # the micro-batch being assembled (views; a copy only across windows)
         have, current_epoch = 0, None
         try:
             while True:
@@ -310,15 +323,17 @@ class LatentStream:
                     raise item[1]
                 epoch, window = item
                 if current_epoch is not None and epoch != current_epoch:
-                    parts, have = [], 0  # an epoch's quota is a whole number of micro-batches
+                    pieces, have = [], 0  # an epoch's quota is a whole number of micro-batches
                 current_epoch = epoch
-                parts.append(window)
-                have += len(window.labels)
-                while have >= need:
-                    merged = _concat(parts) if len(parts) > 1 else parts[0]
-                    yield _slice(merged, 0, need)
-                    rest = _slice(merged, need, have)
-                    parts, have = ([rest] if have > need else []), have - need
+                pos, n = 0, len(window.labels)
+                while pos < n:
+                    k = min(need - have, n - pos)
+                    pieces.append(_slice(window, pos, pos + k))
+                    have, pos = have + k, pos + k
+                    if have == need:
+                        yield pieces[0] if len(pieces) == 1 else _concat(pieces)
+                        pieces, have = [], 0
+                del window, item
         finally:
             self.close()
 

@@ -68,7 +68,10 @@ def _torch_load_bytes(data: bytes, source: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{source} is not a readable PyTorch checkpoint ({e})") from e
+        raise ValueError(
+            f"{source} is not a readable PyTorch checkpoint (truncated or corrupt? {type(e).__name__}: {e}); copy it "
+            "again, or sample an earlier checkpoint of the run (its checkpoint_<step> folders) or a registered version"
+        ) from e
 
 
 def _from_checkpoint(uri: str, num_heads: int | None = None) -> ModelBundle:

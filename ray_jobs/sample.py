@@ -292,6 +292,7 @@ def load_autoencoder_for(cfg: SampleConfig, bundle: ModelBundle) -> tuple[Any, f
         )
     with storage.local_copy(path, AUTOENCODER_RECORD) as local:
         ae = load_autoencoder(local)
+        ours = os.path.isfile(os.path.join(local, AUTOENCODER_RECORD))  # trained here, for one image size
     scale = cfg.scale_factor or bundle.latents.get("scale_factor") or getattr(ae, "scale_factor", None)
     if not scale:
         raise ValueError(f"no latent scale factor for autoencoder {path!r}; pass --scale-factor")
@@ -301,6 +302,13 @@ def load_autoencoder_for(cfg: SampleConfig, bundle: ModelBundle) -> tuple[Any, f
         raise ValueError(
             f"the model takes {mc.in_channels}-channel latents but autoencoder {path!r} makes {latent_channels}; "
             "use the autoencoder the model was trained with"
+        )
+    trained_for = ae.record.image_size
+    if ours and trained_for and trained_for != mc.input_size * ae.downsample:
+        raise ValueError(
+            f"the model makes {mc.input_size}x{mc.input_size} latents, which autoencoder {path!r} (downsample "
+            f"{ae.downsample}) decodes to {mc.input_size * ae.downsample}px images, but it was trained on "
+            f"{trained_for}px images; use the autoencoder the model was trained with"
         )
     return ae, float(scale)
 
@@ -326,6 +334,13 @@ def missing_shards(cfg: SampleConfig, baseline: bool = False) -> list[int]:
     present = set(storage.list_files(output))
     return [s for s in range(math.ceil(total / cfg.images_per_shard))
             if not all(f in present for f in shard_files(output, s, formats).values())]
+
+
+# A lost actor or node costs only the shards it was writing: Ray Data's actor pool replaces a dead
+# actor (on another node when its own is gone) and retries its shards there, without bound (a bound
+# is spent in seconds while a lost node is not yet declared dead: every retry fails at once). Up to
+# ACTOR_INIT_DEATHS actors in a row may also die while loading the model (Ray's default: none).
+ACTOR_INIT_DEATHS = 3
 
 
 def actor_pool(num_actors: int | None, actor_num_cpus: float | None, use_gpu: bool | None, work: int) -> tuple[int, float, bool]:
@@ -530,7 +545,9 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         blocks = [shard_block(cfg, kind, shard, labels, cfg.num_images) if kind == SAMPLES
                   else shard_block(cfg, kind, shard, base_labels, cfg.baseline_images) for kind, shard in todo]
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = progress
+        context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
         out = ray.data.from_arrow(blocks).map_batches(
             ShardGenerator,
             batch_size=None,             # whole blocks: a shard is never split across batches

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -138,7 +139,53 @@ def check_writable(uri: str | os.PathLike) -> None:
         raise PermissionError(f"cannot write to {uri}: {e}. Check the path, bucket and AWS credentials.") from e
 
 
-# Folder outputs that appear whole or not at all (used by the prepare and encode stages).
+# Folder outputs, published atomically (prepare, train_autoencoder, encode, train_classifier).
+#
+# <out>/<marker>        the stage's record (manifest.json, stats.json, ...) plus "version": the commit point,
+#                       written last in one write (a rename locally, one PUT on S3)
+# <out>/v-<time>-<id>/  the files of that publish, its own copy of the record included
+#
+# A run writes a fresh version folder, then the record that names it; then the versions it does
+# not name are deleted. So a failed or killed run never touches the output readers see, and the
+# next run removes what it left. Readers resolve the folder through ``current`` (or
+# ``version_folder`` when they hold the record already); an output written before versions existed
+# (no "version" in its record) is its own folder.
+
+VERSION_KEY = "version"
+VERSION_PREFIX = "v-"
+
+
+def version_folder(uri: str | os.PathLike, record: dict[str, Any]) -> str:
+    """The folder holding the files of the output ``uri`` whose top-level record is ``record``."""
+    version = record.get(VERSION_KEY)
+    return join(uri, version) if version else str(uri)
+
+
+def current(uri: str | os.PathLike, marker: str) -> str:
+    """The folder of the published content of the folder output ``uri``: the version its ``marker``
+    names, or ``uri`` itself for an output written before versions (and for a version folder)."""
+    record_uri = join(uri, marker)
+    try:
+        record = read_json(record_uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{record_uri} not found: {uri} holds no published output (its stage never "
+                                "finished there); run the stage that writes it") from None
+    return version_folder(uri, record)
+
+
+def _entries(uri: str | os.PathLike) -> list[str]:
+    """The names directly under a folder or prefix ([] when it does not exist)."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted({i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos} - {""})
+
+
+def _committed_version(uri: str | os.PathLike, marker: str) -> str | None:
+    try:
+        return read_json(join(uri, marker)).get(VERSION_KEY)
+    except (FileNotFoundError, ValueError):  # none yet, or a half-written record of code before versions
+        return None
+
 
 def remove_temporaries(uri: str | os.PathLike) -> int:
     """Delete what killed writers left under ``uri`` (``*.tmp-*`` files of ``write_bytes``);
@@ -151,45 +198,53 @@ def remove_temporaries(uri: str | os.PathLike) -> int:
     return len(stale)
 
 
-def begin_output(uri: str | os.PathLike) -> str:
-    """Start writing a folder output; returns where to write it. Locally: a fresh temporary sibling
-    folder that ``commit_output`` renames into place. On S3 (no rename): the destination itself,
-    emptied first, so that stale files of an earlier run cannot pass for part of this one; there
-    the marker file the stage writes last (manifest.json, stats.json) is what says "complete"."""
-    uri = str(uri)
-    if is_s3(uri):
-        fs, path = resolve(uri)
-        fs.delete_dir_contents(path, missing_dir_ok=True)  # the contents: never the bucket itself
-        return uri
-    path = Path(uri).absolute()
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    return str(staging)
+def begin_output(uri: str | os.PathLike, marker: str) -> str:
+    """Start publishing the folder output ``uri`` whose record is ``marker``; returns the fresh
+    version folder to write into (the record last). First removes what killed runs left: version
+    folders the record does not name, temporary files, and the staging siblings
+    (``.<name>.tmp-*``) of the code before versions. The published output stays as it is."""
+    uri = absolute(uri)
+    keep = _committed_version(uri, marker)
+    for name in _entries(uri):
+        if (name.startswith(VERSION_PREFIX) and name != keep) or ".tmp-" in name:
+            delete(join(uri, name))
+    if not is_s3(uri):
+        import shutil
+
+        for stale in Path(uri).parent.glob(f".{Path(uri).name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = join(uri, f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+    makedirs(staging)
+    return staging
 
 
-def commit_output(staging: str, uri: str | os.PathLike) -> None:
-    """Finish ``begin_output``: replace the destination folder with the staging one."""
-    uri = str(uri)
-    if is_s3(uri):
-        return
-    import shutil
-
-    path = Path(uri).absolute()
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+def commit_output(staging: str, uri: str | os.PathLike, marker: str) -> dict[str, Any]:
+    """Publish the version ``staging`` (from ``begin_output``, its ``marker`` written): write the
+    top-level record naming it (the commit point), then delete everything else under ``uri``
+    (older versions, files of an output written before versions). Returns the published record."""
+    uri = absolute(uri)
+    version = staging.rstrip("/").rsplit("/", 1)[-1]
+    if join(uri, version) != staging.rstrip("/"):
+        raise ValueError(f"{staging} is not a version folder of {uri}: pass what begin_output({uri!r}) returned")
+    try:
+        record = read_json(join(staging, marker))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{join(staging, marker)} not found: write the record into the version folder "
+                                "before committing it") from None
+    published = {**record, VERSION_KEY: version}
+    write_json(join(uri, marker), published)
+    for name in _entries(uri):
+        if name not in (marker, version):
+            delete(join(uri, name))
+    return published
 
 
 def abort_output(staging: str, uri: str | os.PathLike) -> None:
-    """Remove what a failed ``begin_output`` left (locally the staging folder; on S3 the partial
-    files, none of which is the completion marker)."""
-    if is_s3(uri):
-        fs, path = resolve(uri)
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-    elif os.path.isdir(staging):
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+    """Remove the version folder of a failed run; the published output stays. Locally, a folder
+    left empty (no earlier output) goes too."""
+    delete(staging)
+    if not is_s3(uri) and os.path.isdir(uri) and not os.listdir(uri):
+        os.rmdir(uri)
 
 
 def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> str:
@@ -205,16 +260,15 @@ def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> str
 
 @contextlib.contextmanager
 def local_copy(uri: str | os.PathLike, marker: str) -> Iterator[str]:
-    """A local folder with the content of ``uri``: the folder itself when local (or not a path at
-    all, e.g. a Hugging Face id), else a temporary download of the ``s3://`` folder, which must hold
-    ``marker`` (the file written last, that marks it complete)."""
+    """A local folder with the published content of the folder output ``uri`` (``current``): the
+    version folder itself when local, else a temporary download of it from ``s3://``. A local
+    path without ``marker`` (or no path at all, e.g. a Hugging Face id) is given as it is."""
     if not is_s3(uri):
-        yield str(uri)
+        yield current(uri, marker) if os.path.isfile(join(uri, marker)) else str(uri)
         return
-    if not exists(join(uri, marker)):
-        raise FileNotFoundError(f"{join(uri, marker)} not found: {uri} is not a complete folder (its stage did not finish)")
+    folder = current(uri, marker)
     with tempfile.TemporaryDirectory() as tmp:
-        yield download_folder(uri, tmp)
+        yield download_folder(folder, tmp)
 
 
 def upload_folder(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:

@@ -241,7 +241,8 @@ def _autoencoder_folder(path: str | None) -> Iterator[str | None]:
         local = Path(path).expanduser()
         for candidate in (local, REPO / local):  # relative: to the working dir, else to the project
             if candidate.is_dir():
-                yield str(candidate)
+                with storage.local_copy(str(candidate), RECORD) as folder:  # its published version
+                    yield folder
                 return
         tmp = tempfile.mkdtemp(prefix="dit-autoencoder-")
         try:

@@ -209,7 +209,8 @@ def diffusion_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
     names = (stats.get("shards") or {}).get("train")
-    files = [storage.join(latents, n) for n in names] if names else storage.list_files(storage.join(latents, "train"), ".parquet")
+    folder = storage.version_folder(latents, stats)  # the published version stats.json names
+    files = [storage.join(folder, n) for n in names] if names else storage.list_files(storage.join(folder, "train"), ".parquet")
     if not files:
         raise FileNotFoundError(f"no train shards under {latents}/train; re-run the encode stage")
     return files

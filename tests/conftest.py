@@ -75,9 +75,10 @@ def s3_bucket(s3_server, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(tmp_path_factory, s3_server):
     """A Ray cluster of two nodes (two raylets on 127.0.0.1) shared by every Ray test; the test
-    process is connected to it. Each node offers 2 CPUs."""
+    process is connected to it. Each node offers 2 CPUs. Its nodes start with the S3 server's
+    environment, as a real cluster's nodes hold their credentials and endpoint."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -95,6 +96,18 @@ def ray_cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_per_test() -> Iterator[None]:
+    """MLflow keeps the tracking and registry URIs a test set (``configure_tracking``) in module
+    globals; put them back so that a later test's ``MlflowClient`` reads its own store."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
 @pytest.fixture()

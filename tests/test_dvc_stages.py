@@ -139,7 +139,8 @@ def test_whole_pipeline_meets_the_quality_bar(project):
     from mlflow import MlflowClient
 
     pointer = json.loads((root / "models/dit.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    db = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
     mv = client.get_model_version(pointer["registered_model"], pointer["version"])
     assert float(mv.tags["fid"]) == pytest.approx(ev["fid"], rel=1e-4)
     champion = client.get_model_version_by_alias(pointer["registered_model"], "champion")

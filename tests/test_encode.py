@@ -15,6 +15,7 @@ import torch
 from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
 from dit_core.data import pngs_to_batch
 from pipelines.prepare import PrepareConfig, prepare
+from pipelines.common import read_manifest, read_split
 from pipelines.train_autoencoder import publish
 from ray_jobs import storage
 from ray_jobs.encode import EncodeBatch, config_from, encode, latents_fingerprint
@@ -40,7 +41,8 @@ def encode_params(**overrides) -> dict:
 
 def read_latents(out: str, stats: dict, split: str) -> pa.Table:
     fs, _ = storage.resolve(out)
-    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(out, s))[1], filesystem=fs)
+    folder = storage.version_folder(out, stats)   # the published version stats.json names
+    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(folder, s))[1], filesystem=fs)
                             for s in stats["shards"][split])
 
 
@@ -59,7 +61,7 @@ def inputs(tmp_path_factory):
 def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     out = str(tmp_path / "latents")
     stats = encode(config_from(inputs["prepared"], inputs["ae_path"], out, encode_params(flip_views=True)))
-    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
+    manifest = read_manifest(inputs["prepared"])
     assert stats["counts"] == {s: manifest["splits"][s]["count"] for s in ("train", "val")}
     assert stats["latent_shape"] == [4, 8, 8] and stats["scale_factor"] == SCALE
     assert stats["autoencoder_id"] == "tiny" and stats["input_fingerprint"] == manifest["fingerprint"]
@@ -77,7 +79,7 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
                for c in ALL_COLUMNS}
 
     # the job's latents are what the autoencoder gives for the same images (and their flips)
-    prepared = pa.concat_tables(pq.read_table(f"{inputs['prepared']}/{s}") for s in manifest["splits"]["train"]["shards"])
+    prepared = read_split(inputs["prepared"], manifest, "train")
     by_key = {k: i for i, k in enumerate(prepared.column("key").to_pylist())}
     rows = [by_key[k] for k in train.column("key").to_pylist()]
     x = pngs_to_batch([prepared.column("image")[i].as_py() for i in rows])
@@ -103,9 +105,10 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
 def test_sample_mode_is_seeded_per_key(inputs):
     """The actor's batch function, called directly: in sample mode each row's noise comes from its
     key, so a row gets the same sample in any batch, on any actor; std is stored as 0."""
-    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
-    table = pq.read_table(f"{inputs['prepared']}/{manifest['splits']['train']['shards'][0]}")
-    table = table.append_column("path", pa.array([f"{inputs['prepared']}/train/part-00000.parquet"] * table.num_rows))
+    manifest = read_manifest(inputs["prepared"])
+    shard = storage.join(storage.version_folder(inputs["prepared"], manifest), manifest["splits"]["train"]["shards"][0])
+    table = pq.read_table(shard)
+    table = table.append_column("path", pa.array([shard] * table.num_rows))
     sampler = EncodeBatch(inputs["ae"], "sample", seed=0)
     whole = sampler(table)
     pieces = pa.concat_tables([sampler(table.slice(0, 3)), sampler(table.slice(3))])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dit_core.training import noisy_latents
+from pipelines.common import read_manifest
 from ray_jobs import storage
 from ray_jobs.encode import EncodeBatch, config_from as encode_config, encode, latents_fingerprint
 from ray_jobs.latent_input import LatentStream, StreamPlan, scan_units
@@ -35,10 +36,10 @@ def refusal(folder: str) -> str:
 
 def prepared_rows(inputs: dict) -> pa.Table:
     """The first prepared train shard as the encode actor gets it (with each row's file path)."""
-    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
-    shard = manifest["splits"]["train"]["shards"][0]
-    table = pq.read_table(f"{inputs['prepared']}/{shard}")
-    return table.append_column("path", pa.array([f"{inputs['prepared']}/{shard}"] * table.num_rows))
+    manifest = read_manifest(inputs["prepared"])
+    shard = storage.join(storage.version_folder(inputs["prepared"], manifest), manifest["splits"]["train"]["shards"][0])
+    table = pq.read_table(shard)
+    return table.append_column("path", pa.array([shard] * table.num_rows))
 
 
 def stacked(table: pa.Table, column: str) -> np.ndarray:
@@ -91,8 +92,8 @@ def test_encode_without_flip_views_on_ray_cluster(ray_cluster, inputs, tmp_path)
     assert stats["views"] == ["image"] and storage.read_json(f"{out}/stats.json") == stats
     for split in ("train", "val"):
         for shard in stats["shards"][split]:
-            assert not FLIP_COLUMNS & set(pq.read_schema(f"{out}/{shard}").names), shard
-    manifest = storage.read_json(f"{inputs['prepared']}/manifest.json")
+            assert not FLIP_COLUMNS & set(pq.read_schema(storage.join(storage.version_folder(out, stats), shard)).names), shard
+    manifest = read_manifest(inputs["prepared"])
     fingerprint = lambda flip: latents_fingerprint(manifest["fingerprint"], inputs["ae"],
                                                    encode_config("p", "a", "o", encode_params(flip_views=flip)))
     assert stats["fingerprint"] == fingerprint(False) != fingerprint(True)

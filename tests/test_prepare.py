@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dit_core.data import BadImage, center_crop, prepare_image
+from pipelines.common import read_manifest
 from pipelines.prepare import PrepareConfig, _reason_kind, assign_splits, list_imagefolder, prepare
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, encode_image, planted_folder, prepare_params, random_rgb
@@ -27,8 +28,14 @@ def decode_png(data: bytes) -> Image.Image:
 
 
 def read_shards(out: str, manifest: dict, split: str) -> pa.Table:
-    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(out, s))[1], filesystem=storage.resolve(out)[0])
+    folder = storage.version_folder(out, manifest)   # the published version the manifest names
+    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(folder, s))[1], filesystem=storage.resolve(out)[0])
                             for s in manifest["splits"][split]["shards"])
+
+
+def content(manifest: dict) -> dict:
+    """A manifest without the name of its version folder (fresh on every run)."""
+    return {k: v for k, v in manifest.items() if k != storage.VERSION_KEY}
 
 
 def no_leftovers(parent: Path) -> bool:
@@ -185,9 +192,9 @@ def test_ray_workers_give_the_same_manifest_and_shards(tmp_path):
                                                        rows_per_shard=4, num_workers=workers))
         out = tmp_path / f"prepared-{workers}"
         manifest = prepare(cfg, str(out))
-        shards = {s: pq.read_table(out / s).to_pydict() for split in ("train", "val")
+        shards = {s: pq.read_table(storage.join(storage.version_folder(out, manifest), s)).to_pydict() for split in ("train", "val")
                   for s in manifest["splits"][split]["shards"]}
-        runs[workers] = manifest, shards
+        runs[workers] = content(manifest), shards
     (one, one_shards), (two, two_shards) = runs[1], runs[2]
     assert one == two and one_shards == two_shards
     assert len(one["splits"]["train"]["shards"]) == 8  # 29 listed train inputs (5 of them unusable), 4 a shard
@@ -350,7 +357,8 @@ def test_unreadable_bucket_is_a_clear_error(s3_server, tmp_path):
 
 
 def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
-    """SIGKILL the stage once it has written shards: no output folder, no manifest anywhere."""
+    """SIGKILL the stage once it has written shards: no manifest anywhere, so nothing reads as
+    prepared data; the next run removes the killed run's version folder."""
     import signal
     import subprocess
     import sys
@@ -368,12 +376,20 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
                              str(tmp_path / "params.yaml")], cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob(".prepared.tmp-*/train/*.parquet")):
+        while not list(out.glob("v-*/train/*.parquet")):
             assert proc.poll() is None, "prepare finished before it could be killed"
             assert time.time() < deadline, "prepare wrote no shard in time"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    assert not out.exists()
     assert not list(tmp_path.rglob("manifest.json"))
+    with pytest.raises(FileNotFoundError, match="run the prepare stage"):
+        read_manifest(str(out))
+    leftover = [p.name for p in out.glob("v-*")]
+    assert leftover
+    subprocess.run([sys.executable, "-m", "pipelines.prepare", "--out", str(out), "--params", str(tmp_path / "params.yaml")],
+                   cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL, check=True)
+    manifest = read_manifest(str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", manifest["version"]])
+    assert manifest["version"] not in leftover

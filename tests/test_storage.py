@@ -43,3 +43,65 @@ def test_unwritable_destinations_are_named(tmp_path, s3_server):
     if os.geteuid() != 0:  # root ignores permission bits
         with pytest.raises(PermissionError, match="cannot write to"):
             storage.check_writable(ro)
+
+
+def _names(uri: str) -> set[str]:
+    return {f[len(uri) + 1:] for f in storage.list_files(uri)}
+
+
+def _publish(out: str, files: dict[str, bytes], record: dict) -> str:
+    staging = storage.begin_output(out, "rec.json")
+    for name, data in files.items():
+        storage.write_bytes(storage.join(staging, name), data)
+    storage.write_json(storage.join(staging, "rec.json"), record)
+    return storage.commit_output(staging, out, "rec.json")["version"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_folder_outputs_publish_versions_and_clean_up(kind, tmp_path, request):
+    """The record names the version; a begun (killed or failed) version never shows and the next
+    run removes it; a commit leaves the record and its version alone."""
+    out = str(tmp_path / "out") if kind == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
+    with pytest.raises(FileNotFoundError, match="rec.json not found.*run the stage"):
+        storage.current(out, "rec.json")
+    first = _publish(out, {"a/x.bin": b"1"}, {"n": 1})
+    assert _names(out) == {"rec.json", f"{first}/a/x.bin", f"{first}/rec.json"}
+    assert storage.read_json(storage.join(out, "rec.json")) == {"n": 1, "version": first}
+    assert storage.current(out, "rec.json") == storage.join(storage.absolute(out), first)
+    assert storage.current(storage.current(out, "rec.json"), "rec.json") == storage.current(out, "rec.json")
+
+    killed = storage.begin_output(out, "rec.json")         # a run that dies mid-write ...
+    storage.write_bytes(storage.join(killed, "a/x.bin"), b"half")
+    assert storage.read_bytes(storage.join(storage.current(out, "rec.json"), "a/x.bin")) == b"1"  # ... shows nothing
+    failed = storage.begin_output(out, "rec.json")         # the next run removes it
+    assert not storage.exists(killed) and storage.exists(storage.join(out, first, "a/x.bin"))
+    storage.write_bytes(storage.join(failed, "a/x.bin"), b"2")
+    storage.abort_output(failed, out)                      # a failure removes its own version only
+    assert _names(out) == {"rec.json", f"{first}/a/x.bin", f"{first}/rec.json"}
+
+    second = _publish(out, {"b.bin": b"2"}, {"n": 2})
+    assert _names(out) == {"rec.json", f"{second}/b.bin", f"{second}/rec.json"}
+    assert storage.read_bytes(storage.join(storage.current(out, "rec.json"), "b.bin")) == b"2"
+
+
+def test_output_written_before_versions_is_read_and_replaced(tmp_path):
+    """A folder with its record at the top and no version (and the staging sibling a killed run of
+    that code left) reads as itself; the next publish replaces it whole and removes the sibling."""
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "x.bin").write_bytes(b"old")
+    (out / "rec.json").write_text('{"n": 0}')
+    (tmp_path / ".out.tmp-1234abcd" / "a").mkdir(parents=True)
+    assert storage.current(str(out), "rec.json") == str(out)
+    storage.abort_output(storage.begin_output(str(out), "rec.json"), str(out))
+    assert not (tmp_path / ".out.tmp-1234abcd").exists() and (out / "a" / "x.bin").read_bytes() == b"old"
+    version = _publish(str(out), {"y.bin": b"new"}, {"n": 1})
+    assert _names(str(out)) == {"rec.json", f"{version}/y.bin", f"{version}/rec.json"}
+    with storage.local_copy(str(out), "rec.json") as folder:
+        assert folder == str(out / version)
+
+
+def test_first_failed_publish_leaves_no_folder(tmp_path):
+    out = str(tmp_path / "out")
+    storage.abort_output(storage.begin_output(out, "rec.json"), out)
+    assert not os.path.exists(out)
