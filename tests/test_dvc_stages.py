@@ -96,10 +96,13 @@ def test_default_autoencoder_keeps_digits_recognisable(project):
     from dit_core.data import pngs_to_batch
 
     root = project["root"]
-    prepared = {s: pq.read_table(root / "data/prepared" / s) for s in ("train", "val")}
+    from ray_jobs import storage
+
+    prepared_dir = storage.current(root / "data/prepared", "manifest.json")   # the published version
+    prepared = {s: pq.read_table(storage.join(prepared_dir, s)) for s in ("train", "val")}
     x_train = pngs_to_batch(prepared["train"].column("image").to_pylist()).flatten(1).numpy()
     clf = LogisticRegression(max_iter=2000).fit(x_train, prepared["train"].column("label").to_numpy())
-    val = pq.read_table(root / "data/latents/val")
+    val = pq.read_table(storage.join(storage.current(root / "data/latents", "stats.json"), "val"))
     stats = yaml.safe_load((root / "data/latents/stats.json").read_text())
     means = np.stack(val.column("mean").to_numpy(zero_copy_only=False)).reshape(-1, *stats["latent_shape"])
     ae = load_autoencoder(root / "models/autoencoder")
