@@ -12,7 +12,7 @@
    waiting for data.
 
     python -m benchmarks.train_input                 # both (several minutes; ~7 GB of disk in --work)
-    python -m benchmarks.train_input --parts speed
+    python -m benchmarks.train_input --parts speed [--ray-data]
 """
 
 from __future__ import annotations
@@ -145,6 +145,38 @@ class InMemoryInput:
             yield batch
 
 
+class RayDataInput:
+    """The ecosystem's way, for comparison: Ray Data reading the same shards, batches from
+    ``iter_batches`` with a local shuffle buffer of the same size as the streamed window (what
+    ``get_dataset_shard(...).iter_torch_batches`` runs in a Ray Train worker), epoch after epoch."""
+
+    def __init__(self, folder: Path, per_rank: int, shuffle_rows: int = 1024, seed: int = 0):
+        import ray
+
+        stats = json.loads((folder / "stats.json").read_text())
+        self.shape, self.per_rank, self.shuffle_rows, self.seed = tuple(stats["latent_shape"]), per_rank, shuffle_rows, seed
+        self.ds = ray.data.read_parquet([str(folder / s) for s in stats["shards"]["train"]], columns=["mean", "std", "label"])
+        self.wait_seconds = 0.0
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            it = iter(self.ds.iter_batches(batch_size=self.per_rank, batch_format="pyarrow", drop_last=True, prefetch_batches=2,
+                                           local_shuffle_buffer_size=self.shuffle_rows, local_shuffle_seed=self.seed + epoch))
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    t = next(it)
+                except StopIteration:
+                    self.wait_seconds += time.perf_counter() - t0
+                    break
+                flat = lambda c: t.column(c).combine_chunks().flatten().to_numpy().reshape(t.num_rows, *self.shape)
+                batch = (flat("mean"), flat("std"), t.column("label").to_numpy().astype(np.int64))
+                self.wait_seconds += time.perf_counter() - t0
+                yield batch
+            epoch += 1
+
+
 def streamed(folder: Path, per_rank: int):
     from ray_jobs.latent_input import LatentStream, plan_stream, scan_units
     from ray_jobs.train import read_stats, train_shards
@@ -160,7 +192,7 @@ def streamed(folder: Path, per_rank: int):
     return stream, batches()
 
 
-def speed(work: Path, rounds: int, steps: int, rows: int) -> dict[str, Any]:
+def speed(work: Path, rounds: int, steps: int, rows: int, ray_data: bool = False) -> dict[str, Any]:
     from dit_core.diffusion import create_diffusion, training_losses
     from dit_core.models import DiT, DiTConfig
     from dit_core.training import noisy_latents
@@ -189,13 +221,20 @@ def speed(work: Path, rounds: int, steps: int, rows: int) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     memory_in = InMemoryInput(folder, batch)
-    mem_iter = iter(memory_in)
     stream, stream_iter = streamed(folder, batch)
-    run(mem_iter, 3), run(stream_iter, 3)  # warm-up (and the stream's first window)
-    res: dict[str, list[float]] = {"in_memory": [], "streamed": []}
-    waits: dict[str, list[float]] = {"in_memory": [], "streamed": []}
+    inputs = [("in_memory", iter(memory_in), memory_in), ("streamed", stream_iter, stream)]
+    if ray_data:
+        from ray_jobs import runtime
+
+        runtime.init_ray()
+        ray_in = RayDataInput(folder, batch)
+        inputs.append(("ray_data", iter(ray_in), ray_in))
+    for _, it, _ in inputs:
+        run(it, 3)  # warm-up (the stream's first window, Ray Data's first blocks)
+    res: dict[str, list[float]] = {name: [] for name, _, _ in inputs}
+    waits: dict[str, list[float]] = {name: [] for name, _, _ in inputs}
     for r in range(rounds):
-        for name, it, src in (("in_memory", mem_iter, memory_in), ("streamed", stream_iter, stream))[:: 1 if r % 2 == 0 else -1]:
+        for name, it, src in inputs[:: 1 if r % 2 == 0 else -1]:
             w0 = src.wait_seconds
             elapsed = run(it, steps)
             res[name].append(steps / elapsed)
@@ -208,6 +247,8 @@ def speed(work: Path, rounds: int, steps: int, rows: int) -> dict[str, Any]:
         "all_rounds": res,
     }
     out["streamed_over_in_memory"] = round(out["steps_per_sec"]["streamed"] / out["steps_per_sec"]["in_memory"], 3)
+    if ray_data:
+        out["streamed_over_ray_data"] = round(out["steps_per_sec"]["streamed"] / out["steps_per_sec"]["ray_data"], 3)
     return out
 
 
@@ -217,6 +258,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the synthetic latents (default: a temporary one, removed)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=40, help="steps per speed round")
+    p.add_argument("--ray-data", action="store_true", help="speed: also Ray Data's iter_batches with a local shuffle buffer")
     p.add_argument("--memory-steps", type=int, default=200)
     p.add_argument("--memory-batch", type=int, default=32,
                    help="per-worker batch of the memory runs (32: a worker of the ImageNet preset, 256 over 8 GPUs)")
@@ -224,11 +266,12 @@ def main() -> None:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="train-input-"))
     try:
         if "speed" in a.parts:  # train_input-{cpu,gpu}-speed.json
-            s = speed(work, a.rounds, a.steps, DIGITS_ROWS)
+            s = speed(work, a.rounds, a.steps, DIGITS_ROWS, a.ray_data)
             print(table([{"input": k, "steps_per_sec": v, "data_wait_share": s["data_wait_share"][k]}
                          for k, v in s["steps_per_sec"].items()], ["input", "steps_per_sec", "data_wait_share"]))
-            print(f"streamed / in-memory: {s['streamed_over_in_memory']}", flush=True)
-            print(write_result("train_input", {"speed": s}, tag="speed"))
+            print(f"streamed / in-memory: {s['streamed_over_in_memory']}"
+                  + (f", streamed / Ray Data: {s['streamed_over_ray_data']}" if a.ray_data else ""), flush=True)
+            print(write_result("train_input", {"speed": s}, tag="speed-ray-data" if a.ray_data else "speed"))
         if "memory" in a.parts:  # train_input-{cpu,gpu}-memory.json
             from ray_jobs import runtime
 
