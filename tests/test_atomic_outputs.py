@@ -219,24 +219,14 @@ def test_killed_encode_keeps_the_previous_output(kind, ray_cluster, prepared_sma
 @pytest.mark.parametrize("kind", ["s3"])   # locally: test_sample.py::test_killed_job_resumes_to_the_same_files
 def test_killed_sample_shows_only_whole_shards_and_resumes(kind, ray_cluster, sample_model, tmp_path, request):
     from ray_jobs.sample import missing_shards, read_images, read_shard, run
-    from tests.test_sample import config, sample_cli
+    from tests.test_sample import config, kill_once_a_shard_exists, sample_cli
 
     root = where(kind, tmp_path, request)
     cfg = config(sample_model, storage.join(root, "samples"), num_images=10,
                  images_per_shard=2, num_steps=20, num_actors=1, formats=["parquet", "npz"])
     env = {**stage_env(), "RAY_ADDRESS": ray_cluster.address}
     parquet = storage.join(cfg.output, "parquet")
-    deadline = time.time() + 300
-    proc = subprocess.Popen(sample_cli(cfg), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        while not storage.list_files(parquet, ".parquet"):
-            assert proc.poll() is None, "the sample job ended before it could be killed"
-            assert time.time() < deadline, "no shard appeared in 300 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_a_shard_exists(sample_cli(cfg), env, parquet)
     time.sleep(2)  # the cluster reaps the dead driver's actors
     left = missing_shards(cfg)
     assert 0 < len(left) < 5, f"the kill came too late: {len(left)} of 5 shards missing"

@@ -21,27 +21,33 @@ import pytest
 import torch
 
 from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
-from dit_core.models import DiT, DiTConfig
+from dit_core.models import DiTConfig
 from ray_jobs import storage
 from ray_jobs.model_source import load_bundle
 from ray_jobs.sample import (BASELINE_DIR, CONFIG_FILE, GRID_FILE, GRID_MAX_CLASSES, NPZ_FILE, ImageSampler, SampleConfig,
                              finish, image_seed, load_autoencoder_for, missing_shards, read_images, run,
                              shard_files, untrained_model)
 from tests.conftest import REPO
+from tests.fixtures_registry import random_dit
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 3
 TINY = DiTConfig(input_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
 
 
-def random_dit(config: DiTConfig, seed: int = 0) -> DiT:
-    """A DiT with random (not adaLN-Zero) weights, so that its samples depend on everything."""
-    torch.manual_seed(seed)
-    model = DiT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model.eval()
+def kill_once_a_shard_exists(cmd: list[str], env: dict[str, str], parquet: str, timeout: float = 300) -> None:
+    """Start the sample job ``cmd`` and SIGKILL its whole process group as soon as a first shard
+    is visible under ``parquet`` (a folder or s3:// prefix)."""
+    deadline = time.time() + timeout
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not storage.list_files(parquet, ".parquet"):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.time() < deadline, f"no shard appeared in {timeout:.0f} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -186,17 +192,7 @@ def test_killed_job_resumes_to_the_same_files(ray_cluster, sample_model, tmp_pat
     again generates only the missing shards, and the result equals an uninterrupted run."""
     killed = config(sample_model, tmp_path / "killed", num_images=30, images_per_shard=2, num_steps=60, num_actors=1)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(sample_cli(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while not storage.list_files(Path(killed.output, "parquet"), ".parquet"):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.time() < deadline, "no shard appeared in 300 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_a_shard_exists(sample_cli(killed), env, str(Path(killed.output, "parquet")))
     time.sleep(3)  # the cluster reaps the dead driver's actors
     left = missing_shards(killed)
     assert 0 < len(left) < 15, f"the kill came too late or too early: {len(left)} of 15 shards missing"
