@@ -17,7 +17,7 @@ whatever the number of workers.
 
 Output (docs/CONTRACTS.md): ``{train,val}/part-NNNNN.parquet`` (image PNG bytes, label int32, key
 string) and ``manifest.json``, published atomically: they go to a fresh version folder
-``<out>/v-.../`` and ``<out>/manifest.json`` naming it is written last (``storage.begin_output``),
+``<out>/v-<n>/`` and ``<out>/manifest.json`` naming it is written last (``storage.begin_output``),
 so a failed or killed run leaves the previous output as it was, and the next run removes its leftovers.
 
     python -m pipelines.prepare --out data/prepared [--params params.yaml]

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,7 +142,8 @@ def check_writable(uri: str | os.PathLike) -> None:
 #
 # <out>/<marker>        the stage's record (manifest.json, stats.json, ...) plus "version": the commit point,
 #                       written last in one write (a rename locally, one PUT on S3)
-# <out>/v-<time>-<id>/  the files of that publish, its own copy of the record included
+# <out>/v-<n>/          the files of that publish, its own copy of the record included (n: one more
+#                       than the published version's; v-1 in a fresh folder)
 #
 # A run writes a fresh version folder, then the record that names it; then the versions it does
 # not name are deleted. So a failed or killed run never touches the output readers see, and the
@@ -180,6 +180,14 @@ def _entries(uri: str | os.PathLike) -> list[str]:
     return sorted({i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos} - {""})
 
 
+def _next_version(committed: str | None) -> str:
+    """``v-<n+1>`` after the committed ``v-<n>`` (``v-1`` first). A fresh output is always ``v-1``:
+    DVC deletes a stage's outputs before it runs it, so the same content gives the same folder
+    and hash, and the stages after it are not re-run."""
+    number = committed[len(VERSION_PREFIX):] if committed else ""
+    return f"{VERSION_PREFIX}{int(number) + 1 if number.isdigit() else 1}"
+
+
 def _committed_version(uri: str | os.PathLike, marker: str) -> str | None:
     try:
         return read_json(join(uri, marker)).get(VERSION_KEY)
@@ -213,7 +221,7 @@ def begin_output(uri: str | os.PathLike, marker: str) -> str:
 
         for stale in Path(uri).parent.glob(f".{Path(uri).name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = join(uri, f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+    staging = join(uri, _next_version(keep))
     makedirs(staging)
     return staging
 

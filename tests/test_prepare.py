@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dit_core.data import BadImage, center_crop, prepare_image
-from pipelines.common import read_manifest
+from pipelines.common import read_manifest, read_split
 from pipelines.prepare import PrepareConfig, _reason_kind, assign_splits, list_imagefolder, prepare
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, encode_image, planted_folder, prepare_params, random_rgb
@@ -392,4 +392,4 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
                    cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL, check=True)
     manifest = read_manifest(str(out))
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", manifest["version"]])
-    assert manifest["version"] not in leftover
+    assert read_split(str(out), manifest, "train").num_rows == manifest["splits"]["train"]["count"]
