@@ -57,14 +57,17 @@ def leftovers(out: str, marker: str) -> list[str]:
     return stale
 
 
-def kill_while_writing(cmd: list[str], env: dict[str, str], watch: str, settle: float = 0.0, timeout: float = 180) -> None:
+def kill_while_writing(cmd: list[str], env: dict[str, str], watch: str, settle: float = 0.0, timeout: float = 180,
+                       suffix: str | None = None) -> None:
     """Start ``cmd`` and SIGKILL it (its whole process group) once anything under ``watch`` appears
-    or vanishes: the stage has begun writing its output. ``settle``: seconds to let it write on."""
+    or vanishes (with ``suffix``: once a new file of that suffix appears): the stage has begun
+    writing its output. ``settle``: seconds to let it write on."""
     before = paths_under(watch)
+    begun = (lambda now: now != before) if suffix is None else (lambda now: any(p.endswith(suffix) for p in now - before))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     try:
-        while paths_under(watch) == before:
+        while not begun(paths_under(watch)):
             if proc.poll() is not None:
                 raise AssertionError(f"{' '.join(cmd)} ended ({proc.returncode}) before it wrote anything:\n"
                                      f"{proc.stderr.read().decode()[-3000:]}")
@@ -138,9 +141,11 @@ def test_killed_prepare_keeps_the_previous_output(kind, tmp_path, request):
     good = prepare(PrepareConfig.from_params(prepare_params(rows_per_shard=200)), out, log=lambda _: None)
     before, keys = published(out, MANIFEST), split_keys(out)
 
-    slow = params_file(tmp_path, prepare={"seed": 1, "rows_per_shard": 10})  # other content, many shards
+    # other content, in 900 shards: the kill lands after the first shard and well before the
+    # manifest (a fixed delay raced with the whole digits prepare, which can take under 0.5 s)
+    slow = params_file(tmp_path, prepare={"seed": 1, "rows_per_shard": 2})
     kill_while_writing([sys.executable, "-m", "pipelines.prepare", "--out", out, "--params", slow], stage_env(), root,
-                       settle=0.5)
+                       suffix=".parquet")
     assert read_manifest(out) == good and published(out, MANIFEST) == before   # (a) whole and unchanged
     assert split_keys(out) == keys
 
