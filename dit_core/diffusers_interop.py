@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_core.diffusion import DDIMSampler, GaussianDiffusion, make_betas, respace
+from dit_core.diffusion import DDIMSampler, GaussianDiffusion, make_betas, objective_name, respace
 from dit_core.models import DiT, DiTConfig, load_checkpoint
 
 if TYPE_CHECKING:  # diffusers is imported where it is used: importing this module stays cheap
@@ -603,6 +603,11 @@ def _export_command(args: argparse.Namespace) -> Path:
             "or a local copy of stabilityai/sd-vae-ft-ema); the checkpoint and --stats name none"
         )
     diffusion = extras.get("diffusion", {})
+    if objective_name(diffusion) != "eps":
+        raise ValueError(
+            f"{ckpt} was trained with objective {objective_name(diffusion)!r}; diffusers' DiTPipeline samples only "
+            "the paper's epsilon objective (DDIM scheduler). Sample it with `dit sample` (sampler euler, heun or "
+            "dpm-solver++) or the registered MLflow model instead")
     return export_pipeline(
         model,
         args.out,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dit_core.data import to_uint8
-from dit_core.diffusion import SAMPLERS, Sampler, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
+from dit_core.diffusion import ALL_SAMPLERS, Sampler, make_model_fn, make_objective, randn, sample_loop
 from dit_core.models import DiT
 
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit int; ours are non-negative
@@ -26,7 +26,7 @@ class SamplingSettings:
     """How to sample. These defaults are the ``sample`` settings' (``ray_jobs.sample.SampleConfig``,
     params.yaml); a test keeps them equal. A registered model records them (its ``sampling``)."""
 
-    sampler: str = "dpm-solver++"      # ddpm | ddim | dpm-solver++
+    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++
     num_steps: int = 20
     guidance_scale: float = 2.0        # 1: no guidance
     eta: float = 0.0                   # ddim only
@@ -34,8 +34,8 @@ class SamplingSettings:
     cache_interval: int = 1            # >1: the blocks run on one step in this many
 
     def check(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {SAMPLERS}")
+        if self.sampler not in ALL_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps={self.num_steps} must be at least 1")
         if not float(self.guidance_scale) >= 0:
@@ -56,13 +56,7 @@ class ImagePipeline:
         self.autoencoder = autoencoder.to(self.device)
         self.scale_factor = float(scale_factor)
         self.bf16 = bf16
-        diffusion = dict(diffusion or {})
-        self.diffusion = create_diffusion(
-            None,
-            noise_schedule=diffusion.get("noise_schedule", "linear"),
-            learn_sigma=self.model.config.learn_sigma,
-            diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
-        )
+        self.objective = make_objective(diffusion, learn_sigma=self.model.config.learn_sigma)
         self._samplers: dict[tuple[str, int, float], Sampler] = {}
 
     @property
@@ -72,7 +66,7 @@ class ImagePipeline:
     def sampler(self, settings: SamplingSettings) -> Sampler:
         key = (settings.sampler, int(settings.num_steps), float(settings.eta))
         if key not in self._samplers:  # samplers reset per trajectory: one per setting is enough
-            self._samplers[key] = make_sampler(settings.sampler, self.diffusion, int(settings.num_steps), eta=float(settings.eta))
+            self._samplers[key] = self.objective.sampler(settings.sampler, int(settings.num_steps), eta=float(settings.eta))
         return self._samplers[key]
 
     def check_labels(self, labels: Sequence[int]) -> None:

@@ -231,11 +231,15 @@ def signature() -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def input_example(num_classes: int) -> pd.DataFrame:
-    """Two rows: the defaults, and every optional setting given (2 steps: a quick example)."""
+def input_example(num_classes: int, diffusion: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Two rows: the defaults, and every optional setting given (2 steps of a second sampler that
+    fits the model's objective: a quick example)."""
+    from dit_core.diffusion import SAMPLERS_BY_OBJECTIVE, objective_name
+
+    other = SAMPLERS_BY_OBJECTIVE[objective_name(diffusion)][1]   # ddim (eps models), heun (flow models)
     return pd.DataFrame([
         {"class_label": 0, "seed": 0, "num_steps": None, "guidance_scale": None, "sampler": None},
-        {"class_label": min(1, num_classes - 1), "seed": 1, "num_steps": 2, "guidance_scale": 1.5, "sampler": "ddim"},
+        {"class_label": min(1, num_classes - 1), "seed": 1, "num_steps": 2, "guidance_scale": 1.5, "sampler": other},
     ])
 
 

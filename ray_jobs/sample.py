@@ -32,7 +32,7 @@ import torch
 from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, load_autoencoder
 from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
-from dit_core.diffusion import SAMPLERS, create_diffusion, make_model_fn, make_sampler, randn, sample_loop
+from dit_core.diffusion import ALL_SAMPLERS, check_sampler, make_model_fn, make_objective, randn, sample_loop
 from dit_core.metrics import AdmNpzWriter
 
 from . import runtime, storage
@@ -57,7 +57,7 @@ class SampleConfig:
     output: str                              # folder or s3:// prefix
     num_images: int = 1000
     class_labels: list[int] | str = "all"    # "all" (cycle through classes), "uniform" (random), or a list
-    sampler: str = "dpm-solver++"            # ddpm | ddim | dpm-solver++
+    sampler: str = "dpm-solver++"            # eps models: ddpm | ddim | dpm-solver++; flow: euler | heun | dpm-solver++
     num_steps: int = 20
     eta: float = 0.0                         # ddim only
     guidance_scale: float = 2.0              # 1: no guidance
@@ -148,13 +148,8 @@ class ImageSampler:
         self.model = (model if model is not None else bundle.build_model()).eval().to(self.device)
         self.autoencoder = autoencoder.to(self.device)
         self.scale_factor = float(scale_factor)
-        self.diffusion = create_diffusion(
-            None,
-            noise_schedule=bundle.diffusion.get("noise_schedule", "linear"),
-            learn_sigma=self.model.config.learn_sigma,
-            diffusion_steps=int(bundle.diffusion.get("diffusion_steps", 1000)),
-        )
-        self.sampler = make_sampler(cfg.sampler, self.diffusion, cfg.num_steps, eta=cfg.eta)  # reset per trajectory
+        self.objective = make_objective(bundle.diffusion, learn_sigma=self.model.config.learn_sigma)
+        self.sampler = self.objective.sampler(cfg.sampler, cfg.num_steps, eta=cfg.eta)  # reset per trajectory
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """uint8 NHWC images for these labels and per-image seeds."""
@@ -259,8 +254,8 @@ class ShardGenerator:
 # ---------------------------------------------------------------------------------------------
 
 def validate(cfg: SampleConfig) -> None:
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler {cfg.sampler!r} is unknown; choose one of {SAMPLERS}")
+    if cfg.sampler not in ALL_SAMPLERS:
+        raise ValueError(f"sampler {cfg.sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
     if cfg.guidance_scale < 0:
         raise ValueError(f"guidance_scale={cfg.guidance_scale} must be >= 0 (1 = no guidance)")
     for name in ("num_images", "num_steps", "batch_size", "images_per_shard"):
@@ -524,6 +519,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     storage.check_writable(cfg.output)
     bundle = load_bundle(cfg.model, cfg.expect_preset)
     mc = bundle.config
+    check_sampler(bundle.diffusion, cfg.sampler)   # before any work: an eps sampler on a flow model is refused
     labels = class_labels_for(cfg, mc.num_classes)
     base_labels = class_labels_for(replace(cfg, num_images=cfg.baseline_images), mc.num_classes) if cfg.baseline_images else labels[:0]
     if cfg.grid_per_class:
@@ -579,7 +575,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         "mlflow_run_id": bundle.mlflow_run_id,
         "sampler": cfg.sampler,
         "num_steps": cfg.num_steps,
-        "network_evaluations_per_image": make_sampler(cfg.sampler, create_diffusion(None, learn_sigma=mc.learn_sigma), cfg.num_steps).num_evaluations
+        "network_evaluations_per_image": make_objective(bundle.diffusion, learn_sigma=mc.learn_sigma).sampler(cfg.sampler, cfg.num_steps).num_evaluations
         * (2 if cfg.guidance_scale != 1.0 else 1),
         "guidance_scale": cfg.guidance_scale,
     }

@@ -194,7 +194,7 @@ def log_model(
                 code_paths=_model_code(Path(tmp, "code")),
                 signature=mlflow_model.signature(),
                 # the example is predicted once at logging (MLflow's serving check): only where it can decode
-                input_example=mlflow_model.input_example(num_classes) if ae_dir else None,
+                input_example=mlflow_model.input_example(num_classes, model_info.get("diffusion")) if ae_dir else None,
                 pip_requirements=_model_requirements(),
                 registered_model_name=registered_model,
                 step=step,

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
-from dit_core.diffusion import create_diffusion, training_losses
+from dit_core.diffusion import make_objective
 from dit_core.models import DiT, DiTConfig, preset_config
 from dit_core.training import LATENT_VIEWS, EMA, derive_seed, flatten, learning_rate, noisy_latents
 
@@ -72,9 +72,14 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=lambda: {
         "depth": 6, "hidden_size": 128, "num_heads": 4, "patch_size": 4, "class_embed_init_std": 1.0})
     class_dropout_prob: float = 0.1               # label dropout for classifier-free guidance
-    learn_sigma: bool = True
-    noise_schedule: str = "linear"                # the paper's (cosine: Improved DDPM's)
-    diffusion_steps: int = 1000
+    # the training objective (docs/training.md: recipes): eps = the paper's; flow = linear interpolant, velocity
+    objective: str = "eps"
+    timestep_sampling: str = "uniform"            # uniform | logit-normal (flow only)
+    loss_weighting: str = "none"                  # none | min-snr (eps only)
+    min_snr_gamma: float = 5.0
+    learn_sigma: bool = True                      # eps only (flow learns no variance)
+    noise_schedule: str = "linear"                # eps: the paper's (cosine: Improved DDPM's)
+    diffusion_steps: int = 1000                   # eps: the discrete steps; flow: the timestep input's scale
     random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
     shuffle_rows: int = 1024                      # rows a worker shuffles together (its input memory: ~4 such windows)
     # optimisation (steps = optimizer steps; batch_size = global: all workers, all micro-batches)
@@ -135,6 +140,10 @@ class TrainConfig:
             raise ValueError("train.class_embed_lr_scale must be 1.0 with strategy fsdp (FSDP flattens the parameters)")
         if self.lr <= 0 or self.class_embed_lr_scale <= 0:
             raise ValueError(f"train.lr={self.lr} and class_embed_lr_scale={self.class_embed_lr_scale} must be positive")
+        try:
+            diffusion_settings(self)
+        except ValueError as e:
+            raise ValueError(f"train: {e}") from None
         unknown = set(self.model) - {f.name for f in fields(DiTConfig)}
         if unknown:
             raise ValueError(f"train.model has unknown DiTConfig fields {sorted(unknown)}; known: {[f.name for f in fields(DiTConfig)]}")
@@ -204,7 +213,11 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
 
 
 def diffusion_settings(cfg: TrainConfig) -> dict[str, Any]:
-    return {"noise_schedule": cfg.noise_schedule, "diffusion_steps": cfg.diffusion_steps, "learn_sigma": cfg.learn_sigma}
+    """The objective's record (checkpoints and registered models: which objective, which samplers fit)."""
+    return make_objective({
+        "objective": cfg.objective, "noise_schedule": cfg.noise_schedule, "diffusion_steps": cfg.diffusion_steps,
+        "learn_sigma": cfg.learn_sigma, "timestep_sampling": cfg.timestep_sampling, "loss_weighting": cfg.loss_weighting,
+        "min_snr_gamma": cfg.min_snr_gamma}).settings()
 
 
 def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
@@ -370,8 +383,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               cfg.per_worker_batch, world, cfg.seed, cfg.shuffle_rows, flip_prob=0.5 if cfg.random_flip else 0.0)
     layout = layout_digest(units)
     mcfg = model_config(cfg, stats)
-    diffusion = create_diffusion(None, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
-                                 diffusion_steps=cfg.diffusion_steps)
+    objective = make_objective(diffusion_settings(cfg))
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(mcfg)
@@ -410,7 +422,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and cfg.tracking:
         tracking.configure_tracking()
         run_id = tracking.start_run(cfg.experiment, config["run_name"], tags={
-            "preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"]})
+            "preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"], "objective": cfg.objective})
         tracking.log_params(run_id, {
             **flatten(asdict(cfg)), "run_name": config["run_name"], "git_commit": config["git_commit"],
             "data_fingerprint": stats["fingerprint"], "world_size": world, "num_nodes": len(set(nodes)),
@@ -452,10 +464,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             x = noisy_latents(batch.mean, batch.std, float(stats["scale_factor"]), gen)
             x, y = x.to(device, non_blocking=True), torch.from_numpy(batch.labels).to(device, non_blocking=True)
             torch.manual_seed(derive_seed(cfg.seed, step, rank, micro, 1))  # timesteps, noise, label dropout
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            t = objective.sample_t(x.shape[0], device)
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = training_losses(diffusion, lambda xt, tt: forward(xt, tt, y), x, t)["loss"].mean()
+                loss = objective.losses(lambda xt, tt: forward(xt, tt, y), x, t)["loss"].mean()
             (loss / cfg.grad_accum).backward()
             window_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
         if cfg.grad_clip:
@@ -498,7 +510,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         version = tracking.log_model(
             run_id, final, cfg.registered_model,
             model_info={"model_config": mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": stats},
-            tags={"preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"], "run_name": config["run_name"]},
+            tags={"preset": cfg.preset or "custom", "data_fingerprint": stats["fingerprint"], "run_name": config["run_name"],
+                  "objective": cfg.objective},
             step=max(cfg.steps, start_step),
         )
         tracking.finish_run(run_id)

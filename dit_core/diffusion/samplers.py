@@ -211,7 +211,11 @@ def sample_loop(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
+    discrete = np.issubdtype(np.asarray(sampler.model_timesteps).dtype, np.integer)  # flow samplers: float times
     for i in steps:
-        t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
+        if discrete:
+            t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
+        else:
+            t = torch.full((x.shape[0],), float(sampler.model_timesteps[i]), device=x.device, dtype=torch.float32)
         x = sampler.step(i, x, model_fn(x, t), generator)
     return x
