@@ -9,8 +9,8 @@ schedule, gradient clipping, the EMA, posterior sampling of the latents and per-
 ``--eval-steps`` point the EMA weights sample ``--num-images`` images with the sample stage's
 default settings (sampler, steps, guidance, labels, per-image seeds) and are scored as the evaluate
 stage scores them (the trained classifier's features against the prepared val split; class
-accuracy). Training time is timed apart from evaluation: ``train_seconds_per_step`` is the cost
-per step the recipes are compared at.
+accuracy). The cost per step the recipes are compared at is timed apart, in alternation (recipe A,
+B, A, B, ... for ``--cost-rounds`` rounds), so that other load on the machine hits all alike.
 
 The summary: each recipe's median FID over seeds at every step count; the reference recipe's
 median at ``--target-step`` is the quality to reach; for each other recipe the first step count
@@ -101,69 +101,100 @@ class Scorer:
         return fid, float((predict(self.classifier, uint8_to_float(images)) == labels).mean())
 
 
+class Trainer:
+    """The train job's step for one recipe and seed, on the in-memory train split."""
+
+    def __init__(self, recipe: dict[str, Any], seed: int, params: dict[str, Any], data: tuple, steps: int):
+        from dit_core.diffusion import make_objective
+        from dit_core.models import DiT
+        from dit_core.training import EMA
+        from ray_jobs.train import TrainConfig, diffusion_settings, model_config, param_groups
+
+        self.stats, self.mean, self.std, self.labels = data
+        self.cfg = cfg = TrainConfig(**{**params, **recipe, "seed": seed, "steps": steps, "latents": "unused"})
+        cfg.validate()
+        self.record = diffusion_settings(cfg)
+        self.objective = make_objective(self.record)
+        torch.manual_seed(cfg.seed)
+        self.model = DiT(model_config(cfg, self.stats)).train()
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.order, self.pos, self.epoch, self.step_index = np.array([], dtype=np.int64), 0, 0, 0
+
+    def step(self) -> float:
+        from dit_core.training import derive_seed, learning_rate, noisy_latents
+
+        cfg, step = self.cfg, self.step_index
+        if self.pos + cfg.batch_size > len(self.order):
+            self.order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(self.labels))
+            self.pos, self.epoch = 0, self.epoch + 1
+        idx = self.order[self.pos:self.pos + cfg.batch_size]
+        self.pos += cfg.batch_size
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps) * group.get("lr_scale", 1.0)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, 0, 0, 0))
+        x = noisy_latents(self.mean[idx], self.std[idx], float(self.stats["scale_factor"]), gen)
+        y = torch.from_numpy(self.labels[idx])
+        torch.manual_seed(derive_seed(cfg.seed, step, 0, 0, 1))
+        t = self.objective.sample_t(x.shape[0], "cpu")
+        loss = self.objective.losses(lambda xt, tt: self.model(xt, tt, y), x, t)["loss"].mean()
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model, step)
+        self.step_index += 1
+        return float(loss.detach())
+
+
 def run_one(recipe: dict[str, Any], seed: int, params: dict[str, Any], data: tuple, eval_steps: list[int],
             scorer: Scorer, sample_params: dict[str, Any], num_images: int, autoencoder: Any) -> list[dict[str, Any]]:
     import copy
 
-    from dit_core.models import DiT
     from dit_core.pipeline import ImagePipeline, SamplingSettings
-    from dit_core.training import EMA, derive_seed, learning_rate, noisy_latents
     from ray_jobs.sample import image_seed
-    from ray_jobs.train import TrainConfig, diffusion_settings, model_config, param_groups
 
-    stats, mean, std, labels = data
-    cfg = TrainConfig(**{**params, **recipe, "seed": seed, "steps": max(eval_steps), "latents": "unused"})
-    cfg.validate()
-    objective_record = diffusion_settings(cfg)
-    from dit_core.diffusion import make_objective
-
-    objective = make_objective(objective_record)
-    torch.manual_seed(cfg.seed)
-    model = DiT(model_config(cfg, stats))
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainer = Trainer(recipe, seed, params, data, max(eval_steps))
     settings = SamplingSettings(**{k: sample_params[k] for k in ("sampler", "num_steps", "guidance_scale", "eta", "guided_channels")})
-    n_cls = int(stats["num_classes"])
-    sample_labels = np.arange(num_images) % n_cls
+    sample_labels = np.arange(num_images) % int(trainer.stats["num_classes"])
     sample_seeds = [image_seed(int(sample_params.get("seed", 0)), i) for i in range(num_images)]
-    scale = float(stats["scale_factor"])
-    rows, train_seconds, order, pos, epoch = [], 0.0, np.array([], dtype=np.int64), 0, 0
-    model.train()
-    for step in range(max(eval_steps)):
+    rows, train_seconds = [], 0.0
+    for done in range(1, max(eval_steps) + 1):
         t0 = time.perf_counter()
-        if pos + cfg.batch_size > len(order):
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(labels))
-            pos, epoch = 0, epoch + 1
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps) * group.get("lr_scale", 1.0)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, 0, 0, 0))
-        x = noisy_latents(mean[idx], std[idx], scale, gen)
-        y = torch.from_numpy(labels[idx])
-        torch.manual_seed(derive_seed(cfg.seed, step, 0, 0, 1))
-        t = objective.sample_t(x.shape[0], "cpu")
-        loss = objective.losses(lambda xt, tt: model(xt, tt, y), x, t)["loss"].mean()
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step)
+        loss = trainer.step()
         train_seconds += time.perf_counter() - t0
-        done = step + 1
         if done in eval_steps:
-            pipe = ImagePipeline(copy.deepcopy(ema.model), autoencoder, scale, objective_record, device="cpu")
+            pipe = ImagePipeline(copy.deepcopy(trainer.ema.model), autoencoder, float(trainer.stats["scale_factor"]),
+                                 trainer.record, device="cpu")
             t1 = time.perf_counter()
             images = pipe.generate(sample_labels, sample_seeds, settings)
             fid, acc = scorer(images, sample_labels)
-            rows.append({"step": done, "fid": fid, "class_accuracy": acc, "loss": float(loss),
+            rows.append({"step": done, "fid": fid, "class_accuracy": acc, "loss": loss,
                          "train_seconds_per_step": train_seconds / done, "eval_seconds": time.perf_counter() - t1})
             print(f"  step {done}: FID {fid:.2f}, class accuracy {acc:.3f}, {train_seconds / done * 1000:.1f} ms/step", flush=True)
     return rows
 
 
-def summarize(results: dict[str, list[list[dict[str, Any]]]], reference: str, target_step: int) -> dict[str, Any]:
+def cost_per_step(recipes: dict[str, dict[str, Any]], params: dict[str, Any], data: tuple, rounds: int, steps: int) -> dict[str, Any]:
+    """Seconds per training step of each recipe, timed in alternation (recipe A, B, A, B, ...:
+    ``rounds`` rounds of ``steps`` steps after 3 untimed ones), so that load on the machine hits
+    every recipe alike. The median round is the figure."""
+    times: dict[str, list[float]] = {name: [] for name in recipes}
+    for _ in range(rounds):
+        for name, recipe in recipes.items():
+            trainer = Trainer(recipe, 0, params, data, steps + 3)
+            for _ in range(3):
+                trainer.step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "rounds": ts} for name, ts in times.items()}
+
+
+def summarize(results: dict[str, list[list[dict[str, Any]]]], reference: str, target_step: int,
+              cost: dict[str, Any]) -> dict[str, Any]:
     curves: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         steps = sorted({r["step"] for run in runs for r in run})
@@ -172,7 +203,7 @@ def summarize(results: dict[str, list[list[dict[str, Any]]]], reference: str, ta
             "median_fid": [statistics.median(r["fid"] for run in runs for r in run if r["step"] == s) for s in steps],
             "median_class_accuracy": [statistics.median(r["class_accuracy"] for run in runs for r in run if r["step"] == s) for s in steps],
             "fid_by_seed": [[r["fid"] for r in run] for run in runs],
-            "seconds_per_step": statistics.median(run[-1]["train_seconds_per_step"] for run in runs),
+            "seconds_per_step": cost[name]["median"],
         }
     ref = curves[reference]
     if target_step not in ref["steps"]:
@@ -225,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latents", default=str(REPO / "data" / "latents"))
     p.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
     p.add_argument("--classifier", default=str(REPO / "models" / "classifier"))
+    p.add_argument("--cost-rounds", type=int, default=5, help="alternating timing rounds of the cost per step")
+    p.add_argument("--cost-steps", type=int, default=20, help="steps per timing round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default=None)
     a = p.parse_args(argv)
@@ -258,7 +291,10 @@ def main(argv: list[str] | None = None) -> None:
             run = run_one(recipe, seed, params, data, eval_steps, scorer, sample_params, num_images, autoencoder)
             results.setdefault(name, []).append(run)
             rows += [{"recipe": name, "seed": seed, **r} for r in run]
-    out = summarize(results, a.reference, a.target_step)
+    print(f"cost per step: {a.cost_rounds} alternating rounds of {a.cost_steps} steps", flush=True)
+    cost = cost_per_step(recipes, params, data, a.cost_rounds, a.cost_steps)
+    out = summarize(results, a.reference, a.target_step, cost)
+    out["cost_per_step"] = cost
     print(machine())
     print(table(rows, ["recipe", "seed", "step", "fid", "class_accuracy", "train_seconds_per_step"]))
     for name, r in out["summary"]["recipes"].items():

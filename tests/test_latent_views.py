@@ -21,7 +21,7 @@ from pipelines.common import read_manifest
 from ray_jobs import storage
 from ray_jobs.encode import EncodeBatch, config_from as encode_config, encode, latents_fingerprint
 from ray_jobs.latent_input import LatentStream, StreamPlan, scan_units
-from ray_jobs.train import config_from, model_config, read_stats, train_shards
+from ray_jobs.train import config_from, diffusion_settings, model_config, read_stats, train_shards
 from tests.fixtures_latents import write_synthetic_latents
 from tests.test_encode import encode_params, inputs, read_latents  # noqa: F401 - `inputs` is a fixture
 
@@ -115,7 +115,7 @@ def test_encode_without_flip_views_on_ray_cluster(ray_cluster, inputs, tmp_path)
 def test_image_only_latents_train_without_flips(tmp_path):
     """The worker's data path (read_stats, the stream without flips, noisy_latents) on latents with
     no flip columns gives the batches the same rows give with both views, and a DiT trains on them."""
-    from dit_core.diffusion import create_diffusion, training_losses
+    from dit_core.diffusion import make_objective
     from dit_core.models import DiT
 
     image_only, both = str(tmp_path / "image"), str(tmp_path / "both")
@@ -137,11 +137,10 @@ def test_image_only_latents_train_without_flips(tmp_path):
 
     torch.manual_seed(0)
     model = DiT(model_config(cfg, stats))
-    diffusion = create_diffusion(None, noise_schedule=cfg.noise_schedule, learn_sigma=cfg.learn_sigma,
-                                 diffusion_steps=cfg.diffusion_steps)
+    objective = make_objective(diffusion_settings(cfg))   # the default recipe's, as the train job builds it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
-    loss = training_losses(diffusion, lambda xt, tt: model(xt, tt, y), x, t)["loss"].mean()
+    t = objective.sample_t(x.shape[0], "cpu")
+    loss = objective.losses(lambda xt, tt: model(xt, tt, y), x, t)["loss"].mean()
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())

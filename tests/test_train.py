@@ -283,6 +283,47 @@ def test_killed_worker_restarts_from_checkpoint(workspace):
     assert_same_training_state(_state(result.checkpoint), _state(reference.checkpoint))
 
 
+@pytest.mark.timeout(300)
+def test_flow_objective_trains_is_recorded_and_refuses_eps_samplers(workspace, tmp_path):
+    """A flow run on the cluster: its loss falls, the checkpoint, the MLflow run and the registered
+    version say objective flow, and the sample job refuses an eps sampler for it before any work."""
+    from pipelines.train import train_and_report
+    from ray_jobs.model_source import load_bundle
+    from ray_jobs.sample import SampleConfig, run as run_sample
+
+    params = {**PARAMS, "name": "flow", "storage_path": workspace["storage"], "objective": "flow", "learn_sigma": False,
+              "timestep_sampling": "logit-normal", "num_workers": 1, "placement_strategy": "PACK", "steps": 20,
+              "checkpoint_every": 20}
+    train_and_report(workspace["latents"], params, str(tmp_path / "train.json"), str(tmp_path / "dit.json"))
+    pointer = json.loads((tmp_path / "dit.json").read_text())
+    state = _state(pointer["checkpoint"])
+    assert state["diffusion"]["objective"] == "flow" and state["diffusion"]["timestep_sampling"] == "logit-normal"
+    assert state["model_config"]["learn_sigma"] is False
+    client = _client()
+    run = client.get_run(pointer["mlflow_run_id"])
+    assert run.data.params["objective"] == "flow" and run.data.tags["objective"] == "flow"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert history[-1][1] < 0.9 * history[0][1], history
+    assert client.get_model_version("dit-test", pointer["version"]).tags["objective"] == "flow"
+    bundle = load_bundle(pointer["model_uri"])
+    assert bundle.diffusion["objective"] == "flow"
+    with pytest.raises(ValueError, match="trained with objective 'flow'.*euler"):
+        run_sample(SampleConfig(model=pointer["model_uri"], output=str(tmp_path / "samples"), sampler="ddpm", num_images=4))
+    assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"objective": "flow", "learn_sigma": True}, "learns no variance; set learn_sigma: false"),
+    ({"objective": "eps", "timestep_sampling": "logit-normal"}, "timestep_sampling='logit-normal' is for objective 'flow'"),
+    ({"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"}, "loss_weighting"),
+])
+def test_objective_settings_that_do_not_fit_are_refused(settings, match):
+    from ray_jobs.train import config_from
+
+    with pytest.raises(ValueError, match=match):
+        config_from("x", settings).validate()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast checks of the pure parts (no Ray)
 # ---------------------------------------------------------------------------------------------
