@@ -516,4 +516,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The imported module's main, not __main__'s: Ray then ships the shard task (_ray_task) by
+    # reference to pipelines.prepare rather than pickling this script by value, which the workers
+    # could not unpickle (`python -m pipelines.prepare` with an imagefolder or parquet source).
+    from pipelines.prepare import main as _main
+
+    sys.exit(_main())

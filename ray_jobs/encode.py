@@ -332,4 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The imported module's main: Ray then ships the encoder actor by reference (ray_jobs.encode on
+    # the workers' path) rather than pickling this script's __main__ by value.
+    from ray_jobs.encode import main as _main
+
+    sys.exit(_main())

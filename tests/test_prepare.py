@@ -393,3 +393,27 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     manifest = read_manifest(str(out))
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", manifest["version"]])
     assert read_split(str(out), manifest, "train").num_rows == manifest["splits"]["train"]["count"]
+
+
+@pytest.mark.timeout(300)
+def test_stage_command_reads_an_imagefolder_with_ray_workers(tmp_path):
+    """`python -m pipelines.prepare` as `dvc repro` runs it, on an imagefolder, with its own local
+    Ray: the shard tasks must reach the workers by module. Defined in the script's __main__ they
+    were pickled by value and failed to unpickle there ("Can't get attribute ... on __main__")."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.fixtures_data import REPO, stage_env
+
+    root = planted_folder().write_local(tmp_path / "images")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": prepare_params(source="imagefolder", path=str(root), max_skipped_fraction=0.5)}))
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--out", str(out), "--params", str(params)],
+                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["class_names"] == ["cat", "dog"] and recorded_part(manifest) == THREAD_POOL_PLANTED
