@@ -595,6 +595,12 @@ def _export_command(args: argparse.Namespace) -> Path:
     ckpt = Path(args.checkpoint)
     model = load_checkpoint(ckpt, num_heads=args.num_heads)
     extras = _checkpoint_extras(ckpt)
+    diffusion = extras.get("diffusion", {})
+    if objective_name(diffusion) != "eps":
+        raise ValueError(
+            f"{ckpt} was trained with objective {objective_name(diffusion)!r}; diffusers' DiTPipeline samples only "
+            "the paper's epsilon objective (DDIM scheduler). Sample it with `dit sample` (sampler euler, heun or "
+            "dpm-solver++) or the registered MLflow model instead")
     stats = json.loads(Path(args.stats).read_text()) if args.stats else extras.get("latents", {})
     vae_path = args.vae or stats.get("autoencoder_path")
     if not vae_path:
@@ -602,12 +608,6 @@ def _export_command(args: argparse.Namespace) -> Path:
             f"no autoencoder for {ckpt}: pass --vae FOLDER (a diffusers AutoencoderKL folder, e.g. models/autoencoder "
             "or a local copy of stabilityai/sd-vae-ft-ema); the checkpoint and --stats name none"
         )
-    diffusion = extras.get("diffusion", {})
-    if objective_name(diffusion) != "eps":
-        raise ValueError(
-            f"{ckpt} was trained with objective {objective_name(diffusion)!r}; diffusers' DiTPipeline samples only "
-            "the paper's epsilon objective (DDIM scheduler). Sample it with `dit sample` (sampler euler, heun or "
-            "dpm-solver++) or the registered MLflow model instead")
     return export_pipeline(
         model,
         args.out,

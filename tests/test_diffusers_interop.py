@@ -293,6 +293,17 @@ def test_missing_folder_and_unexportable_models_are_refused(tmp_path: Path) -> N
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def test_export_refuses_a_flow_model(tmp_path: Path, capsys) -> None:
+    """DiTPipeline samples only eps models: a flow checkpoint is refused, naming the objective, and
+    nothing is written."""
+    model = tiny_dit(learn_sigma=False)
+    ckpt = tmp_path / "state.pt"
+    torch.save({"ema": model.state_dict(), "model_config": model.config.to_dict(),
+                "diffusion": {"objective": "flow", "diffusion_steps": 1000, "learn_sigma": False}, "latents": {}}, ckpt)
+    assert main(["export", str(ckpt), str(tmp_path / "pipe")]) == 2
+    assert "objective 'flow'" in capsys.readouterr().err and not (tmp_path / "pipe").exists()
+
+
 def test_command_line_export_then_import(tmp_path: Path) -> None:
     """export reads the checkpoint's own records (stats: class names, scale; diffusion), import
     writes a .pt that load_checkpoint reads back to the same weights."""
