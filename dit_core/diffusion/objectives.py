@@ -19,7 +19,7 @@ import torch
 
 from .flow import FLOW_SAMPLERS, TIMESTEP_SAMPLING, FlowMatching
 from .losses import training_losses
-from .samplers import Sampler, make_sampler
+from .samplers import SAMPLERS, Sampler, make_sampler
 from .schedule import create_diffusion, gather
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,7 +27,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OBJECTIVES = ("eps", "flow")
 # the samplers of each objective, the first the reference (exact / ancestral) one
 SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
-    "eps": ("ddpm", "ddim", "dpm-solver++"),
+    "eps": SAMPLERS,
     "flow": tuple(FLOW_SAMPLERS),
 }
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names))
