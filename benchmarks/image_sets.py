@@ -3,8 +3,9 @@ run on each as a new user runs it: only ``prepare.source``, ``prepare.path`` and
 ``prepare.image_size`` changed.
 
 Sets (``--sets``):
-- ``shapes``: 900 JPEGs, 3 classes (circle, square, triangle), 40-63 px, a shape of a random colour,
-  size, position and rotation on a random plain background (the case a user reported).
+- ``shapes``: 900 JPEGs, 3 classes (circle, square, triangle), 40-63 px, an upright shape of a random
+  colour, size and position on white (the case a user reported).
+- ``shapes-hard``: the same on a random plain background colour, at a random rotation.
 - ``glyphs``: 2,000 JPEGs, 20 classes, 48x48: each class a fixed 3x3 pattern of coloured cells,
   with jitter, brightness changes and noise.
 - ``stripes``: 600 JPEGs, 5 classes, 64x64: stripes at the class's angle in random colours.
@@ -47,9 +48,11 @@ def _distinct(rng: np.random.Generator, other: tuple[int, int, int]) -> tuple[in
             return c
 
 
-def shape_image(cls: int, rng: np.random.Generator) -> Image.Image:
+def shape_image(cls: int, rng: np.random.Generator, hard: bool = False) -> Image.Image:
+    """A coloured circle, square or triangle on a white background, upright (the user's set), or with
+    ``hard`` on a random background colour at a random rotation."""
     size = int(rng.integers(40, 64))
-    bg = _colour(rng)
+    bg = _colour(rng) if hard else (255, 255, 255)
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.22, 0.38) * size
@@ -59,7 +62,7 @@ def shape_image(cls: int, rng: np.random.Generator) -> Image.Image:
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         n = 4 if cls == 1 else 3
-        a0 = rng.uniform(0, 2 * math.pi)
+        a0 = rng.uniform(0, 2 * math.pi) if hard else (math.pi / 4 if n == 4 else -math.pi / 2)
         d.polygon([(cx + r * math.cos(a0 + 2 * math.pi * k / n), cy + r * math.sin(a0 + 2 * math.pi * k / n)) for k in range(n)], fill=fill)
     return img
 
@@ -95,6 +98,7 @@ def stripes_image(cls: int, rng: np.random.Generator, size: int = 64, classes: i
 SETS: dict[str, tuple[int, int, Callable[[int, np.random.Generator], Image.Image], tuple[str, ...]]] = {
     # name: (images, classes, draw, class names)
     "shapes": (900, 3, shape_image, ("circle", "square", "triangle")),
+    "shapes-hard": (900, 3, lambda cls, rng: shape_image(cls, rng, hard=True), ("circle", "square", "triangle")),
     "glyphs": (2000, 20, glyph_image, tuple(f"glyph{k:02d}" for k in range(20))),
     "stripes": (600, 5, stripes_image, tuple(f"angle{k}" for k in range(5))),
 }

@@ -45,7 +45,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def parse_recipe(spec: str) -> tuple[str, dict[str, Any]]:
-    """NAME or NAME:key=value;key=value (over the named recipe, or over params.yaml for a new name)."""
+    """NAME or NAME:key=value;key=value (over the named recipe, or over params.yaml for a new name);
+    a key ``model.FIELD`` sets one field of the model settings."""
     from dit_core.settings import load_yaml
 
     name, _, extra = spec.partition(":")
@@ -111,7 +112,11 @@ class Trainer:
         from ray_jobs.train import TrainConfig, diffusion_settings, model_config, param_groups
 
         self.stats, self.mean, self.std, self.labels = data
-        self.cfg = cfg = TrainConfig(**{**params, **recipe, "seed": seed, "steps": steps, "latents": "unused"})
+        merged = dict(params)
+        for key, value in recipe.items():   # model.patch_size=2: one field of a dict setting
+            section, dot, field = key.partition(".")
+            merged[section] = {**merged[section], field: value} if dot else value
+        self.cfg = cfg = TrainConfig(**{**merged, "seed": seed, "steps": steps, "latents": "unused"})
         cfg.validate()
         self.record = diffusion_settings(cfg)
         self.objective = make_objective(self.record)

@@ -30,6 +30,7 @@ class ClassifierSettings:
 
     width: int = 32
     feature_dim: int = 64                # penultimate layer = FID features
+    architecture: str = "pyramid"        # pyramid | two-stage (dit_core/classifier.py)
     steps: int = 600
     batch_size: int = 128
     lr: float = 0.002
@@ -53,7 +54,8 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
     x_train, y_train = load_labelled(prepared, manifest, "train")
     x_val, y_val = load_labelled(prepared, manifest, "val")
     config = ClassifierConfig(num_classes=int(manifest["num_classes"]), image_size=int(manifest["image_size"]),
-                              width=int(params["width"]), feature_dim=int(params["feature_dim"]))
+                              width=int(params["width"]), feature_dim=int(params["feature_dim"]),
+                              architecture=str(params["architecture"]))
     train = ClassifierTrainConfig(steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
                                   weight_decay=float(params["weight_decay"]), max_shift=int(params["max_shift"]),
                                   seed=int(params["seed"]))

@@ -84,7 +84,7 @@ class TrainConfig:
     random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
     shuffle_rows: int = 1024                      # rows a worker shuffles together (its input memory: ~4 such windows)
     # optimisation (steps = optimizer steps; batch_size = global: all workers, all micro-batches)
-    steps: int = 500                              # the flow recipe's (the paper recipe: 1,500 for the same FID)
+    steps: int = 1000                             # digits need 500, 32x32 image sets 1,000 (BENCHMARKS.md: own images)
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 6e-4

@@ -4,11 +4,13 @@ version; models load back from their URIs; the classifier the offline FID relies
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, load_classifier, save_classifier, train_classifier
+from dit_core.classifier import Classifier, ClassifierConfig, ClassifierTrainConfig, accuracy, load_classifier, save_classifier, train_classifier
 from ray_jobs import storage, tracking
 from ray_jobs.model_source import load_bundle
 from ray_jobs.sample import CONFIG_FILE, GRID_FILE
@@ -113,6 +115,29 @@ def test_classifier_learns_digits_and_round_trips(tmp_path):
         train_classifier(x[:4], torch.tensor([0, 1, 2, 10]), cfg, ClassifierTrainConfig(steps=1))
     with pytest.raises(FileNotFoundError, match="train_classifier stage"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_classifier_records_its_architecture_and_reads_older_records(tmp_path):
+    """The pyramid downsamples to 4x4 whatever the image size; a classifier saved before the record
+    named its architecture (the two-stage layout) still loads, with the same outputs."""
+    pyramid = Classifier(ClassifierConfig(num_classes=3, image_size=32, width=8, feature_dim=16)).eval()
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in pyramid.body) == 3          # 32 -> 16 -> 8 -> 4
+    assert pyramid.features(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    save_classifier(pyramid, tmp_path / "pyramid")
+    assert json.loads((tmp_path / "pyramid" / "classifier.json").read_text())["config"]["architecture"] == "pyramid"
+
+    old = Classifier(ClassifierConfig(num_classes=3, image_size=8, width=8, feature_dim=16, architecture="two-stage")).eval()
+    save_classifier(old, tmp_path / "old")
+    record_path = tmp_path / "old" / "classifier.json"
+    record = json.loads(record_path.read_text())
+    del record["config"]["architecture"]                     # as written before the field existed
+    record_path.write_text(json.dumps(record))
+    loaded, _ = load_classifier(tmp_path / "old")
+    x = torch.randn(4, 3, 8, 8)
+    assert loaded.config.architecture == "two-stage"
+    torch.testing.assert_close(loaded.features(x), old.features(x))
+    with pytest.raises(ValueError, match="architecture 'resnet'.*pyramid"):
+        Classifier(ClassifierConfig(num_classes=3, image_size=8, architecture="resnet"))
 
 
 def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqlite, tmp_path):
