@@ -167,7 +167,15 @@ def encode_splits(cfg: EncodeConfig, ae_ref: Any, prepared_folder: str, shards: 
     # could work on: split them (streaming, no shuffle) into about four blocks per actor, of 1 to
     # 16 batches each (per-block task overhead against a balanced pool).
     rows_per_block = min(max(cfg.batch_size, math.ceil(num_rows / (4 * pool_size))), 16 * cfg.batch_size)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"], include_paths=True)
+    # Blocks leave the pool in input order (a dataset keeps the context it was made in), so the
+    # shards' rows and row groups are the same on every run: a training run resumed after a
+    # re-encode finds the data order it started with.
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"], include_paths=True)
+    finally:
+        options.preserve_order = before
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     ds = ds.map_batches(
         EncodeBatch,

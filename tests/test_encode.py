@@ -46,6 +46,11 @@ def read_latents(out: str, stats: dict, split: str) -> pa.Table:
                             for s in stats["shards"][split])
 
 
+def row_groups(path: str) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
@@ -94,6 +99,16 @@ def test_encode_on_ray_cluster(ray_cluster, inputs, tmp_path):
     # stats.json states the channel statistics of the train means it wrote
     assert np.allclose(stats["channel_mean"], latents["mean"].mean(axis=(0, 2, 3)), atol=1e-5)
     assert np.allclose(stats["channel_std"], latents["mean"].std(axis=(0, 2, 3)), atol=1e-4)
+
+    # a re-encode writes the same rows to the same shards and row groups (the pool keeps the input
+    # order), so a training run resumed after it reads its data in the order it started with
+    again = encode(config_from(inputs["prepared"], inputs["ae_path"], str(tmp_path / "again"), encode_params(flip_views=True)))
+    assert again["shards"] == stats["shards"]
+    for name in stats["shards"]["train"]:
+        first = storage.join(storage.version_folder(out, stats), name)
+        second = storage.join(storage.version_folder(str(tmp_path / "again"), again), name)
+        assert row_groups(first) == row_groups(second)
+        assert pq.read_table(first, columns=["key"]).equals(pq.read_table(second, columns=["key"]))
 
     # the fingerprint identifies data + autoencoder + settings: batching does not change it
     fingerprint = lambda **o: latents_fingerprint(manifest["fingerprint"], inputs["ae"], config_from("p", "a", "o", encode_params(**o)))
