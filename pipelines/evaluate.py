@@ -24,7 +24,7 @@ from dit_core.metrics import FeatureStats, fid_from_stats
 from pipelines.common import StageIO, load_params, read_manifest, run_stage
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import NETWORKS as FEATURES, feature_pass, npz_items, parquet_items
-from ray_jobs.model_source import load_bundle
+from ray_jobs.model_source import load_bundle, state_digest
 from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, baseline_output
 
 
@@ -45,25 +45,27 @@ def shard_uris(folder: str) -> list[str]:
     return storage.list_files(storage.join(folder, "parquet"), suffix=".parquet")
 
 
-def reference_source(reference: str, prepared: str) -> tuple[FeatureStats | None, list[dict[str, Any]], str]:
+def reference_source(reference: str, prepared: str) -> tuple[FeatureStats | None, list[dict[str, Any]], str, str]:
     """The reference as statistics already computed (an ADM ``.npz`` with ``mu``/``sigma``) or as
     work items for the feature pass (``val``: the prepared validation split; an ``.npz`` of
-    ``arr_0`` images), and its name for eval.json."""
+    ``arr_0`` images), its name for eval.json, and what identifies it for comparing FIDs (the val
+    split: its data's fingerprint, so that new data under the same path is another reference)."""
     if reference == "val":
         manifest = read_manifest(prepared)
         shards, folder = manifest["splits"]["val"]["shards"], storage.version_folder(prepared, manifest)
         if not shards:
             raise ValueError(f"split 'val' of {prepared} is empty; lower prepare.val_fraction or set evaluate.reference to an ADM .npz")
-        return None, parquet_items("reference", [storage.join(folder, s) for s in shards]), f"{prepared}:val"
+        items = parquet_items("reference", [storage.join(folder, s) for s in shards])
+        return None, items, f"{prepared}:val", f"val@{manifest['fingerprint'][:16]}"
     if not storage.exists(reference):
         raise FileNotFoundError(f"evaluate.reference={reference!r} does not exist; use 'val' or an ADM reference .npz")
     fs, path = storage.resolve(reference)
     with fs.open_input_file(path) as f, np.load(f) as z:   # members are read only when asked for
         if "mu" in z and "sigma" in z:
-            return FeatureStats(mu=z["mu"], sigma=z["sigma"], count=int(z["count"]) if "count" in z else 0), [], reference
+            return FeatureStats(mu=z["mu"], sigma=z["sigma"], count=int(z["count"]) if "count" in z else 0), [], reference, reference
         if "arr_0" not in z:
             raise ValueError(f"evaluate.reference={reference!r} holds {sorted(z.files)}; expected mu and sigma, or arr_0 images")
-    return None, npz_items("reference", reference), reference
+    return None, npz_items("reference", reference), reference, reference
 
 
 def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         raise FileNotFoundError(f"no parquet sample shards under {samples}/parquet; sample with formats including parquet or npz")
     if num_baseline:
         items += parquet_items("baseline", shard_uris(baseline_output(samples)))
-    ref_stats, ref_items, ref_name = reference_source(str(params["reference"]), prepared)
+    ref_stats, ref_items, ref_name, ref_id = reference_source(str(params["reference"]), prepared)
     runtime.init_ray()
     read_by_actors = {"evaluate --samples": samples}
     if ref_items:
@@ -99,7 +101,11 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "class_accuracy": found["samples"].accuracy,
         "num_samples": num_images,
         "feature_network": params["features"],
+        # what FIDs must share to be compared (the registry's champion): the network's weights, the reference data
+        "feature_network_id": (f"classifier@{state_digest(classifier.state_dict())[:16]}" if params["features"] == "classifier"
+                               else params["features"]),
         "reference": ref_name,
+        "reference_id": ref_id,
         "reference_count": int(ref.count),
         "classifier_val_accuracy": (record.get("metrics") or {}).get("val_accuracy"),
         "sampler": sample_cfg["sampler"],
@@ -155,10 +161,12 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
             grid.write_bytes(storage.read_bytes(grid_uri))
             artifacts["grid"] = str(grid)
         tracking.log_evaluation(bundle.mlflow_run_id, scores, settings, artifacts)
+    features, reference = metrics.get("feature_network_id", metrics["feature_network"]), metrics.get("reference_id")
+    basis = {tracking.FID_FEATURES_TAG: features, **({tracking.FID_REFERENCE_TAG: reference} if reference else {})}
     tracking.tag_version(bundle.registered_model, bundle.version, {
-        tracking.FID_TAG: f"{metrics['fid']:.6g}", tracking.FID_FEATURES_TAG: metrics["feature_network"],
+        tracking.FID_TAG: f"{metrics['fid']:.6g}", **basis,
         "class_accuracy": f"{metrics['class_accuracy']:.4f}", "eval.sampler": f"{metrics['sampler']}-{metrics['num_steps']}"})
-    outcome = tracking.promote_if_better(bundle.registered_model, bundle.version, metrics["fid"], metrics["feature_network"], alias)
+    outcome = tracking.promote_if_better(bundle.registered_model, bundle.version, metrics["fid"], features, alias, reference)
     return {"registered": True, "registered_model": bundle.registered_model, "version": bundle.version,
             "mlflow_run_id": bundle.mlflow_run_id, **outcome}
 

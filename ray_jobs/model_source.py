@@ -55,13 +55,18 @@ class ModelBundle:
         return f"models:/{self.registered_model}/{self.version}" if self.registered_model and self.version else self.source
 
     def weights_digest(self) -> str:
-        """sha256 of the weights (names, dtypes, shapes and bytes, in name order)."""
-        h = hashlib.sha256()
-        for name in sorted(self.state_dict):
-            t = self.state_dict[name].detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return state_digest(self.state_dict)
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of weights (names, dtypes, shapes and bytes, in name order): the same for the same
+    weights however they were saved."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _torch_load_bytes(data: bytes, source: str) -> Any:

@@ -282,7 +282,8 @@ def _model_requirements() -> list[str]:
 
 
 FID_TAG = "fid"                         # on a model version: its FID (lower is better)
-FID_FEATURES_TAG = "fid_features"       # which feature network that FID was measured with
+FID_FEATURES_TAG = "fid_features"       # the feature network that FID was measured with (a trained one: with its weights' digest)
+FID_REFERENCE_TAG = "fid_reference"     # the statistics it was measured against (the val split: with the data's fingerprint)
 
 
 def log_evaluation(
@@ -341,16 +342,20 @@ def alias_holder(name: str, alias: str) -> ModelVersion | None:
         ) from e
 
 
-def promote_if_better(name: str, version: str, fid: float, features: str, alias: str = "champion") -> dict[str, Any]:
+def promote_if_better(name: str, version: str, fid: float, features: str, alias: str = "champion",
+                      reference: str | None = None) -> dict[str, Any]:
     """Move ``alias`` to ``version`` when its FID beats the current holder's, measured with the same
-    feature network (FIDs from different networks are not comparable: a holder scored otherwise
-    is replaced). Returns what happened: ``{"moved": bool, "previous": version or None, ...}``."""
+    feature network (``features``, the ``FID_FEATURES_TAG``) against the same reference
+    (``reference``, the ``FID_REFERENCE_TAG``). FIDs measured otherwise are not comparable (a
+    retrained classifier, new data): a holder scored otherwise is replaced. Returns what happened:
+    ``{"moved": bool, "previous": version or None, "previous_fid": its FID if compared, ...}``."""
     from mlflow import MlflowClient
 
     holder = alias_holder(name, alias)
     previous = str(holder.version) if holder is not None else None
     previous_fid = None
-    if holder is not None and holder.tags.get(FID_FEATURES_TAG) == features and FID_TAG in holder.tags:
+    if (holder is not None and FID_TAG in holder.tags and holder.tags.get(FID_FEATURES_TAG) == features
+            and holder.tags.get(FID_REFERENCE_TAG) == reference):
         previous_fid = float(holder.tags[FID_TAG])
     better = previous is None or previous == str(version) or previous_fid is None or fid < previous_fid
     if better:
@@ -361,6 +366,7 @@ def promote_if_better(name: str, version: str, fid: float, features: str, alias:
 
 __all__ = [
     "FID_FEATURES_TAG",
+    "FID_REFERENCE_TAG",
     "FID_TAG",
     "MODEL_INFO_PATH",
     "alias_holder",

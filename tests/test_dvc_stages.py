@@ -146,6 +146,10 @@ def test_whole_pipeline_meets_the_quality_bar(project):
     client = MlflowClient(tracking_uri=db, registry_uri=db)
     mv = client.get_model_version(pointer["registered_model"], pointer["version"])
     assert float(mv.tags["fid"]) == pytest.approx(ev["fid"], rel=1e-4)
+    # the FID names the classifier's weights and the reference data it was measured with
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert mv.tags["fid_features"] == ev["feature_network_id"] and ev["feature_network_id"].startswith("classifier@")
+    assert mv.tags["fid_reference"] == ev["reference_id"] == f"val@{manifest['fingerprint'][:16]}"
     champion = client.get_model_version_by_alias(pointer["registered_model"], "champion")
     assert str(champion.version) == str(pointer["version"])
     run_ = client.get_run(pointer["mlflow_run_id"])

@@ -79,6 +79,23 @@ def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow
     # a FID from another feature network is not compared with the holder's: the alias moves
     assert tracking.promote_if_better(NAME, v2, 50.0, "inception")["moved"]
 
+    # nor one from the same network with other weights (a retrained classifier), or against other
+    # reference data: the tags name both, and only FIDs that share them are compared
+    scored = lambda v, fid, features, reference: register(
+        fake_samples(tmp_path / f"s-{v}-{fid}", f"models:/{NAME}/{v}"),
+        {**eval_metrics(f"models:/{NAME}/{v}", fid), "feature_network_id": features, "reference_id": reference}, "champion")
+    out = scored(v1, 40.0, "classifier@aaaa", "val@1111")
+    assert out["moved"] and out["previous_fid"] is None, out
+    mv = client.get_model_version(NAME, v1)
+    assert mv.tags[tracking.FID_FEATURES_TAG] == "classifier@aaaa" and mv.tags[tracking.FID_REFERENCE_TAG] == "val@1111"
+    out = scored(v3, 45.0, "classifier@aaaa", "val@1111")        # same basis, worse: compared, stays
+    assert not out["moved"] and out["previous_fid"] == 40.0
+    out = scored(v3, 45.0, "classifier@bbbb", "val@1111")        # another classifier: not compared
+    assert out["moved"] and out["previous"] == v1
+    out = scored(v2, 90.0, "classifier@bbbb", "val@2222")        # other reference data: not compared
+    assert out["moved"] and out["previous"] == v3
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == v2
+
     # the registered weights come back through every URI form
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 900]), torch.tensor([0, 2])
     for uri in (f"models:/{NAME}/{v1}", f"runs:/{run1}/model"):
@@ -176,12 +193,12 @@ def test_reference_sources(tmp_path):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "stats.npz", mu=np.ones(4), sigma=np.eye(4), count=np.int64(7), arr_0=np.zeros((1, 2, 2, 3), np.uint8))
-    stats, items, name = reference_source(str(tmp_path / "stats.npz"), "unused")
-    assert items == [] and stats.count == 7 and name == str(tmp_path / "stats.npz")
+    stats, items, name, identity = reference_source(str(tmp_path / "stats.npz"), "unused")
+    assert items == [] and stats.count == 7 and name == identity == str(tmp_path / "stats.npz")
     np.testing.assert_array_equal(stats.sigma, np.eye(4))
     images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", arr_0=images)
-    stats, items, _ = reference_source(str(tmp_path / "images.npz"), "unused")
+    stats, items, _, _ = reference_source(str(tmp_path / "images.npz"), "unused")
     assert stats is None and [(i["start"], i["stop"]) for i in items] == [(0, 40)]
     items = npz_items("reference", str(tmp_path / "images.npz"), rows_per_item=15)
     assert [(i["start"], i["stop"]) for i in items] == [(0, 15), (15, 30), (30, 40)]
