@@ -45,6 +45,7 @@ COMMANDS = {
                                 "pipelines.train_classifier:ClassifierSettings", "train_classifier"),
     "evaluate": Command("pipelines.evaluate", "score samples (FID, class accuracy), tag the version, move the alias (stage)",
                         "pipelines.evaluate:EvaluateSettings", "evaluate"),
+    "local-cluster": Command("ray_jobs.local_cluster", "run a command (dvc repro) with one local Ray cluster that its stages share"),
     "generate": Command("pipelines.cli", "a grid of images (labels x seeds) from a model, in seconds on a CPU"),
     "export": Command("dit_core.diffusers_interop", "a checkpoint -> a diffusers DiTPipeline folder", prefix=("export",)),
     "import": Command("dit_core.diffusers_interop", "a diffusers DiT folder -> our checkpoint .pt", prefix=("import",)),
