@@ -19,6 +19,9 @@ WEIGHTS_FILE = "classifier.pt"
 CONFIG_FILE = "classifier.json"
 
 
+ARCHITECTURES = ("pyramid", "two-stage")
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
     num_classes: int
@@ -31,6 +34,11 @@ class ClassifierConfig:
     # (it overfits small colour sets: val accuracy 0.66 against the pyramid's 1.0, BENCHMARKS.md)
     architecture: str = "pyramid"
 
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"classifier architecture {self.architecture!r}: use one of {ARCHITECTURES} "
+                             "(train_classifier.architecture)")
+
 
 @dataclass(frozen=True)
 class ClassifierTrainConfig:
@@ -42,7 +50,6 @@ class ClassifierTrainConfig:
     seed: int = 0
 
 
-ARCHITECTURES = ("pyramid", "two-stage")
 PYRAMID_FLOOR = 4                   # the pyramid stops downsampling at this size
 
 
@@ -54,8 +61,6 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 class Classifier(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
-        if config.architecture not in ARCHITECTURES:
-            raise ValueError(f"classifier architecture {config.architecture!r}: use one of {ARCHITECTURES}")
         self.config = config
         w = config.width
         if config.architecture == "two-stage":
@@ -64,8 +69,9 @@ class Classifier(nn.Module):
         else:
             layers, channels, size = _block(config.in_channels, w), w, config.image_size
             while size > PYRAMID_FLOOR:
-                layers += [nn.MaxPool2d(2)] + _block(channels, min(2 * channels, 4 * w))
-                channels, size = min(2 * channels, 4 * w), size // 2
+                wider = min(2 * channels, 4 * w)
+                layers += [nn.MaxPool2d(2)] + _block(channels, wider)
+                channels, size = wider, size // 2
             layers.append(nn.AdaptiveAvgPool2d(1))
             flat = channels
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, config.feature_dim), nn.SiLU())

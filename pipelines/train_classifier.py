@@ -51,11 +51,11 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
     manifest = read_manifest(prepared)
     if not manifest["splits"]["val"]["count"]:
         raise ValueError(f"{prepared} has no val split: the classifier's accuracy needs one; set prepare.val_fraction > 0")
-    x_train, y_train = load_labelled(prepared, manifest, "train")
-    x_val, y_val = load_labelled(prepared, manifest, "val")
     config = ClassifierConfig(num_classes=int(manifest["num_classes"]), image_size=int(manifest["image_size"]),
                               width=int(params["width"]), feature_dim=int(params["feature_dim"]),
-                              architecture=str(params["architecture"]))
+                              architecture=str(params["architecture"]))   # refused here, before the data is read
+    x_train, y_train = load_labelled(prepared, manifest, "train")
+    x_val, y_val = load_labelled(prepared, manifest, "val")
     train = ClassifierTrainConfig(steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
                                   weight_decay=float(params["weight_decay"]), max_shift=int(params["max_shift"]),
                                   seed=int(params["seed"]))

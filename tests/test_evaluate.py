@@ -154,7 +154,7 @@ def test_classifier_records_its_architecture_and_reads_older_records(tmp_path):
     assert loaded.config.architecture == "two-stage"
     torch.testing.assert_close(loaded.features(x), old.features(x))
     with pytest.raises(ValueError, match="architecture 'resnet'.*pyramid"):
-        Classifier(ClassifierConfig(num_classes=3, image_size=8, architecture="resnet"))
+        ClassifierConfig(num_classes=3, image_size=8, architecture="resnet")
 
 
 def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqlite, tmp_path):
