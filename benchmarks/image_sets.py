@@ -121,10 +121,9 @@ def make_set(name: str, root: Path, seed: int = 0) -> Path:
 STAGE_LINE = "Running stage '"
 
 
-def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) -> dict[str, Any]:
-    """``dvc repro`` in a fresh copy of this project with the three settings a new user changes."""
-    import yaml
-
+def copy_project(work: Path) -> dict[str, str]:
+    """A fresh copy of this project at ``work`` (its working tree's code and settings, committed or
+    not); returns the environment to run its stages in (this venv, no outside tracking server)."""
     if work.exists():
         shutil.rmtree(work)
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
@@ -133,18 +132,17 @@ def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) ->
     for rel in ("dit_core", "pipelines", "ray_jobs"):
         shutil.rmtree(work / rel)
         shutil.copytree(REPO / rel, work / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["prepare"].update({"source": "imagefolder", "path": str(folder), "image_size": image_size})
-    for item in extra:
-        key, _, value = item.partition("=")
-        section, _, field = key.partition(".")
-        params[section][field] = yaml.safe_load(value)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def timed_repro(command: list[str], work: Path, env: dict[str, str]) -> tuple[float, dict[str, float], list[str]]:
+    """Run ``command`` (a ``dvc repro``) in ``work``: its seconds, each stage's seconds (from the
+    stage's "Running stage" line to the next one's, or to the end), and its output lines."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stages, current, started = {}, None, t0
     log = []
     assert proc.stdout is not None
@@ -161,7 +159,23 @@ def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) ->
         stages[current] = time.perf_counter() - started
     (work / "repro.log").write_text("".join(log))
     if proc.returncode:
-        raise SystemExit(f"dvc repro failed in {work} (log: {work / 'repro.log'}):\n{''.join(log[-30:])}")
+        raise SystemExit(f"{' '.join(command)} failed in {work} (log: {work / 'repro.log'}):\n{''.join(log[-30:])}")
+    return total, stages, log
+
+
+def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) -> dict[str, Any]:
+    """``dvc repro`` in a fresh copy of this project with the three settings a new user changes."""
+    import yaml
+
+    env = copy_project(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["prepare"].update({"source": "imagefolder", "path": str(folder), "image_size": image_size})
+    for item in extra:
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        params[section][field] = yaml.safe_load(value)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    total, stages, _ = timed_repro([str(Path(sys.executable).parent / "dvc"), "repro"], work, env)
     ev = json.loads((work / "metrics" / "eval.json").read_text())
     ae = json.loads((work / "metrics" / "autoencoder.json").read_text()) if (work / "metrics" / "autoencoder.json").exists() else {}
     return {"seconds": total, "stages": stages, "eval": ev, "autoencoder": ae}

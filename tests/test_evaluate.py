@@ -81,9 +81,10 @@ def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow
 
     # nor one from the same network with other weights (a retrained classifier), or against other
     # reference data: the tags name both, and only FIDs that share them are compared
-    scored = lambda v, fid, features, reference: register(
-        fake_samples(tmp_path / f"s-{v}-{fid}", f"models:/{NAME}/{v}"),
-        {**eval_metrics(f"models:/{NAME}/{v}", fid), "feature_network_id": features, "reference_id": reference}, "champion")
+    def scored(v: str, fid: float, features: str, reference: str) -> dict:
+        metrics = {**eval_metrics(f"models:/{NAME}/{v}", fid), "feature_network_id": features, "reference_id": reference}
+        return register(fake_samples(tmp_path / f"s-{v}-{fid}-{features}", f"models:/{NAME}/{v}"), metrics, "champion")
+
     out = scored(v1, 40.0, "classifier@aaaa", "val@1111")
     assert out["moved"] and out["previous_fid"] is None, out
     mv = client.get_model_version(NAME, v1)
