@@ -276,13 +276,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 IDENTITY_FILE = "train_identity.json"   # beside a run's checkpoints: the settings it was started with
 
 
-def check_identity(cfg: TrainConfig, name: str, fingerprint: str) -> None:
-    """Record the run's weight-deciding settings and data at its first start; refuse to resume it
-    with other settings or on other data."""
+def check_identity(cfg: TrainConfig, name: str, fingerprint: str, layout: str) -> None:
+    """Record the run's weight-deciding settings, data and data layout at its first start; refuse
+    (here, on the driver: the workers would fail the same way on every restart) to resume it with
+    other settings, on other data or on the same data laid out otherwise."""
     uri = storage.join(cfg.storage_path, name, IDENTITY_FILE)
     current = json.loads(json.dumps(cfg.identity(), default=str)) | {"data_fingerprint": fingerprint}
     if not storage.exists(uri):
-        storage.write_json(uri, current)
+        storage.write_json(uri, current | {"data_layout": layout})
         return
     saved = storage.read_json(uri)
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
@@ -291,6 +292,12 @@ def check_identity(cfg: TrainConfig, name: str, fingerprint: str) -> None:
             f"{cfg.latents} has fingerprint {fingerprint}: resuming on other data is refused; use a new train.name "
             "(or name: null) or the latents the run was started on")
     saved.setdefault("data_fingerprint", fingerprint)  # written before the data was part of the identity
+    started_layout = saved.pop("data_layout", layout)   # written before the layout was part of it: not checked here
+    if started_layout != layout:
+        raise ValueError(
+            f"run {name!r} under {cfg.storage_path} read latents laid out in row groups {started_layout}, and {cfg.latents} "
+            f"has layout {layout} (the same data, re-encoded with another encode.rows_per_group): the data order would "
+            "differ; use a new train.name or the latents it was started on")
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(
@@ -564,7 +571,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
     stats = read_stats(cfg.latents)
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
-    check_batch(cfg, check_data(cfg.latents, stats))  # and for latents the workers could not read
+    units = check_data(cfg.latents, stats)  # and for latents the workers could not read
+    check_batch(cfg, units)
     runtime.init_ray()
     # hosts share nothing but S3 and the tracking server: refuse, before anything is written, what
     # another host cannot reach or what Ray deletes with the job
@@ -574,7 +582,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
-    check_identity(cfg, name, stats["fingerprint"])
+    check_identity(cfg, name, stats["fingerprint"], layout_digest(units))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "

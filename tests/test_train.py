@@ -347,6 +347,25 @@ def test_config_errors_name_the_fix(tmp_path):
     assert model_config(config_from("x", {"preset": "DiT-S/2", "model": {}}), stats).hidden_size == 384
 
 
+def test_a_run_resumes_only_on_its_data_settings_and_layout(tmp_path):
+    """The driver records a run's identity at its first start and refuses, before any worker starts
+    (a worker's refusal would be retried max_failures times), to resume it otherwise."""
+    from ray_jobs.train import IDENTITY_FILE, check_identity, config_from
+
+    cfg = config_from("lat", {"storage_path": str(tmp_path)})
+    check_identity(cfg, "run", "data-1", "layout-1")                      # first start: recorded
+    check_identity(cfg, "run", "data-1", "layout-1")                      # the same: resumes
+    with pytest.raises(ValueError, match="laid out in row groups layout-1.*layout-2.*encode.rows_per_group"):
+        check_identity(cfg, "run", "data-1", "layout-2")
+    with pytest.raises(ValueError, match="fingerprint data-1.*data-2.*new train.name"):
+        check_identity(cfg, "run", "data-2", "layout-1")
+    with pytest.raises(ValueError, match=r"other values of \['lr'\]"):
+        check_identity(config_from("lat", {"storage_path": str(tmp_path), "lr": 0.1}), "run", "data-1", "layout-1")
+    record = tmp_path / "run" / IDENTITY_FILE                               # recorded before the layout was
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "data_layout"}))
+    check_identity(cfg, "run", "data-1", "layout-2")
+
+
 def test_ema_update():
     from dit_core.training import EMA
 
