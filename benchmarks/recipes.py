@@ -12,11 +12,18 @@ stage scores them (the trained classifier's features against the prepared val sp
 accuracy). The cost per step the recipes are compared at is timed apart, in alternation (recipe A,
 B, A, B, ... for ``--cost-rounds`` rounds), so that other load on the machine hits all alike.
 
-The summary: each recipe's median FID over seeds at every step count; the reference recipe's
-median at ``--target-step`` is the quality to reach; for each other recipe the first step count
-whose median is at or below it, and the ratio target-step / that step count.
+The summary: each recipe's median FID over seeds at every step count that all its seeds were
+evaluated at; the reference recipe's median at ``--target-step`` is the quality to reach; for each
+other recipe the first step count whose median is at or below it, and the ratio target-step / that
+step count.
 
     python -m benchmarks.recipes --recipes paper,flow --seeds 0,1,2 --eval-steps 250,500,750,1000,1500
+
+More seeds for a result already written, evaluated only where the ratio is decided (``--merge``
+takes that file's runs; the data, recipes and sampling must be the same):
+
+    python -m benchmarks.recipes --recipes paper,flow --seeds 1,2 --eval-steps 1500 --recipe-eval-steps flow=500 \
+        --merge benchmarks/results/recipes-cpu-shapes.json --tag shapes-3seeds
 """
 
 from __future__ import annotations
@@ -202,12 +209,14 @@ def summarize(results: dict[str, list[list[dict[str, Any]]]], reference: str, ta
               cost: dict[str, Any]) -> dict[str, Any]:
     curves: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
-        steps = sorted({r["step"] for run in runs for r in run})
+        steps = sorted(set.intersection(*({r["step"] for r in run} for run in runs)))   # where every seed was scored
         curves[name] = {
             "steps": steps,
+            "seeds": len(runs),
             "median_fid": [statistics.median(r["fid"] for run in runs for r in run if r["step"] == s) for s in steps],
             "median_class_accuracy": [statistics.median(r["class_accuracy"] for run in runs for r in run if r["step"] == s) for s in steps],
             "fid_by_seed": [[r["fid"] for r in run] for run in runs],
+            "steps_by_seed": [[r["step"] for r in run] for run in runs],
             "seconds_per_step": cost[name]["median"],
         }
     ref = curves[reference]
@@ -236,8 +245,8 @@ def plot(curves: dict[str, dict[str, Any]], summary: dict[str, Any], path: Path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
         ax.plot(c["steps"], c["median_fid"], marker="o", label=f"{name} (median)")
-        for fids in c["fid_by_seed"]:
-            ax.plot(c["steps"][: len(fids)], fids, color=ax.lines[-1].get_color(), alpha=0.25, lw=1)
+        for steps, fids in zip(c["steps_by_seed"], c["fid_by_seed"]):
+            ax.plot(steps, fids, color=ax.lines[-1].get_color(), alpha=0.25, lw=1, marker="." if len(fids) == 1 else None)
     ax.axhline(summary["target_fid"], color="gray", ls="--", lw=1,
                label=f"{summary['reference']} at {summary['target_step']} steps")
     ax.set_xlabel("optimizer steps")
@@ -249,12 +258,41 @@ def plot(curves: dict[str, dict[str, Any]], summary: dict[str, Any], path: Path)
     fig.savefig(path, dpi=120)
 
 
+def _runs(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["recipe"], int(r["seed"])), []).append({k: v for k, v in r.items() if k not in ("recipe", "seed")})
+    return runs
+
+
+def merged_rows(path: str, recipes: dict[str, dict[str, Any]], data: str, num_images: int, sampling: dict[str, Any],
+                seeds: list[int]) -> list[dict[str, Any]]:
+    """The rows of an earlier result, refused unless measured the same way on the same data."""
+    earlier = json.loads(Path(path).read_text())
+    s = earlier["settings"]
+    for what, theirs, ours in (("data", s.get("data"), data), ("num_images", s.get("num_images"), num_images),
+                               ("sampling", s.get("sampling"), sampling)):
+        if theirs != ours:
+            raise SystemExit(f"--merge {path}: its {what} is {theirs!r}, this run's {ours!r}; merge only results of the same data and scoring")
+    rows = [r for r in earlier["rows"] if r["recipe"] in recipes]
+    for r in rows:
+        if s["recipes"][r["recipe"]] != recipes[r["recipe"]]:
+            raise SystemExit(f"--merge {path}: recipe {r['recipe']!r} was {s['recipes'][r['recipe']]}, here {recipes[r['recipe']]}")
+        if int(r["seed"]) in seeds:
+            raise SystemExit(f"--merge {path}: it already has seed {r['seed']} of {r['recipe']!r}; run other --seeds")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default="paper,flow", help=f"comma-separated; known: {sorted(RECIPES)}")
     p.add_argument("--reference", default="paper")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eval-steps", default="250,500,750,1000,1500")
+    p.add_argument("--recipe-eval-steps", action="append", default=[], metavar="RECIPE=S1,S2",
+                   help="other eval steps for one recipe (it trains to the last of them)")
+    p.add_argument("--merge", action="append", default=[], metavar="RESULT.json",
+                   help="add the runs of an earlier result of the same data, recipes and sampling")
     p.add_argument("--target-step", type=int, default=1500)
     p.add_argument("--num-images", type=int, default=None, help="default: params.yaml sample.num_images")
     p.add_argument("--params", default=str(REPO / "params.yaml"))
@@ -282,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--reference {a.reference} is not in --recipes")
     seeds = [int(s) for s in a.seeds.split(",")]
     eval_steps = sorted(int(s) for s in a.eval_steps.split(","))
+    steps_of = {name: eval_steps for name in recipes}
+    for item in a.recipe_eval_steps:
+        name, _, steps = item.partition("=")
+        if name not in recipes:
+            raise SystemExit(f"--recipe-eval-steps {item}: {name!r} is not in --recipes")
+        steps_of[name] = sorted(int(s) for s in steps.split(","))
     num_images = a.num_images or int(sample_params["num_images"])
     data = load_train_split(a.latents)
     stats = data[0]
@@ -290,10 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     scorer = Scorer(a.prepared, a.classifier)
     results: dict[str, list[list[dict[str, Any]]]] = {}
     rows = []
+    sampling = {k: sample_params[k] for k in ("sampler", "num_steps", "guidance_scale")}
+    for path in a.merge:
+        rows += merged_rows(path, recipes, stats["fingerprint"], num_images, sampling, seeds)
+    for (name, _seed), run in _runs(rows).items():
+        results.setdefault(name, []).append(run)
     for name, recipe in recipes.items():
         for seed in seeds:
             print(f"{name}, seed {seed}: {recipe}", flush=True)
-            run = run_one(recipe, seed, params, data, eval_steps, scorer, sample_params, num_images, autoencoder)
+            run = run_one(recipe, seed, params, data, steps_of[name], scorer, sample_params, num_images, autoencoder)
             results.setdefault(name, []).append(run)
             rows += [{"recipe": name, "seed": seed, **r} for r in run]
     print(f"cost per step: {a.cost_rounds} alternating rounds of {a.cost_steps} steps", flush=True)
@@ -308,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {reached}; cost per step {r['cost_per_step_vs_reference']:.3f}x {a.reference}'s")
     settings = {k: v for k, v in vars(a).items() if k != "tag"} | {
         "recipes": recipes, "train": params, "num_images": num_images, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
-        "sampling": {k: sample_params[k] for k in ("sampler", "num_steps", "guidance_scale")}, "data": stats["fingerprint"]}
+        "sampling": sampling, "data": stats["fingerprint"]}
     path = write_result("recipes", {"settings": settings, "rows": rows, **out}, a.tag)
     figure = path.with_suffix(".png")
     plot(out["curves"], out["summary"], figure)
