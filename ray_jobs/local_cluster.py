@@ -13,6 +13,7 @@ that cluster.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
         return 0 if argv else 2
+    if shutil.which(argv[0]) is None:   # before a cluster is started for nothing
+        print(f"local_cluster: command {argv[0]!r} not found; give a command on PATH, e.g. `dvc repro` "
+              "(after `source .venv/bin/activate`)", file=sys.stderr)
+        return 127
     if os.environ.get("RAY_ADDRESS"):
         return subprocess.call(argv)
 

@@ -65,3 +65,7 @@ def test_without_a_command_it_says_how_to_call_it():
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.local_cluster"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "dvc repro" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.local_cluster", "no-such-command-7731", "repro"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 127 and "'no-such-command-7731' not found" in proc.stderr, proc.stderr
+    assert "local Ray cluster" not in proc.stderr     # refused before a cluster was started
