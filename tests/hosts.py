@@ -25,7 +25,8 @@ Use the ``two_hosts`` fixture (module scope)::
         new = two_hosts.start_worker_host()
 
 or the context manager ``with TwoHosts(project_root, tmp) as hosts: ...`` directly. Needs root
-(``ip netns``, ``unshare -m``); where namespaces cannot be made the fixture skips.
+(``ip netns``, ``unshare -m``); where namespaces cannot be made the fixture fails under CI
+(``CI=true``) and skips elsewhere, naming what is missing.
 
 Ray limits what "bind to the veth address only" can mean: its C++ gRPC servers (GCS, raylet node
 and object manager, agent gRPC) and its Prometheus exporters bind the wildcard address whenever the
@@ -57,6 +58,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+MISSING_TOOL_ENV = "DIT_TEST_HOSTS_MISSING"  # comma-separated tools to treat as absent (tests of the fixture)
 SUBNET = "10.231"  # 10.231.N.0/30, N in 1..254, one N per live fixture (claimed by creating the veth)
 HIDDEN_DIRS = ("data", "models", "checkpoints", "samples", "mlruns")
 HIDDEN_FILES = ("mlflow.db",)
@@ -447,9 +449,11 @@ class TwoHosts:
     def _check_possible(self) -> None:
         if os.geteuid() != 0:
             raise HostsUnavailable("network namespaces need root")
+        # MISSING_TOOL_ENV stands in for a missing tool, so that a test can show what CI does then
+        missing = set(filter(None, os.environ.get(MISSING_TOOL_ENV, "").split(",")))
         for tool in ("ip", "unshare", "mount"):
-            if shutil.which(tool) is None:
-                raise HostsUnavailable(f"`{tool}` is not installed")
+            if tool in missing or shutil.which(tool) is None:
+                raise HostsUnavailable(f"`{tool}` is not installed (Debian: apt-get install iproute2 util-linux mount)")
         for tool in ("ray", "moto_server", "mlflow"):
             if not (BIN / tool).exists():
                 raise HostsUnavailable(f"{BIN / tool} is missing")
@@ -696,15 +700,29 @@ class TwoHosts:
                                 dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock", "events", "export_events"))
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Fail under CI, skip elsewhere: the two-host tests are the evidence of the cluster claims."""
+    message = f"two hosts unavailable: {reason}"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: the multi-host tests may not be skipped; run CI as root with ip, unshare and mount)",
+                    pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory) -> Iterator[TwoHosts]:
-    """:class:`TwoHosts` for the project at the repository root, shared by a test module. Skips
-    where namespaces cannot be made."""
+    """:class:`TwoHosts` for the project at the repository root, shared by a test module. Where
+    namespaces cannot be made it fails under CI (``CI=true``: the multi-host evidence must not be
+    skipped silently) and skips elsewhere, with the same message."""
     hosts = TwoHosts(REPO, tmp_path_factory.mktemp("twohosts"))
     try:
         hosts.__enter__()
     except HostsUnavailable as e:
-        pytest.skip(f"two hosts unavailable: {e}")
+        unavailable(str(e))
     try:
         yield hosts
     finally:

@@ -5,6 +5,7 @@ over the network; the worker host can be killed and brought back."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -143,3 +144,29 @@ def test_worker_host_killed_and_restarted(two_hosts, tmp_path):
     out = submit_probe(hosts, tmp_path / "job", probe_args(hosts, "where"))
     assert out["node_id"] == new and out["node_ip"] == hosts.worker_ip
     assert out["data_listing"] == []  # a fresh, empty tmpfs again
+
+
+PROBE_TEST = '''
+from hosts import two_hosts  # noqa: F401
+
+
+def test_uses_two_hosts(two_hosts):
+    assert two_hosts.worker_ip
+'''
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_fixture_fails_under_ci_when_hosts_cannot_be_made(tmp_path, ci):
+    """A missing tool (stood in for by DIT_TEST_HOSTS_MISSING) makes the two-hosts fixture fail under
+    CI=true, naming the tool, and skip with the same message elsewhere."""
+    (tmp_path / "test_probe.py").write_text(PROBE_TEST)
+    env = {**os.environ, "CI": ci, "DIT_TEST_HOSTS_MISSING": "unshare",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_probe.py")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert "`unshare` is not installed" in out, out
+    if ci:
+        assert proc.returncode == 1 and "1 error" in out and "CI=true" in out, out
+    else:
+        assert proc.returncode == 0 and "1 skipped" in out, out
