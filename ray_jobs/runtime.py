@@ -9,11 +9,15 @@ host (``require_shared``), and says what to use instead when it is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -28,6 +32,7 @@ FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
 # What a job submitted to a remote cluster takes along: where to track; S3 access is the cluster's own.
 JOB_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 JOB_POLL_S = 2.0
+JOB_STOP_WAIT_S = 30.0
 
 
 def use_assigned_cpus() -> None:
@@ -155,7 +160,9 @@ def submit_job(address: str, entrypoint: str, name: str, working_dir: str | os.P
                env: Mapping[str, str] | None = None, log: Any = print) -> str:
     """Run ``entrypoint`` as a Ray job on the cluster whose dashboard is ``address``, the project
     shipped as its working dir (Ray leaves out what .gitignore ignores); stream its logs; wait.
-    Returns the job id; raises naming the job when it does not succeed."""
+    Returns the job id; raises naming the job when it does not succeed. Ctrl-C or SIGTERM while
+    waiting stops the job on the cluster (waiting up to JOB_STOP_WAIT_S for STOPPED), says so on
+    stderr, then exits 130 (Ctrl-C) or 143 (SIGTERM)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -167,6 +174,23 @@ def submit_job(address: str, entrypoint: str, name: str, working_dir: str | os.P
         runtime_env={"working_dir": str(working_dir), "env_vars": job_env},
     )
     log(f"{name}: submitted Ray job {job_id} to {address}: {entrypoint}")
+    try:
+        with _signals_interrupt():
+            status = _follow(client, job_id, name, log)
+    except KeyboardInterrupt as interrupt:
+        _stop_job(client, job_id, name, address)
+        # the shell's code for death by that signal, without a traceback: the message above says what happened
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)) from None
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise RuntimeError(f"Ray job {job_id} ({name}) on {address} ended {status}: {info.message}; "
+                           f"see `ray job logs {job_id} --address {address}`")
+    return job_id
+
+
+def _follow(client: Any, job_id: str, name: str, log: Any) -> Any:
+    """Stream the job's logs, then wait for it to end; returns its terminal status."""
+    from ray.job_submission import JobStatus
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -179,8 +203,54 @@ def submit_job(address: str, entrypoint: str, name: str, working_dir: str | os.P
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     while (status := client.get_job_status(job_id)) not in terminal:
         time.sleep(JOB_POLL_S)
-    if status != JobStatus.SUCCEEDED:
-        info = client.get_job_info(job_id)
-        raise RuntimeError(f"Ray job {job_id} ({name}) on {address} ended {status}: {info.message}; "
-                           f"see `ray job logs {job_id} --address {address}`")
-    return job_id
+    return status
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while waiting for a job: handled like Ctrl-C (the job is stopped), then exits 143."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While waiting on a job, SIGTERM interrupts like Ctrl-C (SIGINT already raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_job(client: Any, job_id: str, name: str, address: str) -> None:
+    """Stop the job the user interrupted, wait up to JOB_STOP_WAIT_S for it to end, and say so on stderr.
+    A second Ctrl-C meanwhile gives up waiting (the job may still run: the message says how to stop it)."""
+    from ray.job_submission import JobStatus
+
+    how = f"`ray job stop {job_id} --address {address}`"
+    print(f"{name}: interrupted; stopping Ray job {job_id} on {address}", file=sys.stderr, flush=True)
+    status = None
+    try:
+        client.stop_job(job_id)
+        deadline = time.monotonic() + JOB_STOP_WAIT_S
+        while (status := client.get_job_status(job_id)) not in (JobStatus.STOPPED, JobStatus.SUCCEEDED,
+                                                                 JobStatus.FAILED) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print(f"{name}: stopped waiting; Ray job {job_id} was asked to stop; check with {how}", file=sys.stderr, flush=True)
+        return
+    except Exception as e:  # noqa: BLE001 - the user's interrupt stands; say what is left running
+        print(f"{name}: could not stop Ray job {job_id} ({e}); stop it with {how}", file=sys.stderr, flush=True)
+        return
+    if status == JobStatus.STOPPED:
+        print(f"{name}: Ray job {job_id} stopped", file=sys.stderr, flush=True)
+    elif status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        print(f"{name}: Ray job {job_id} had already ended {status}", file=sys.stderr, flush=True)
+    else:
+        print(f"{name}: Ray job {job_id} is still {status} after {JOB_STOP_WAIT_S:.0f} s; stop it with {how}",
+              file=sys.stderr, flush=True)

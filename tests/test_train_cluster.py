@@ -123,3 +123,46 @@ def test_train_stage_runs_as_a_job_with_the_store(ray_head, job_data, s3_bucket,
     assert storage.exists(storage.join(pointer["checkpoint"], "state.pt"))
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows[0].split(",")[:2] == ["step", "epoch"] and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
+
+
+# A stage's submit-and-wait (ray_jobs.runtime.submit_job, which run_stage calls with RAY_ADDRESS a
+# dashboard), in a process of its own, on a job that runs until it is stopped.
+WAITER = """
+import os, sys
+from ray_jobs.runtime import submit_job
+submit_job(os.environ["RAY_ADDRESS"], "python -c \\"import time; print('job running', flush=True); time.sleep(600)\\"",
+           sys.argv[1], working_dir=sys.argv[2])
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_stage_stops_its_ray_job(ray_head, tmp_path, signum):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    name = f"interrupt-{signum.name.lower()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "README").write_text("the job's working dir\n")
+    env = {**_env(), "RAY_ADDRESS": ray_head["address"], "PYTHONPATH": str(REPO)}
+    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", WAITER, name, str(work)], env=env, stdout=out, stderr=err,
+                            start_new_session=True)
+    client = JobSubmissionClient(ray_head["address"])
+    try:
+        deadline = time.time() + 120
+        job = None
+        while job is None or job.status != JobStatus.RUNNING:
+            assert time.time() < deadline and proc.poll() is None, (job, (tmp_path / "err").read_text()[-3000:])
+            time.sleep(0.5)
+            job = next((j for j in client.list_jobs() if (j.submission_id or "").startswith(f"dit-{name}-")), None)
+        proc.send_signal(signum)
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    # the job on the cluster is stopped, by the time the process has exited
+    assert client.get_job_status(job.submission_id) == JobStatus.STOPPED, stderr[-3000:]
+    assert code != 0 and code == 128 + signum, (code, stderr[-3000:])
+    assert f"stopping Ray job {job.submission_id}" in stderr and f"Ray job {job.submission_id} stopped" in stderr, stderr[-3000:]
