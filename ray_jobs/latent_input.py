@@ -401,6 +401,7 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
 # --------------------------------------------------------------------------------------------
 
 def read_stats(latents: str) -> dict[str, Any]:
+    """The latents' ``stats.json``, refused (naming the fix) when missing or not of docs/CONTRACTS.md."""
     uri = storage.join(latents, STATS)
     if not storage.exists(uri):
         shipped = runtime.job_working_dir()
@@ -423,6 +424,7 @@ def stored_views(stats: dict[str, Any]) -> tuple[str, ...]:
 
 
 def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
+    """The URIs of the train split's shards, in the order of the published version stats.json names."""
     names = (stats.get("shards") or {}).get("train")
     folder = storage.version_folder(latents, stats)  # the published version stats.json names
     files = [storage.join(folder, n) for n in names] if names else storage.list_files(storage.join(folder, "train"), ".parquet")
