@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -238,10 +239,18 @@ def summary(doc: str | None) -> str:
     return (doc or "").strip().split("\n\n")[0]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, with the description and epilog kept as written and the flags' help wrapped at
+    spaces only: a value such as ``dpm-solver++`` or an s3:// URI is never split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 def command_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
     """A job's or stage's parser: its docstring's first paragraph as written, the epilog (the
     settings list) kept line by line."""
-    return argparse.ArgumentParser(prog=prog, description=summary(doc), formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(prog=prog, description=summary(doc), formatter_class=HelpFormatter)
 
 
 def settings_listing(cls: type, section: str, skip: Sequence[str] = ()) -> str:
@@ -277,6 +286,6 @@ def read_settings(args: argparse.Namespace, cls: type, section: str) -> dict[str
     return {**params, **parse_overrides(args.set, cls, section)}
 
 
-__all__ = ["add_arguments", "add_settings_arguments", "build", "coerce", "command_parser", "defaults", "from_args", "load_yaml",
+__all__ = ["HelpFormatter", "add_arguments", "add_settings_arguments", "build", "coerce", "command_parser", "defaults", "from_args", "load_yaml",
            "parse_overrides", "read_section", "read_settings", "read_value", "read_yaml", "settings_listing", "summary",
            "type_name"]

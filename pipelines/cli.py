@@ -85,7 +85,8 @@ def run_module(name: str, argv: Sequence[str]) -> int:
 def generate_parser() -> argparse.ArgumentParser:
     from dit_core.pipeline import SamplingSettings
 
-    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.")
+    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
+                                formatter_class=settings.HelpFormatter)
     p.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model, a checkpoint dir or .pt")
     p.add_argument("--labels", required=True, help="comma-separated class ids or class names, e.g. 3,7")
     p.add_argument("--seeds", default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")

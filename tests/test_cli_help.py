@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,8 @@ def test_help_lists_every_flag_with_a_text_and_a_whole_description(name, capsys,
                 continue
             assert action.help and action.help.strip(), f"dit {name}: {flag} has no help text"
             assert flag in text or action.dest in text, f"dit {name} --help does not list {flag}"
+    split = [line for line in text.splitlines() if re.search(r"\w-$", line)]
+    assert not split, f"dit {name} --help splits a word at its hyphen: {split}"
     block = description_block(text)
     assert block and block[-1].rstrip().endswith(SENTENCE_END), f"dit {name}: description cut: {block[-1:]}"
 
