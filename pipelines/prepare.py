@@ -25,7 +25,6 @@ so a failed or killed run leaves the previous output as it was, and the next run
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json

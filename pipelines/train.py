@@ -11,7 +11,6 @@ set, a local ``train.storage_path`` (``checkpoints``) is taken under it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
