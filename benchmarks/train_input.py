@@ -253,7 +253,7 @@ def speed(work: Path, rounds: int, steps: int, rows: int, ray_data: bool = False
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="speed,memory")
     p.add_argument("--work", default=None, help="folder for the synthetic latents (default: a temporary one, removed)")
     p.add_argument("--rounds", type=int, default=6)

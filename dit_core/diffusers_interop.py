@@ -637,20 +637,23 @@ def _import_command(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dit_core.diffusers_interop", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dit_core.diffusers_interop", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="our checkpoint (or an official .pt) -> a DiTPipeline folder")
+    exp_help = "our checkpoint (or an official .pt) -> a DiTPipeline folder"
+    exp = sub.add_parser("export", help=exp_help, description=exp_help + ".")
     exp.add_argument("checkpoint", help="a .pt file: ours (a checkpoint directory's state.pt) or an official release")
     exp.add_argument("out", help="the DiTPipeline folder to write")
     exp.add_argument("--vae", help="diffusers AutoencoderKL folder (default: the checkpoint's latents.autoencoder_path)")
     exp.add_argument("--stats", help="the latents' stats.json (class_names, scale_factor; default: the checkpoint's)")
     exp.add_argument("--num-heads", type=int, help="attention heads of a bare state dict of non-preset width")
-    exp.add_argument("--overwrite", action="store_true")
-    imp = sub.add_parser("import", help="a diffusers DiT transformer (or DiTPipeline) folder -> our checkpoint .pt")
-    imp.add_argument("folder")
+    exp.add_argument("--overwrite", action="store_true", help="replace the folder if it exists (default: refuse)")
+    imp_help = "a diffusers DiT transformer (or DiTPipeline) folder -> our checkpoint .pt"
+    imp = sub.add_parser("import", help=imp_help, description=imp_help + ".")
+    imp.add_argument("folder", help="a diffusers DiTPipeline folder or its transformer folder (e.g. a local facebook/DiT-XL-2-256)")
     imp.add_argument("out", help="the .pt to write: {'ema', 'model_config', 'diffusion'}, loadable by load_checkpoint")
     imp.add_argument("--variant", help="weight variant, e.g. fp16")
-    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--overwrite", action="store_true", help="replace the .pt if it exists (default: refuse)")
     args = parser.parse_args(argv)
     try:
         out = _export_command(args) if args.command == "export" else _import_command(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -219,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
         shown = dflt.get(f.name, "required")
         text = (help or {}).get(f.name, "")
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=type_name(hints[f.name]).upper(),
-                            help=f"{text + ' ' if text else ''}(default: {shown})")
+                            help=f"{text or 'the setting ' + f.name} (default: {shown})")
 
 
 def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -228,5 +229,63 @@ def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {name: read_value(given[name], tp) for name, tp in hints.items() if isinstance(given.get(name), str)}
 
 
-__all__ = ["add_arguments", "build", "coerce", "defaults", "from_args", "load_yaml", "parse_overrides",
-           "read_section", "read_value", "read_yaml", "type_name"]
+# ---------------------------------------------------------------------------------------------
+# One command line for every job and stage: --params, --set and the settings list in --help
+# ---------------------------------------------------------------------------------------------
+
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph, whole: a command's description (its first line alone
+    would cut a sentence that goes on to the next line)."""
+    return (doc or "").strip().split("\n\n")[0]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, with the description and epilog kept as written and the flags' help wrapped at
+    spaces only: a value such as ``dpm-solver++`` or an s3:// URI is never split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+def command_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """A job's or stage's parser: its docstring's first paragraph as written, the epilog (the
+    settings list) kept line by line."""
+    return argparse.ArgumentParser(prog=prog, description=summary(doc), formatter_class=HelpFormatter)
+
+
+def settings_listing(cls: type, section: str, skip: Sequence[str] = ()) -> str:
+    """``settings (params.yaml section ...):`` and one ``name (type): default`` line per field of
+    ``cls``; fields in ``skip`` come from the command's own flags (--out, --latents, ...), not from params."""
+    hints, dflt = field_types(cls), defaults(cls)
+    lines = [f"settings (params.yaml section `{section}`; change them with --params FILE or --set KEY=VALUE),",
+             f"with their defaults (from {cls.__module__}.{cls.__qualname__}):"]
+    for f in dataclasses.fields(cls):
+        if f.name not in skip:
+            lines.append(f"  {f.name} ({type_name(hints[f.name])}): {dflt.get(f.name, 'required')}")
+    return "\n".join(lines)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: str, params_default: str | None,
+                           skip: Sequence[str] = (), example: str = "") -> None:
+    """``--params`` and ``--set`` for the settings dataclass ``cls`` (params.yaml section
+    ``section``), and the list of its settings with their defaults at the end of ``--help``.
+    ``params_default`` None: ./params.yaml when the working directory has one, else the defaults."""
+    where = params_default or "./params.yaml if present, else the defaults listed below"
+    parser.add_argument("--params", default=params_default, metavar="FILE",
+                        help=f"YAML file whose `{section}` section gives the settings (default: {where})")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"override {section} settings, values typed as in params.yaml{', e.g. ' + example if example else ''}")
+    parser.epilog = settings_listing(cls, section, skip)
+
+
+def read_settings(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:
+    """The section that ``--params`` names (None: ./params.yaml if present, else nothing), with the
+    ``--set`` overrides on top, each checked against ``cls``."""
+    path = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
+    params = read_section(path, section) if path else {}
+    return {**params, **parse_overrides(args.set, cls, section)}
+
+
+__all__ = ["HelpFormatter", "add_arguments", "add_settings_arguments", "build", "coerce", "command_parser", "defaults", "from_args", "load_yaml",
+           "parse_overrides", "read_section", "read_settings", "read_value", "read_yaml", "settings_listing", "summary",
+           "type_name"]

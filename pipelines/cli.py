@@ -9,7 +9,6 @@ place they live). ``dit generate`` makes a grid of images from any model in seco
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import io
 import sys
@@ -59,22 +58,16 @@ def _load(ref: str) -> object:
 
 
 def settings_help(cmd: Command) -> str:
-    """The command's params.yaml section: each setting and its default, from the dataclass."""
-    if cmd.settings is None:
-        return ""
-    cls = _load(cmd.settings)
-    hints, dflt = settings.field_types(cls), settings.defaults(cls)
-    lines = [f"settings (params.yaml section `{cmd.section}`; defaults from {cmd.settings.replace(':', '.')}):"]
-    for f in dataclasses.fields(cls):
-        lines.append(f"  {f.name} ({settings.type_name(hints[f.name])}): {dflt.get(f.name, 'required')}")
-    return "\n".join(lines)
+    """The command's params.yaml section: each setting and its default, from the dataclass (the
+    same list its ``--help`` ends with)."""
+    return settings.settings_listing(_load(cmd.settings), cmd.section or "") if cmd.settings else ""
 
 
 def run_module(name: str, argv: Sequence[str]) -> int:
-    """``python -m <module> argv`` in this process: its ``main``, its help, its exit code."""
+    """``python -m <module> argv`` in this process: its ``main``, its help (with the settings list,
+    which the module's own parser shows), its exit code."""
     cmd = COMMANDS[name]
     main: Callable[..., int | None] = _load(f"{cmd.module}:main")  # type: ignore[assignment]
-    wants_help = any(a in ("-h", "--help") for a in argv)
     prog, sys.argv[0] = sys.argv[0], f"dit {name}"
     try:
         code = main([*cmd.prefix, *argv])
@@ -82,8 +75,6 @@ def run_module(name: str, argv: Sequence[str]) -> int:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv[0] = prog
-    if wants_help and code == 0 and cmd.settings:
-        print("\n" + settings_help(cmd))
     return int(code or 0)
 
 
@@ -94,7 +85,8 @@ def run_module(name: str, argv: Sequence[str]) -> int:
 def generate_parser() -> argparse.ArgumentParser:
     from dit_core.pipeline import SamplingSettings
 
-    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.")
+    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
+                                formatter_class=settings.HelpFormatter)
     p.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model, a checkpoint dir or .pt")
     p.add_argument("--labels", required=True, help="comma-separated class ids or class names, e.g. 3,7")
     p.add_argument("--seeds", default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")

@@ -100,7 +100,12 @@ def write_location(local: str, uri: str) -> None:
 
 
 def _argv(args: argparse.Namespace) -> str:
-    return " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in sorted(vars(args).items()) if v is not None)
+    """The flags that give a stage ``args`` again (``--set a=1 b=2`` for a list; an empty one left out)."""
+    def flag(key: str, value: Any) -> str:
+        values = value if isinstance(value, list) else [value]
+        return f"--{key} " + " ".join(shlex.quote(str(v)) for v in values)
+
+    return " ".join(flag(k, v) for k, v in sorted(vars(args).items()) if v is not None and v != [])
 
 
 def run_stage(stage: str, args: argparse.Namespace, spec: StageIO, core: Callable[[argparse.Namespace], Any]) -> Any:

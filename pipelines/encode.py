@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import StageIO, load_params, run_stage
-from ray_jobs.encode import config_from, encode
+from dit_core import settings
+from pipelines.common import PARAMS_FILE, StageIO, run_stage
+from ray_jobs.encode import EncodeConfig, config_from, encode
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
     p.add_argument("--autoencoder", required=True, help="autoencoder folder, s3:// URI or HF id (local cache)")
     p.add_argument("--out", required=True, help="latents folder or s3:// URI")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, EncodeConfig, "encode", PARAMS_FILE, skip=("prepared", "autoencoder", "output"),
+                                    example="batch_size=64")
     a = p.parse_args(argv)
-    params = load_params("encode", a.params)
+    params = settings.read_settings(a, EncodeConfig, "encode")
 
     def core(job: argparse.Namespace) -> None:
         stats = encode(config_from(job.prepared, job.autoencoder, job.out, params))

@@ -21,7 +21,7 @@ import numpy as np
 from dit_core import settings
 from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
 from dit_core.metrics import FeatureStats, fid_from_stats
-from pipelines.common import StageIO, load_params, read_manifest, run_stage
+from pipelines.common import PARAMS_FILE, StageIO, read_manifest, run_stage
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import NETWORKS as FEATURES, feature_pass, npz_items, parquet_items
 from ray_jobs.model_source import load_bundle, state_digest
@@ -172,15 +172,15 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--samples", required=True, help="the sample stage's output (folder or s3://)")
     p.add_argument("--prepared", required=True, help="prepared data (its val split is the default reference)")
     p.add_argument("--classifier", required=True, help="the train_classifier stage's output")
     p.add_argument("--metrics", required=True, help="eval.json (local)")
     p.add_argument("--plots", default=None, help="this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, EvaluateSettings, "evaluate", PARAMS_FILE, example="register=false")
     a = p.parse_args(argv)
-    params = asdict(settings.build(EvaluateSettings, load_params("evaluate", a.params), "evaluate"))
+    params = asdict(settings.build(EvaluateSettings, settings.read_settings(a, EvaluateSettings, "evaluate"), "evaluate"))
     if params["features"] not in FEATURES:
         raise SystemExit(f"evaluate.features={params['features']!r}; choose one of {FEATURES}")
 

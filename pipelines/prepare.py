@@ -25,7 +25,6 @@ so a failed or killed run leaves the previous output as it was, and the next run
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -44,7 +43,7 @@ import pyarrow.parquet as pq
 
 from dit_core import settings
 from dit_core.data import BadImage, png_bytes, prepare_image
-from pipelines.common import MANIFEST, SPLITS, StageIO, load_params, run_stage, write_parquet
+from pipelines.common import MANIFEST, PARAMS_FILE, SPLITS, StageIO, run_stage, write_parquet
 from ray_jobs import runtime, storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
@@ -505,11 +504,11 @@ def _check_skipped(skipped: list[dict[str, str]], num_inputs: int, cfg: PrepareC
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--out", required=True, help="output folder or s3:// URI (from dvc.yaml)")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, PrepareConfig, "prepare", PARAMS_FILE, example="source=imagefolder path=s3://b/images")
     a = p.parse_args(argv)
-    cfg = PrepareConfig.from_params(load_params("prepare", a.params))
+    cfg = PrepareConfig.from_params(settings.read_settings(a, PrepareConfig, "prepare"))
     run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
               lambda job: prepare(cfg, job.out))
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 from dit_core import settings
 from ray_jobs import storage, tracking
 from ray_jobs.sample import SampleConfig, run, validate
-from pipelines.common import StageIO, load_params, run_stage
+from pipelines.common import PARAMS_FILE, StageIO, run_stage
 
 STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
 
@@ -44,12 +44,12 @@ def config_from(params: dict[str, Any], model: str, out: str) -> SampleConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--pointer", default=None, help="the train stage's pointer (models/dit.json)")
     p.add_argument("--out", required=True, help="samples folder or s3:// prefix")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, SampleConfig, "sample", PARAMS_FILE, skip=("output",), example="num_images=64")
     a = p.parse_args(argv)
-    params = load_params("sample", a.params)
+    params = settings.read_settings(a, SampleConfig, "sample")
     validate(config_from(params, "unresolved", a.out))  # typed, complete and sound before any work, here and not on a cluster
 
     def core(job: argparse.Namespace) -> None:

@@ -11,13 +11,13 @@ set, a local ``train.storage_path`` (``checkpoints``) is taken under it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
-from pipelines.common import StageIO, in_store, load_params, run_stage, store_root
+from dit_core import settings
+from pipelines.common import PARAMS_FILE, StageIO, in_store, run_stage, store_root
 from ray_jobs import storage, tracking
-from ray_jobs.train import config_from, train
+from ray_jobs.train import TrainConfig, config_from, train
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
@@ -50,14 +50,14 @@ def train_and_report(latents: str, params: dict[str, Any], metrics_path: str, po
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--latents", required=True, help="latents folder or s3:// URI")
     p.add_argument("--metrics", required=True, help="metrics JSON")
     p.add_argument("--pointer", required=True, help="where to write the pointer to the final checkpoint/model")
     p.add_argument("--plots", default=None, help="per-step CSV (step, loss, lr, ...) for `dvc plots show`")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, TrainConfig, "train", PARAMS_FILE, skip=("latents",), example="steps=100 lr=1e-3")
     a = p.parse_args(argv)
-    params = load_params("train", a.params)
+    params = settings.read_settings(a, TrainConfig, "train")
     root = store_root(a.params)
     if root:
         params["storage_path"] = in_store(str(params.get("storage_path", "checkpoints")), root)

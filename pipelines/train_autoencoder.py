@@ -35,7 +35,7 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from dit_core import settings
-from pipelines.common import StageIO, load_images, load_params, read_manifest, run_stage
+from pipelines.common import PARAMS_FILE, StageIO, load_images, read_manifest, run_stage
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
@@ -139,13 +139,13 @@ def publish(ae: Autoencoder, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
     p.add_argument("--out", required=True, help="autoencoder folder or s3:// URI")
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, AutoencoderSettings, "train_autoencoder", PARAMS_FILE, example="steps=200")
     a = p.parse_args(argv)
-    params = load_params("train_autoencoder", a.params)
+    params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
 
     def core(job: argparse.Namespace) -> None:
         staging = storage.begin_output(job.out, RECORD)  # before training: a killed run leaves only this

@@ -20,7 +20,7 @@ import torch
 from dit_core import settings
 from dit_core.classifier import CONFIG_FILE, ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
 from dit_core.data import pngs_to_batch
-from pipelines.common import StageIO, load_params, read_manifest, read_split, run_stage
+from pipelines.common import PARAMS_FILE, StageIO, read_manifest, read_split, run_stage
 from ray_jobs import storage
 
 
@@ -87,13 +87,13 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = settings.command_parser(__doc__)
     p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
     p.add_argument("--out", required=True, help="classifier folder or s3:// URI")
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    p.add_argument("--params", default="params.yaml")
+    settings.add_settings_arguments(p, ClassifierSettings, "train_classifier", PARAMS_FILE, example="epochs=5")
     a = p.parse_args(argv)
-    params = load_params("train_classifier", a.params)
+    params = settings.read_settings(a, ClassifierSettings, "train_classifier")
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)

@@ -16,7 +16,6 @@ then ``stats.json``, which names the views it holds. Published atomically
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -325,16 +324,14 @@ def config_from(prepared: str, autoencoder: str, output: str, params: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     """``ray job submit`` entry point; settings from ``--params`` (default: ./params.yaml if present,
     else EncodeConfig's defaults) and ``--set`` overrides."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--autoencoder", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--params", default=None, help="YAML file whose `encode` section gives the settings (default: ./params.yaml if present)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings, e.g. batch_size=64")
+    p = settings.command_parser(__doc__)
+    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI (the prepare stage's output)")
+    p.add_argument("--autoencoder", required=True, help="autoencoder folder, s3:// URI or Hugging Face id (local cache)")
+    p.add_argument("--out", required=True, help="latents folder or s3:// URI to write")
+    settings.add_settings_arguments(p, EncodeConfig, "encode", None, skip=("prepared", "autoencoder", "output"),
+                                    example="batch_size=64")
     a = p.parse_args(argv)
-    path = a.params or ("params.yaml" if os.path.isfile("params.yaml") else None)
-    params = {**(settings.read_section(path, "encode") if path else {}), **settings.parse_overrides(a.set, EncodeConfig, "encode")}
-    stats = encode(config_from(a.prepared, a.autoencoder, a.out, params))
+    stats = encode(config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode")))
     print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "views", "counts")}))
     return 0
 

@@ -28,7 +28,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +36,11 @@ import pyarrow.parquet as pq
 
 from dit_core.training import LATENT_VIEWS, derive_seed
 
-from . import storage
+from . import runtime, storage
 
+STATS = "stats.json"                         # the latents' record (docs/CONTRACTS.md)
+# stats.json without "views" was written before encode.flip_views existed, always with both views
+VIEWS_BEFORE_FLIP_VIEWS = ("image", "flip")
 # seeds of the two generators of an epoch (distinct streams of derive_seed)
 _UNIT_ORDER, _WINDOW_ORDER = 1, 2
 
@@ -393,4 +396,53 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
                                          f"latent_shape {list(shape)} says {width}; re-run the encode stage")
 
 
-__all__ = ["Batch", "LatentStream", "StreamPlan", "Unit", "check_latents", "plan_stream", "scan_units", "split_units"]
+# --------------------------------------------------------------------------------------------
+# The latents folder: its record and its train shards (the driver checks them, every worker reads them)
+# --------------------------------------------------------------------------------------------
+
+def read_stats(latents: str) -> dict[str, Any]:
+    """The latents' ``stats.json``, refused (naming the fix) when missing or not of docs/CONTRACTS.md."""
+    uri = storage.join(latents, STATS)
+    if not storage.exists(uri):
+        shipped = runtime.job_working_dir()
+        hint = (f"; a Ray job gets a copy of the code ({shipped}), not the project's git-ignored data: pass the "
+                "latents as an s3:// URI (store.root) or an absolute path every node reads") if shipped else ""
+        raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first{hint}")
+    stats = storage.read_json(uri)
+    for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
+        if key not in stats:
+            raise ValueError(f"{uri} has no {key!r}; it does not follow docs/CONTRACTS.md (re-run encode)")
+    views = stored_views(stats)
+    if "image" not in views or set(views) - set(LATENT_VIEWS):
+        raise ValueError(f"{uri} lists views {list(views)}; docs/CONTRACTS.md allows 'image' and optionally 'flip' (re-run encode)")
+    return stats
+
+
+def stored_views(stats: dict[str, Any]) -> tuple[str, ...]:
+    """The views the latents hold: stats.json's ``views``, or both for latents written before it existed."""
+    return tuple(stats.get("views", VIEWS_BEFORE_FLIP_VIEWS))
+
+
+def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
+    """The URIs of the train split's shards, in the order of the published version stats.json names."""
+    names = (stats.get("shards") or {}).get("train")
+    folder = storage.version_folder(latents, stats)  # the published version stats.json names
+    files = [storage.join(folder, n) for n in names] if names else storage.list_files(storage.join(folder, "train"), ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no train shards under {latents}/train; re-run the encode stage")
+    return files
+
+
+def check_data(latents: str, stats: dict[str, Any]) -> list[Any]:
+    """The train units, after refusing (on the driver, before any work) latents the workers could not
+    train on: an empty shard, a missing column, a wrong row width, labels outside the classes."""
+    files = train_shards(latents, stats)
+    units = scan_units(files)
+    if not units:
+        raise ValueError(f"the train shards under {latents} hold no rows; re-run the encode stage")
+    check_latents(files, units, stats["latent_shape"], int(stats["num_classes"]), stored_views(stats))
+    return units
+
+
+__all__ = ["Batch", "LatentStream", "STATS", "StreamPlan", "Unit", "check_data", "check_latents", "plan_stream", "read_stats",
+           "scan_units", "split_units", "stored_views", "train_shards"]

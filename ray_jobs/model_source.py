@@ -21,7 +21,7 @@ from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_
 from . import storage
 
 from .tracking import MODEL_INFO_PATH  # in the MLflow run of a registered model
-from .train import STATE_FILE          # inside our checkpoint directories (docs/CONTRACTS.md)
+from .checkpoints import STATE_FILE    # inside our checkpoint directories (docs/CONTRACTS.md)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 import time
 import uuid
@@ -585,14 +586,24 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     """Flags from SampleConfig's fields (``--num-images 64 --sampler ddim --class-labels 3,7``), their
-    defaults the dataclass's (= params.yaml's ``sample`` section)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults the dataclass's (= params.yaml's ``sample`` section); ``--params`` and ``--set`` as every
+    job has them. Precedence: the params file, then ``--set``, then the field flags."""
+    p = settings.command_parser(__doc__)
     p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/id/model, a checkpoint dir/.pt (local or s3://)")
-    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--out", dest="out", default=None, help="output folder or s3:// prefix (required)")
+    # the flag's name before every command took --out; kept for one release, hidden from --help
+    p.add_argument("--output", dest="deprecated_output", default=None, help=argparse.SUPPRESS)
+    settings.add_settings_arguments(p, SampleConfig, "sample", None, skip=("model", "output"), example="num_images=64 sampler=ddim")
     settings.add_arguments(p, SampleConfig, skip=("model", "output"))
     a = p.parse_args(argv)
+    if a.deprecated_output is not None:
+        print("ray_jobs.sample: --output is deprecated and goes in the next release; use --out", file=sys.stderr)
+    out = a.out if a.out is not None else a.deprecated_output
+    if out is None:
+        p.error("the following arguments are required: --out")
     try:
-        cfg = settings.build(SampleConfig, {**settings.from_args(a, SampleConfig), "model": a.model, "output": a.output}, "sample")
+        given = {**settings.read_settings(a, SampleConfig, "sample"), **settings.from_args(a, SampleConfig)}
+        cfg = settings.build(SampleConfig, {**given, "model": a.model, "output": out}, "sample")
         validate(cfg)
     except (TypeError, ValueError) as e:
         p.error(str(e))

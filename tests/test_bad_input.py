@@ -105,7 +105,7 @@ def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sa
 
     with pytest.raises(ValueError, match=r"formats \['gif'\] not understood; choose from \('png', 'parquet', 'npz'\)"):
         run(config(sample_model, tmp_path / "out", formats=["parquet", "gif"]))
-    cli = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", sample_model["checkpoint"], "--output",
+    cli = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", sample_model["checkpoint"], "--out",
                           str(tmp_path / "out"), "--formats", "png,gif"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert cli.returncode == 2 and "formats ['gif'] not understood" in cli.stderr

@@ -178,7 +178,7 @@ def test_npz_and_grid_are_built_shard_by_shard(tmp_path, monkeypatch):
 
 
 def sample_cli(cfg: SampleConfig) -> list[str]:
-    return [sys.executable, "-m", "ray_jobs.sample", "--model", cfg.model, "--output", cfg.output,
+    return [sys.executable, "-m", "ray_jobs.sample", "--model", cfg.model, "--out", cfg.output,
             "--num-images", str(cfg.num_images), "--sampler", cfg.sampler, "--num-steps", str(cfg.num_steps),
             "--batch-size", str(cfg.batch_size), "--images-per-shard", str(cfg.images_per_shard),
             "--formats", ",".join(cfg.formats), "--guidance-scale", str(cfg.guidance_scale),
@@ -267,7 +267,7 @@ def test_bad_input_is_refused_before_sampling(sample_model, tmp_path, mlflow_sql
 
 def test_cli_rejects_malformed_class_labels(sample_model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", sample_model["checkpoint"],
-                           "--output", str(tmp_path), "--class-labels", "1,two"], cwd=REPO, capture_output=True, text=True)
+                           "--out", str(tmp_path), "--class-labels", "1,two"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "class_labels='1,two'" in proc.stderr
 
 

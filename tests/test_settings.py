@@ -85,15 +85,15 @@ def test_unknown_setting_is_refused():
 
 
 def test_sample_cli_defaults_are_the_dataclass_defaults():
-    cfg = parse_args(["--model", "m", "--output", "o"])
+    cfg = parse_args(["--model", "m", "--out", "o"])
     assert cfg == SampleConfig(model="m", output="o")
-    cfg = parse_args(["--model", "m", "--output", "o", "--class-labels", "3,7", "--formats", "png", "--guidance-scale", "4",
+    cfg = parse_args(["--model", "m", "--out", "o", "--class-labels", "3,7", "--formats", "png", "--guidance-scale", "4",
                       "--guided-channels", "3", "--num-actors", "null"])
     assert cfg.class_labels == [3, 7] and cfg.formats == ["png"] and cfg.guidance_scale == 4.0 and cfg.guided_channels == 3
-    assert parse_args(["--model", "m", "--output", "o", "--class-labels", "uniform"]).class_labels == "uniform"
+    assert parse_args(["--model", "m", "--out", "o", "--class-labels", "uniform"]).class_labels == "uniform"
     with pytest.raises(SystemExit):
-        parse_args(["--model", "m", "--output", "o", "--num-images", "many"])
-    proc = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", "m", "--output", "o", "--num-images", "many"],
+        parse_args(["--model", "m", "--out", "o", "--num-images", "many"])
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.sample", "--model", "m", "--out", "o", "--num-images", "many"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "sample.num_images='many' (str) is not a valid int" in proc.stderr
 

@@ -181,7 +181,7 @@ def test_sampling_across_hosts_equals_one_host(two_hosts, pipeline, store_access
     outs = {}
     for name, actors, cpus in (("two", 2, 1.5), ("one", 1, 1.0)):  # 1.5 CPUs each: two actors cannot share a 2-CPU host
         outs[name] = f"{store(two_hosts)}/samples-{name}"
-        job = _submit(two_hosts, f"python -m ray_jobs.sample --model {model} --output {outs[name]} --num-images 60 "
+        job = _submit(two_hosts, f"python -m ray_jobs.sample --model {model} --out {outs[name]} --num-images 60 "
                                  f"--images-per-shard 20 --batch-size 20 --num-actors {actors} --actor-num-cpus {cpus} "
                                  "--formats parquet --grid-per-class 0", root)
         logs = _wait(two_hosts, job, timeout=600)

@@ -1,0 +1,150 @@
+"""A training run's identity and its checkpoints (docs/CONTRACTS.md, ``checkpoints/<run>/``).
+
+A run is named by its settings and data (``default_name``), or by ``train.name``. Its identity (the
+settings that decide the weights, the data's fingerprint and its row-group layout) is recorded
+beside its checkpoints at the first start (``check_identity``) and inside every checkpoint, so a
+resume with anything else is refused, naming what differs. A checkpoint directory holds
+``state.pt`` (model, EMA, optimizer, step and the records a reader needs: ``model_source`` reads
+our checkpoints through this module, not through the training job), ``history.json`` (every
+logged row) and ``attempts.json`` (the steps each start, resume or restart executed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from . import storage
+
+IDENTITY_FILE = "train_identity.json"   # beside a run's checkpoints: the settings it was started with
+STATE_FILE = "state.pt"                 # inside each checkpoint directory
+HISTORY_FILE = "history.json"           # beside it: every logged row so far (step, loss, ...)
+ATTEMPTS_FILE = "attempts.json"         # and the steps each attempt (start, resume, restart) executed
+
+
+class TrainConfig(Protocol):
+    """What this module reads of ``train_config.TrainConfig``: a protocol, so that reading a
+    checkpoint (``model_source``: sampling, evaluation) loads neither the training job nor its settings."""
+
+    latents: str
+    storage_path: str
+    registered_model: str
+    steps: int
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+def identity_record(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.identity()`` as JSON reads it back (tuples as lists, ...), so a saved one compares equal."""
+    return json.loads(json.dumps(cfg.identity(), default=str))
+
+
+def layout_digest(units: Sequence[Any]) -> str:
+    """The row-group layout of the train shards: with the seed and the worker count it decides the
+    data order (ray_jobs/latent_input.py), so a resumed run must find the same layout."""
+    return hashlib.sha256(json.dumps([u.rows for u in units]).encode()).hexdigest()[:16]
+
+
+def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
+    """``<registered_model>-<hash>`` of the run's identity, its data and its step count."""
+    # the step count too: `dvc exp run -S train.steps=300` is a run of its own, not a resume of the
+    # 1,500-step one (an explicit train.name continues a run with more steps)
+    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"], cfg.steps], sort_keys=True, default=str).encode())
+    return f"{cfg.registered_model}-{digest.hexdigest()[:10]}"
+
+
+def _refuse_other_data(run: str, saved: str, cfg: TrainConfig, fingerprint: str) -> None:
+    raise ValueError(
+        f"run {run!r} was started on latents with fingerprint {saved}; {cfg.latents} has fingerprint {fingerprint}: "
+        "resuming on other data is refused; use a new train.name (or name: null) or the latents the run was started on")
+
+
+def _refuse_other_layout(run: str, saved: str, cfg: TrainConfig, layout: str) -> None:
+    raise ValueError(
+        f"run {run!r} read latents laid out in row groups {saved}, and {cfg.latents} has layout {layout} (the same data, "
+        "re-encoded with another encode.rows_per_group): the data order would differ; use a new train.name or the "
+        "latents it was started on")
+
+
+def _refuse_other_settings(run: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    raise ValueError(f"run {run!r} was started with other values of {diff}; use a new train.name (or name: null) "
+                     "or delete its checkpoints to start over")
+
+
+def check_identity(cfg: TrainConfig, name: str, fingerprint: str, layout: str) -> None:
+    """Record the run's weight-deciding settings, data and data layout at its first start; refuse
+    (here, on the driver: the workers would fail the same way on every restart) to resume it with
+    other settings, on other data or on the same data laid out otherwise."""
+    uri = storage.join(cfg.storage_path, name, IDENTITY_FILE)
+    current = identity_record(cfg) | {"data_fingerprint": fingerprint}
+    if not storage.exists(uri):
+        storage.write_json(uri, current | {"data_layout": layout})
+        return
+    saved = storage.read_json(uri)
+    run = f"{name} under {cfg.storage_path}"
+    if saved.get("data_fingerprint", fingerprint) != fingerprint:
+        _refuse_other_data(run, saved["data_fingerprint"], cfg, fingerprint)
+    saved.setdefault("data_fingerprint", fingerprint)  # written before the data was part of the identity
+    started_layout = saved.pop("data_layout", layout)   # written before the layout was part of it: not checked here
+    if started_layout != layout:
+        _refuse_other_layout(run, started_layout, cfg, layout)
+    if saved != current:
+        _refuse_other_settings(run, saved, current)
+
+
+def write_checkpoint(folder: str, state: dict[str, Any], history: list[dict[str, Any]], attempts: list[dict[str, int]]) -> None:
+    """One checkpoint's files in ``folder`` (a local directory Ray Train then uploads)."""
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
+        json.dump(history, f)
+    with open(os.path.join(folder, ATTEMPTS_FILE), "w") as f:
+        json.dump(attempts, f)
+
+
+def read_checkpoint(folder: str) -> dict[str, Any]:
+    """``state.pt`` of a local checkpoint directory, with its ``history`` and ``attempts``."""
+    try:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt file: say which, do not start over silently
+        raise ValueError(f"checkpoint {folder}/{STATE_FILE} cannot be read ({type(e).__name__}: {e}); delete that checkpoint "
+                         "folder to resume from the one before, or use a new train.name") from e
+    for name, key in ((HISTORY_FILE, "history"), (ATTEMPTS_FILE, "attempts")):
+        path = os.path.join(folder, name)
+        state[key] = json.loads(Path(path).read_text()) if os.path.exists(path) else []
+    return state
+
+
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, fingerprint: str, layout: str) -> None:
+    """Refuse a checkpoint trained on other data, another layout of it or other settings."""
+    run = str(state["config"].get("name"))
+    saved_fp = state.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint:
+        _refuse_other_data(run, saved_fp, cfg, fingerprint)
+    if state.get("data_layout") not in (None, layout):
+        _refuse_other_layout(run, state["data_layout"], cfg, layout)
+    saved = state.get("identity")
+    if saved is not None and saved != identity_record(cfg):
+        _refuse_other_settings(run, saved, identity_record(cfg))
+
+
+def run_records(checkpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
+    """(history, attempts) beside a checkpoint (local or s3://); empty where one is missing."""
+    history_uri, attempts_uri = storage.join(checkpoint, HISTORY_FILE), storage.join(checkpoint, ATTEMPTS_FILE)
+    return (storage.read_json(history_uri) if storage.exists(history_uri) else [],
+            storage.read_json(attempts_uri) if storage.exists(attempts_uri) else [])
+
+
+def checkpoint_uri(path: str, storage_path: str) -> str:
+    """The URI of a checkpoint Ray Train reports as a bare bucket path when it is on S3."""
+    return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
+
+
+__all__ = ["ATTEMPTS_FILE", "HISTORY_FILE", "IDENTITY_FILE", "STATE_FILE", "check_identity", "check_resumable",
+           "checkpoint_uri", "default_name", "identity_record", "layout_digest", "read_checkpoint", "run_records",
+           "write_checkpoint"]
