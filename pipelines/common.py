@@ -35,7 +35,7 @@ from dit_core.data import pngs_to_batch
 from ray_jobs import runtime, storage
 
 PARAMS_FILE = "params.yaml"
-LOCATION_FILE = "location.json"   # in a stage's local output folder when the output lives in the store
+LOCATION_FILE = storage.LOCATION_FILE
 JOBS_DIR = "jobs"                 # under store.root: each submitted stage's small outputs
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -78,11 +78,7 @@ def in_store(path: str, root: str | None) -> str:
 
 def locate(path: str | None) -> str | None:
     """The URI of an earlier stage's output: what its pointer names, else the path itself."""
-    if path and not storage.is_s3(path):
-        pointer = os.path.join(path, LOCATION_FILE)
-        if os.path.isfile(pointer):
-            return str(storage.read_json(pointer)["uri"])
-    return path
+    return storage.located(path)
 
 
 def write_location(local: str, uri: str) -> None:

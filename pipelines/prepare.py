@@ -470,6 +470,7 @@ def _manifest(cfg: PrepareConfig, listing: Listing, items: list[Item], splits: d
     digest.update(f"image_size={cfg.image_size}\n".encode())
     return {
         "source": {"type": cfg.source, "path": cfg.path},
+        "dataset": dataset_name(cfg),
         "image_size": cfg.image_size,
         "num_classes": len(listing.class_names),
         "class_names": listing.class_names,
@@ -485,6 +486,18 @@ def _manifest(cfg: PrepareConfig, listing: Listing, items: list[Item], splits: d
         "converted": {"count": sum(converted.values()), "by_reason": dict(converted)},
         "fingerprint": digest.hexdigest(),
     }
+
+
+def dataset_name(cfg: PrepareConfig) -> str:
+    """The data set's name, which the registered model's default name follows (``dit-<name>``):
+    ``digits``, else the last part of ``prepare.path`` (``s3://bucket/images/flowers/`` -> ``flowers``),
+    lower case, characters other than letters, digits, ``.``, ``_`` and ``-`` as ``-``."""
+    if cfg.source == "digits" or not cfg.path:
+        return cfg.source
+    last = str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
+    last = os.path.splitext(last)[0] if cfg.source == "parquet" and last.endswith(".parquet") else last
+    name = re.sub(r"[^a-z0-9._-]+", "-", last.lower()).strip("-.")
+    return name or cfg.source
 
 
 def _reason_kind(reason: str) -> str:

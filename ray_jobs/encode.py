@@ -299,6 +299,7 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
             "latent_shape": list(latent_shape),
             "num_classes": manifest["num_classes"],
             "class_names": manifest["class_names"],
+            "dataset": manifest.get("dataset"),
             "input_fingerprint": manifest["fingerprint"],
             "mode": cfg.mode,
             "views": list(cfg.views),

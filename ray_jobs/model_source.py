@@ -1,5 +1,6 @@
-"""Where a trained DiT comes from: an MLflow model URI, one of our checkpoints (local or s3://),
-or an official DiT ``.pt`` release. Each resolves to a ``ModelBundle``: the EMA weights, the
+"""Where a trained DiT comes from: the train stage's model folder (``models/dit``, a DVC output,
+local or in the store), an MLflow model URI, one of our checkpoints (local or s3://), or an official
+DiT ``.pt`` release. Each resolves to a ``ModelBundle``: the EMA weights, the
 architecture, the diffusion settings and the latent space (autoencoder and scale factor). An MLflow
 model is the registered pyfunc's bundle (``ray_jobs/mlflow_model.py``), read here without its code:
 the sample and evaluate jobs use the very files that ``mlflow models serve`` does."""
@@ -18,7 +19,7 @@ import torch
 
 from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict, extract_state_dict, preset_name
 
-from . import storage
+from . import storage, tracking
 
 from .tracking import MODEL_INFO_PATH  # in the MLflow run of a registered model
 from .checkpoints import STATE_FILE    # inside our checkpoint directories (docs/CONTRACTS.md)
@@ -206,6 +207,60 @@ def _from_legacy_mlflow(uri: str, model_dir: str, run_id: str, name: str | None,
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The train stage's model folder (models/dit): the registered model's bundle, kept by DVC
+# ---------------------------------------------------------------------------------------------
+
+MODEL_RECORD = "trained.json"   # in the model folder: the training run, its MLflow run and version, the checkpoint
+
+
+def is_model_folder(uri: str) -> bool:
+    """Whether ``uri`` (local, s3://, or a local pointer to the store) is a model folder."""
+    from .mlflow_model import CONFIG_FILE
+
+    target = storage.located(uri)
+    return bool(target) and (storage.is_s3(target) or os.path.isdir(target)) and storage.exists(storage.join(target, CONFIG_FILE))
+
+
+def save_trained_model(checkpoint: str, out: str, record: dict[str, Any]) -> str:
+    """Write the model folder ``out`` (local or s3://) from a final checkpoint: the bundle the
+    registered pyfunc carries (``ray_jobs/mlflow_model.py``: the EMA weights as safetensors, dit.json,
+    the autoencoder copied in) and ``record`` as ``trained.json``. It needs neither the checkpoint
+    nor the tracking store afterwards: ``dvc push``/``dvc pull`` carry the whole model. Returns ``out``."""
+    from .mlflow_model import CONFIG_FILE, write_bundle
+
+    bundle = _from_checkpoint(checkpoint)
+    info = {"model_config": bundle.model_config, "diffusion": bundle.diffusion, "latents": bundle.latents}
+    with tempfile.TemporaryDirectory(prefix="dit-model-") as tmp, \
+            tracking.autoencoder_folder(bundle.latents.get("autoencoder_path")) as ae_dir:
+        folder = write_bundle(os.path.join(tmp, "model"), bundle.build_model(), info, tracking.sampling_defaults(), ae_dir)
+        storage.write_json(str(folder / MODEL_RECORD), record)
+        storage.publish_folder(folder, out, last=CONFIG_FILE)
+    return out
+
+
+def _from_model_folder(uri: str) -> ModelBundle:
+    """A model folder: its bundle, read as the pyfunc reads it; the registered version its record
+    names (when trained with tracking) goes with it, so evaluate scores that version."""
+    from .mlflow_model import read_bundle
+
+    folder = storage.located(uri)
+    # absolute: the bundle's autoencoder path must stay valid in the sample job's other working dirs
+    folder = storage.download_folder(folder, _download_dir()) if storage.is_s3(folder) else os.path.abspath(folder)
+    contents = read_bundle(folder)
+    record_path = os.path.join(folder, MODEL_RECORD)
+    record = storage.read_json(record_path) if os.path.isfile(record_path) else {}
+    latents = contents.latents
+    if contents.autoencoder_dir is not None:
+        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+    return ModelBundle(
+        model_config=contents.model_config, state_dict=contents.state_dict,
+        diffusion=dict(contents.config.get("diffusion") or {}), latents=latents, sampling=contents.sampling,
+        source=uri, mlflow_run_id=record.get("mlflow_run_id"), registered_model=record.get("registered_model"),
+        version=record.get("version"),
+    )
+
+
 def load_bundle(uri: str, expect_preset: str | None = None, num_heads: int | None = None) -> ModelBundle:
     """Resolve ``uri`` and check it before any sampling work starts. ``num_heads``: the attention
     heads of a bare state dict (the weights do not record them) whose width is not a paper preset's;
@@ -213,6 +268,8 @@ def load_bundle(uri: str, expect_preset: str | None = None, num_heads: int | Non
     uri = str(uri)
     if uri.startswith(("models:/", "runs:/")):
         bundle = _from_mlflow(uri)
+    elif is_model_folder(uri if storage.is_s3(uri) else os.path.expanduser(uri)):
+        bundle = _from_model_folder(uri if storage.is_s3(uri) else os.path.expanduser(uri))
     else:
         bundle = _from_checkpoint(uri if storage.is_s3(uri) else os.path.expanduser(uri), num_heads)
     if expect_preset is not None:

@@ -279,6 +279,43 @@ def local_copy(uri: str | os.PathLike, marker: str) -> Iterator[str]:
         yield download_folder(folder, tmp)
 
 
+LOCATION_FILE = "location.json"   # in a stage's local output folder when the output lives in the store
+
+
+def located(path: str | None) -> str | None:
+    """The URI of a stage's output: what its pointer (``<path>/location.json``, written when
+    ``store.root`` is set) names, else the path itself."""
+    if path and not is_s3(path):
+        pointer = os.path.join(path, LOCATION_FILE)
+        if os.path.isfile(pointer):
+            return str(read_json(pointer)["uri"])
+    return path
+
+
+def publish_folder(local_dir: str | os.PathLike, uri: str | os.PathLike, last: str) -> None:
+    """Replace the folder ``uri`` (local or s3://) with a copy of ``local_dir`` whose file ``last`` is
+    written last: locally a sibling renamed into place (readers see the old folder or the whole
+    new one), on S3 the old objects deleted and ``last`` (the record that lists the rest) put after them."""
+    if not is_s3(uri):
+        import shutil
+
+        dest = Path(uri).absolute()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, staging)
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    delete(uri)
+    files = sorted(Path(local_dir).rglob("*"), key=lambda f: (f.name == last, str(f)))
+    for f in files:
+        if f.is_file():
+            write_bytes(join(uri, str(f.relative_to(local_dir))), f.read_bytes())
+
+
 def upload_folder(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy every file under a local folder to ``uri`` (local or s3://)."""
     for f in sorted(Path(local_dir).rglob("*")):

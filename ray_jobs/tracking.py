@@ -1,7 +1,9 @@
 """MLflow behind one small module: where tracking goes, one run per training (found again by its
 name when a training resumes), params, metrics, the registered model.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo>/mlflow.db``. Nothing that
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<workspace>/mlflow.db``, the workspace
+being the user's project folder (``workspace()``: also for ``dvc exp run --temp/--queue``, whose stages
+run in a temporary copy that DVC deletes). Nothing that
 looks like a credential (``AWS_*`` names, or the values of those variables, or URI passwords) is
 ever written to params, tags or logs.
 """
@@ -23,7 +25,10 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DB = REPO / "mlflow.db"
+DB_FILE = "mlflow.db"                  # in the workspace, when MLFLOW_TRACKING_URI is unset
+ARTIFACTS_DIR = "mlruns"               # beside a SQLite store: the artifacts of its experiments
+DVC_ROOT_ENV = "DVC_ROOT"              # DVC sets it for every stage: the project's root, and for
+                                       # `dvc exp run --temp/--queue` the user's workspace, not the copy
 RUN_NAME_TAG = "dit.run_name"          # finds the MLflow run of a training again on resume
 STEP_TAG = "step"
 MODEL_INFO_PATH = "model_info/model_info.json"  # docs/CONTRACTS.md
@@ -32,8 +37,26 @@ _SECRET_NAME = re.compile(r"(secret|password|token|credential|access_key|session
 _URI_PASSWORD = re.compile(r"(://[^:/@]+):[^@/]+@")
 
 
+def workspace() -> Path:
+    """The user's project folder: where DVC runs the project (``DVC_ROOT``; for an experiment run in
+    DVC's temporary copy, the workspace it was started from), else this checkout. What must outlive
+    a run (the default tracking store, checkpoints) lives here, never in the temporary copy."""
+    root = os.environ.get(DVC_ROOT_ENV)
+    return Path(root).resolve() if root else REPO
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace() / DB_FILE}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/`` beside the database
+    file (MLflow's default is ``./mlruns`` of the working dir, which for an experiment run in DVC's
+    temporary copy is deleted with it); None (the server's choice) for other stores."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    return (Path(uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR).as_uri()
 
 
 def registry_uri() -> str:
@@ -84,11 +107,13 @@ def git_commit(repo: Path = REPO) -> str:
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
     """The id of the MLflow run of training ``run_name`` in ``experiment``: the existing one when
     the training resumes, else a new one."""
+    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = (exp.experiment_id if exp is not None
+              else client.create_experiment(experiment, artifact_location=artifact_location(mlflow.get_tracking_uri())))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
@@ -181,7 +206,7 @@ def log_model(
     if existing is not None:
         return existing
     latents = dict(model_info.get("latents") or {})
-    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, _autoencoder_folder(latents.get("autoencoder_path")) as ae_dir:
+    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get("autoencoder_path")) as ae_dir:
         bundle = mlflow_model.write_bundle(Path(tmp, mlflow_model.BUNDLE), model.cpu().eval(), model_info,
                                            sampling_defaults(model_info.get("sampling")), ae_dir)
         num_classes = int(model_info["model_config"]["num_classes"])
@@ -223,7 +248,7 @@ def sampling_defaults(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _autoencoder_folder(path: str | None) -> Iterator[str | None]:
+def autoencoder_folder(path: str | None) -> Iterator[str | None]:
     """A local folder holding the autoencoder ``path`` names, or None (reported) when none is found."""
     import shutil
     import tempfile
@@ -370,6 +395,7 @@ __all__ = [
     "FID_TAG",
     "MODEL_INFO_PATH",
     "alias_holder",
+    "artifact_location",
     "configure_tracking",
     "finish_run",
     "git_commit",
@@ -387,4 +413,5 @@ __all__ = [
     "start_run",
     "tag_version",
     "tracking_uri",
+    "workspace",
 ]

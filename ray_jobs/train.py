@@ -32,7 +32,7 @@ from .checkpoints import (ATTEMPTS_FILE, HISTORY_FILE, IDENTITY_FILE, STATE_FILE
                           default_name, layout_digest, run_records)
 from .latent_input import STATS, VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
 from .train_config import (DATA_FIELDS, RESUMABLE_CHANGES, STRATEGIES, TrainConfig, config_from, diffusion_settings,
-                           load_train_params, model_config)
+                           load_train_params, model_config, registered_name)
 from .train_loop import LossWindow, input_stream, micro_step, optimizer_step, param_groups, save, set_learning_rate, setup
 from .train_loop import finish as finish_run
 
@@ -133,6 +133,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     cfg = replace(cfg, latents=storage.absolute(cfg.latents))  # workers run in their own folders
     stats = read_stats(cfg.latents)
+    cfg = replace(cfg, registered_model=registered_name(cfg, stats))  # the workers register under this name
     model_config(cfg, stats)  # fail here, on the driver, for a bad preset or shape
     units = check_data(cfg.latents, stats)  # and for latents the workers could not read
     check_batch(cfg, units)

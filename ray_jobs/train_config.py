@@ -70,7 +70,7 @@ class TrainConfig:
     storage_path: str = "checkpoints"             # local folder or s3:// URI
     name: str | None = None                       # None: <registered_model>-<hash of settings and data>
     experiment: str = "dit"                       # MLflow experiment
-    registered_model: str = "dit-digits"
+    registered_model: str | None = None           # None: dit-<the data set's name> (registered_name)
     tracking: bool = True                         # MLflow run + registered model
     log_every: int = 50
     checkpoint_every: int = 500
@@ -123,6 +123,20 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the trained weights; a resumed run must share them."""
         return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+MODEL_NAME_PREFIX = "dit-"
+
+
+def registered_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
+    """The registry entry of the trained model: ``train.registered_model``, else ``dit-<data set>``
+    (the prepared manifest's ``dataset``, which stats.json carries: ``dit-digits``, ``dit-flowers``),
+    so that models of different data sets never share versions or a champion. Latents encoded before
+    the name was recorded: ``dit-data-<first 8 of their input fingerprint>``."""
+    if cfg.registered_model:
+        return cfg.registered_model
+    dataset = stats.get("dataset")
+    return MODEL_NAME_PREFIX + (str(dataset) if dataset else f"data-{str(stats.get('input_fingerprint', ''))[:8]}")
 
 
 def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:

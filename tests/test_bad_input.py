@@ -5,6 +5,7 @@ credentials the server refuses, and a truncated checkpoint (to resume training, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,22 +83,32 @@ def test_encode_refuses_an_autoencoder_that_does_not_fit_the_images(tmp_path, im
 # The sample stage's inputs: the train pointer, the formats
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content, error, says", [
-    (None, FileNotFoundError, r"the train pointer .*dit\.json does not exist; run the train stage or set sample\.model"),
-    ("", ValueError, r"the train pointer .*dit\.json is not JSON .*; re-run the train stage or set sample\.model"),
-    ('{"model_uri": "models:/dit', ValueError, r"the train pointer .*dit\.json is not JSON"),
-    ("{}", ValueError, r"dit\.json names neither a model version nor a checkpoint; re-run the train stage"),
-    ("[]", ValueError, r"dit\.json names neither a model version nor a checkpoint"),
-])
-def test_a_missing_or_empty_train_pointer_is_named(tmp_path, content, error, says):
+@pytest.mark.parametrize("files", [None, {}, {"trained.json": "{}"}, {"autoencoder/x": ""}])
+def test_a_missing_or_empty_model_folder_is_named(tmp_path, files):
+    """The train stage's model folder absent, empty, or without the bundle's dit.json (a cut-short copy)."""
     from pipelines.sample import model_uri
 
-    pointer = tmp_path / "models" / "dit.json"
-    if content is not None:
-        pointer.parent.mkdir()
-        pointer.write_text(content)
-    with pytest.raises(error, match=says):
-        model_uri({"model": None}, str(pointer))
+    folder = tmp_path / "models" / "dit"
+    for rel, text in (files or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    if files is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"sample\.model is null and the train stage's model folder .*models/dit "
+                                                r"holds no model; run the train stage .*dvc pull.*or set sample\.model"):
+        model_uri({"model": None}, str(folder))
+
+
+def test_a_damaged_model_folder_is_named(tmp_path):
+    """dit.json present but the weights gone: the bundle check names the part and the fix."""
+    from ray_jobs.mlflow_model import BrokenBundle
+    from ray_jobs.model_source import load_bundle
+
+    folder = tmp_path / "dit"
+    folder.mkdir()
+    (folder / "dit.json").write_text(json.dumps({"format": 1, "model_config": {}, "files": {"dit.safetensors": 10}}))
+    with pytest.raises(BrokenBundle, match=r"is missing dit.safetensors \(the weights\)"):
+        load_bundle(str(folder))
 
 
 def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sample_model, tmp_path):
@@ -112,7 +123,7 @@ def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sa
     params = tmp_path / "params.yaml"
     params.write_text("sample:\n  formats: [webp]\n")
     with pytest.raises(ValueError, match=r"formats \['webp'\] not understood"):   # before the pointer is even read
-        main(["--pointer", str(tmp_path / "no-pointer.json"), "--out", str(tmp_path / "out"), "--params", str(params)])
+        main(["--trained", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--params", str(params)])
     assert not (tmp_path / "out").exists()
 
 

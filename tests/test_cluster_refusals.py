@@ -43,7 +43,7 @@ def test_remote_stage_without_a_store_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RAY_ADDRESS", NOWHERE)
     with pytest.raises(ValueError, match=r"store.root is null, but stage train runs as a Ray job on the remote cluster at http://127.0.0.1:9.*-S store.root=s3://"):
-        train.main(["--latents", "data/latents", "--metrics", str(tmp_path / "m.json"), "--pointer", str(tmp_path / "p.json"),
+        train.main(["--latents", "data/latents", "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "dit"),
                     "--params", params_file(tmp_path)])
 
 
@@ -54,7 +54,7 @@ def test_remote_stage_with_a_local_tracking_file_is_refused(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv(runtime.SHARED_FS_ENV, raising=False)
     with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI='sqlite:///.*' is a file on this host, but stage train runs as a Ray job"):
-        train.main(["--latents", "s3://bucket/latents", "--metrics", str(tmp_path / "m.json"), "--pointer", str(tmp_path / "p.json"),
+        train.main(["--latents", "s3://bucket/latents", "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "dit"),
                     "--params", params_file(tmp_path, store={"root": "s3://bucket/dit"})])
 
 

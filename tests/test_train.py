@@ -71,11 +71,14 @@ def stage_run(workspace):
     from pipelines.train import train_and_report
 
     params = {**PARAMS, "name": "main", "storage_path": workspace["storage"]}
-    metrics, pointer = workspace["root"] / "metrics" / "train.json", workspace["root"] / "models" / "dit.json"
+    from ray_jobs.model_source import MODEL_RECORD
+
+    metrics, model = workspace["root"] / "metrics" / "train.json", workspace["root"] / "models" / "dit"
     t0 = time.time()
-    result = train_and_report(workspace["latents"], params, str(metrics), str(pointer))
+    result = train_and_report(workspace["latents"], params, str(metrics), str(model))
     print(f"stage run: {time.time() - t0:.1f}s")
-    return {"result": result, "metrics": json.loads(metrics.read_text()), "pointer": json.loads(pointer.read_text())}
+    return {"result": result, "metrics": json.loads(metrics.read_text()), "model": model,
+            "pointer": json.loads((model / MODEL_RECORD).read_text())}
 
 
 def _client():
@@ -126,6 +129,32 @@ def test_stage_writes_metrics_pointer_and_checkpoint(workspace, stage_run):
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     kept = sorted(p.name for p in Path(pointer["checkpoint"]).parent.glob("checkpoint_[0-9]*"))
     assert kept == [f"checkpoint_{s:08d}" for s in (STEPS - CHECKPOINT_EVERY, STEPS)]
+
+
+@pytest.mark.timeout(300)
+def test_model_folder_is_the_registered_model_whole(workspace, stage_run, tmp_path):
+    """models/dit holds the registered version's bundle: the same EMA weights, the autoencoder, the
+    record naming the version; it loads with the checkpoints gone and no tracking store."""
+    import shutil
+
+    from ray_jobs.mlflow_model import CONFIG_FILE, WEIGHTS_FILE
+    from ray_jobs.model_source import load_bundle, state_digest
+
+    folder, pointer = stage_run["model"], stage_run["pointer"]
+    assert {CONFIG_FILE, WEIGHTS_FILE, "trained.json"} <= {p.name for p in folder.iterdir()}
+    registered = load_bundle(pointer["model_uri"])
+    copy = tmp_path / "moved" / "dit"
+    shutil.copytree(folder, copy)     # elsewhere, as `dvc pull` puts it in another clone
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'no-such-dir' / 'mlflow.db'}")  # unusable
+    try:
+        local = load_bundle(str(copy))
+    finally:
+        mp.undo()
+    assert local.weights_digest() == registered.weights_digest() == state_digest(_state(pointer["checkpoint"])["ema"])
+    assert local.model_config == registered.model_config and local.diffusion == registered.diffusion
+    assert local.pinned_uri == pointer["model_uri"]   # evaluate scores the version the folder came from
+    assert Path(local.latents["autoencoder_path"]).parent == copy.resolve()
 
 
 @pytest.mark.timeout(300)
@@ -296,8 +325,8 @@ def test_flow_objective_trains_is_recorded_and_refuses_eps_samplers(workspace, t
     params = {**PARAMS, "name": "flow", "storage_path": workspace["storage"], "objective": "flow", "learn_sigma": False,
               "timestep_sampling": "logit-normal", "num_workers": 1, "placement_strategy": "PACK", "steps": 20,
               "checkpoint_every": 20}
-    train_and_report(workspace["latents"], params, str(tmp_path / "train.json"), str(tmp_path / "dit.json"))
-    pointer = json.loads((tmp_path / "dit.json").read_text())
+    train_and_report(workspace["latents"], params, str(tmp_path / "train.json"), str(tmp_path / "dit"))
+    pointer = json.loads((tmp_path / "dit" / "trained.json").read_text())
     state = _state(pointer["checkpoint"])
     assert state["diffusion"]["objective"] == "flow" and state["diffusion"]["timestep_sampling"] == "logit-normal"
     assert state["model_config"]["learn_sigma"] is False

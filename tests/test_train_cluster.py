@@ -99,6 +99,7 @@ def test_train_stage_runs_as_a_job_with_the_store(ray_head, job_data, s3_bucket,
     from pipelines.common import LOCATION_FILE
     from pipelines.train import main
     from ray_jobs import storage
+    from ray_jobs.model_source import load_bundle
 
     latents = f"s3://{s3_bucket}/dit/data/latents"
     storage.upload_folder(job_data["latents"], latents)
@@ -113,10 +114,14 @@ def test_train_stage_runs_as_a_job_with_the_store(ray_head, job_data, s3_bucket,
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", job_data["mlflow"])
     monkeypatch.setenv("DIT_SHARED_FS", "1")   # one machine: the head reads this SQLite file too
-    main(["--latents", str(pointer_dir), "--metrics", str(tmp_path / "train.json"), "--pointer", str(tmp_path / "dit.json"),
+    main(["--latents", str(pointer_dir), "--metrics", str(tmp_path / "train.json"), "--out", str(tmp_path / "models/dit"),
           "--plots", str(tmp_path / "loss.csv"), "--params", str(tmp_path / "params.yaml")])
     metrics = json.loads((tmp_path / "train.json").read_text())
-    pointer = json.loads((tmp_path / "dit.json").read_text())
+    # the model folder lives in the store; the project keeps a pointer to it, which loading follows
+    model_uri = json.loads((tmp_path / "models/dit" / LOCATION_FILE).read_text())["uri"]
+    assert model_uri == f"s3://{s3_bucket}/dit/{tmp_path.relative_to('/')}/models/dit"
+    pointer = storage.read_json(storage.join(model_uri, "trained.json"))
+    assert load_bundle(str(tmp_path / "models/dit")).pinned_uri == pointer["model_uri"]
     assert metrics["steps"] == 6 and metrics["final_loss"] > 0
     assert pointer["registered_model"] == "dit-job"
     assert pointer["checkpoint"].startswith(f"s3://{s3_bucket}/dit/checkpoints/stage/checkpoint_00000006"), pointer

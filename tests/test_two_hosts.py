@@ -91,7 +91,10 @@ def test_pipeline_on_two_hosts(two_hosts, pipeline):
     assert "dit/data/latents/stats.json" in keys
     ev = json.loads((root / "metrics/eval.json").read_text())
     assert ev["num_samples"] == 100 and ev["fid"] > 0 and 0 <= ev["class_accuracy"] <= 1
-    pointer = json.loads((root / "models/dit.json").read_text())
+    model = json.loads((root / "models/dit/location.json").read_text())["uri"]
+    assert model == f"{store(two_hosts)}/models/dit"
+    key = model[len(f"s3://{two_hosts.bucket}/"):] + "/trained.json"
+    pointer = json.loads(two_hosts.s3_client().get_object(Bucket=two_hosts.bucket, Key=key)["Body"].read())
     assert pointer["checkpoint"].startswith(f"{store(two_hosts)}/checkpoints/"), pointer
     assert len((root / "metrics/train_loss.csv").read_text().splitlines()) == 1 + 3  # steps 20, 40, 60
 
@@ -177,7 +180,7 @@ def test_worker_host_killed_mid_training_resumes_from_s3(two_hosts, pipeline, st
 @pytest.mark.timeout(900)
 def test_sampling_across_hosts_equals_one_host(two_hosts, pipeline, store_access):
     root = pipeline["root"]
-    model = json.loads((root / "models/dit.json").read_text())["checkpoint"]
+    model = json.loads((root / "models/dit/location.json").read_text())["uri"]   # the model folder in the store
     outs = {}
     for name, actors, cpus in (("two", 2, 1.5), ("one", 1, 1.0)):  # 1.5 CPUs each: two actors cannot share a 2-CPU host
         outs[name] = f"{store(two_hosts)}/samples-{name}"
