@@ -141,7 +141,8 @@ def test_whole_pipeline_meets_the_quality_bar(project):
 
     from mlflow import MlflowClient
 
-    pointer = json.loads((root / "models/dit.json").read_text())
+    pointer = json.loads((root / "models/dit/trained.json").read_text())
+    assert pointer["registered_model"] == "dit-digits"   # the name follows the data set
     db = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=db, registry_uri=db)
     mv = client.get_model_version(pointer["registered_model"], pointer["version"])
@@ -168,7 +169,8 @@ def test_second_repro_does_nothing(project):
 
 def test_push_empty_cache_pull_same_data(project, s3_bucket, s3_server):
     root, env = project["root"], {**project["env"], **s3_server}  # the module env predates the server
-    before = {d: tree_digest(root / d) for d in ("data/prepared", "models/autoencoder", "data/latents", "models/classifier", "samples")}
+    before = {d: tree_digest(root / d) for d in ("data/prepared", "models/autoencoder", "data/latents", "models/dit", "models/classifier",
+                                                "samples")}
     run([DVC, "remote", "add", "--local", "-d", "store", f"s3://{s3_bucket}/dvcstore"], root, env)
     run([DVC, "remote", "modify", "--local", "store", "endpointurl", s3_server["AWS_ENDPOINT_URL"]], root, env)
     run([DVC, "push"], root, env)
