@@ -417,3 +417,19 @@ def test_stage_command_reads_an_imagefolder_with_ray_workers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["class_names"] == ["cat", "dog"] and recorded_part(manifest) == THREAD_POOL_PLANTED
+
+
+@pytest.mark.parametrize("source, path, name", [
+    ("digits", None, "digits"),
+    ("imagefolder", "/data/images/flowers", "flowers"),
+    ("imagefolder", "s3://bucket/sets/Flowers 102/", "flowers-102"),
+    ("parquet", "s3://bucket/pets.parquet", "pets"),
+])
+def test_the_data_sets_name_follows_its_source(source, path, name):
+    """The name the registered model's default follows (dit-<name>)."""
+    from pipelines.prepare import PrepareConfig, dataset_name
+    from ray_jobs.train_config import TrainConfig, registered_name
+
+    assert dataset_name(PrepareConfig(source=source, path=path)) == name
+    assert registered_name(TrainConfig(latents="x"), {"dataset": name}) == f"dit-{name}"
+    assert registered_name(TrainConfig(latents="x", registered_model="mine"), {"dataset": name}) == "mine"

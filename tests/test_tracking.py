@@ -17,6 +17,31 @@ def test_default_uri_is_sqlite_in_repo(monkeypatch):
     assert tracking.tracking_uri() == "http://mlflow.example:5000"
 
 
+def test_default_store_is_the_workspaces_also_in_an_experiments_temporary_copy(monkeypatch, tmp_path):
+    """DVC sets DVC_ROOT for every stage; for `dvc exp run --temp/--queue` it names the user's
+    workspace, not the temporary copy: the default store (and its artifacts) go there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.workspace() == tmp_path.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri()) == (tmp_path.resolve() / "mlruns").as_uri()
+    assert tracking.artifact_location("http://mlflow.example:5000") is None
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_the_sqlite_file(monkeypatch, tmp_path):
+    """Not in ./mlruns of the working dir (an experiment's temporary copy, deleted after the run)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "ws" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.chdir(tmp_path)          # the "temporary copy"
+    tracking.configure_tracking(f"sqlite:///{db}")
+    run_id = tracking.start_run("travel", "r1")
+    exp = MlflowClient().get_experiment(MlflowClient().get_run(run_id).info.experiment_id)
+    assert exp.artifact_location == (db.parent / "mlruns").as_uri()
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_safe_params_drop_and_redact_credentials(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
     params = tracking.safe_params({
