@@ -77,6 +77,7 @@ TRANSFORMER, VAE, SCHEDULER = "transformer", "vae", "scheduler"   # a DiTPipelin
 WEIGHTS_NAME = "diffusion_pytorch_model"                          # diffusers' weight file stem
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's folder says the latter
 PIPELINE_NULL_CLASS = 1000   # DiTPipeline.__call__ hard-codes this label as the null class
+CUSTOM_PIPELINE_FILE = "pipeline.py"   # in an exported folder: diffusers' custom_pipeline=<folder> loads it
 LAYER_NORM_EPS = 1e-6        # every LayerNorm of our (and the official) DiT
 MLP_RATIO = 4.0              # diffusers' DiT fixes the MLP width at 4 x hidden
 
@@ -457,6 +458,7 @@ def export_pipeline(
     noise_schedule: str = "linear",
     diffusion_steps: int = 1000,
     overwrite: bool = False,
+    diffusion: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a ``DiTPipeline`` folder at ``out_dir`` (written beside it and renamed, so
     an interrupted export leaves no folder that looks complete) and return its path.
@@ -465,8 +467,17 @@ def export_pipeline(
     gets ``scaling_factor`` = ``scale_factor`` or the autoencoder's own (the pipeline decodes
     ``latents / scaling_factor``). ``noise_schedule`` and ``diffusion_steps``: the model's diffusion
     (a checkpoint's ``diffusion`` settings). Load it back with ``load_pipeline`` (see the module
-    docstring for what plain ``DiTPipeline.from_pretrained`` does differently)."""
-    from diffusers import DDIMScheduler, DiTPipeline
+    docstring for what plain ``DiTPipeline.from_pretrained`` does differently).
+
+    ``diffusion``: the model's whole ``diffusion`` record (it overrides ``noise_schedule`` and
+    ``diffusion_steps``). A flow model's folder gets a ``FlowMatchEulerDiscreteScheduler`` and names
+    ``ClassConditionalDiTPipeline`` as its class. Every folder ships that pipeline's code as
+    ``pipeline.py`` (``dit_core/diffusers_pipeline.py``): with plain diffusers,
+    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`` samples it, either
+    objective, guidance above 1 for any number of classes."""
+    from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
+
+    from dit_core import diffusers_pipeline
 
     vae, scale = _vae_and_scale(autoencoder, scale_factor)
     if int(vae.config.latent_channels) != model.config.in_channels:
@@ -475,19 +486,24 @@ def export_pipeline(
             f"{model.config.in_channels}; pass the autoencoder the model was trained with"
         )
     id2label = _id2label(class_names, model.config.num_classes)
-    if model.config.num_classes != PIPELINE_NULL_CLASS:
+    record = dict(diffusion or {"noise_schedule": noise_schedule, "diffusion_steps": diffusion_steps})
+    flow = objective_name(record) == "flow"
+    if model.config.num_classes != PIPELINE_NULL_CLASS and not flow:
         warnings.warn(
             f"the model has {model.config.num_classes} classes, and DiTPipeline uses label {PIPELINE_NULL_CLASS} "
-            "as the null class: load the folder with dit_core.diffusers_interop.load_pipeline to sample it with "
-            "guidance_scale > 1",
+            "as the null class: to sample it with guidance_scale > 1, load the folder with "
+            "DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True) or "
+            "dit_core.diffusers_interop.load_pipeline",
             stacklevel=2,
         )
-    pipe = DiTPipeline(
-        to_diffusers_transformer(model),
-        vae,
-        DDIMScheduler(**scheduler_config(noise_schedule, diffusion_steps)),
-        id2label=id2label,
-    )
+    if flow:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(record.get("diffusion_steps", 1000)),
+                                                    shift=float(record.get("sample_shift", 1.0)))
+        pipe = diffusers_pipeline.ClassConditionalDiTPipeline(to_diffusers_transformer(model), vae, scheduler, id2label)
+    else:
+        scheduler = DDIMScheduler(**scheduler_config(str(record.get("noise_schedule", "linear")),
+                                                     int(record.get("diffusion_steps", 1000))))
+        pipe = DiTPipeline(to_diffusers_transformer(model), vae, scheduler, id2label=id2label)
     if id2label is not None:
         pipe.register_to_config(id2label=id2label)  # DiTPipeline does not record it itself
     out = Path(out_dir)
@@ -498,6 +514,7 @@ def export_pipeline(
         vae_config = tmp / VAE / "config.json"
         # Edited in the saved file: the caller's autoencoder object is left as it was.
         vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": scale}, indent=2) + "\n")
+        shutil.copyfile(diffusers_pipeline.__file__, tmp / CUSTOM_PIPELINE_FILE)
         _replace_dir(tmp, out, overwrite)
     finally:
         if tmp.exists():
@@ -596,11 +613,6 @@ def _export_command(args: argparse.Namespace) -> Path:
     model = load_checkpoint(ckpt, num_heads=args.num_heads)
     extras = _checkpoint_extras(ckpt)
     diffusion = extras.get("diffusion", {})
-    if objective_name(diffusion) != "eps":
-        raise ValueError(
-            f"{ckpt} was trained with objective {objective_name(diffusion)!r}; diffusers' DiTPipeline samples only "
-            "the paper's epsilon objective (DDIM scheduler). Sample it with `dit sample` (sampler euler, heun or "
-            "dpm-solver++) or the registered MLflow model instead")
     stats = json.loads(Path(args.stats).read_text()) if args.stats else extras.get("latents", {})
     vae_path = args.vae or stats.get("autoencoder_path")
     if not vae_path:
@@ -614,9 +626,8 @@ def _export_command(args: argparse.Namespace) -> Path:
         load_autoencoder(vae_path),
         class_names=stats.get("class_names"),
         scale_factor=stats.get("scale_factor"),
-        noise_schedule=diffusion.get("noise_schedule", "linear"),
-        diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
         overwrite=args.overwrite,
+        diffusion=diffusion,
     )
 
 

@@ -293,15 +293,61 @@ def test_missing_folder_and_unexportable_models_are_refused(tmp_path: Path) -> N
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def test_export_refuses_a_flow_model(tmp_path: Path, capsys) -> None:
-    """DiTPipeline samples only eps models: a flow checkpoint is refused, naming the objective, and
-    nothing is written."""
-    model = tiny_dit(learn_sigma=False)
+# In a Python that cannot import this project (isolated mode, run from an empty folder, the project's
+# packages blocked should the venv have it installed): the folder
+# loads with plain diffusers through the pipeline.py it ships, and samples the given noise.
+PLAIN_DIFFUSERS = """
+import sys
+for name in ("dit_core", "ray_jobs", "pipelines"):   # the venv may hold the project installed: block it
+    sys.modules[name] = None
+import torch
+from diffusers import DiffusionPipeline
+folder, noise, out = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True, local_files_only=True)
+images = pipe(class_labels=[0, 3, 9, 3], guidance_scale=2.0, num_inference_steps=6, latents=torch.load(noise),
+              output_type="np").images
+torch.save({"images": torch.as_tensor(images), "class": type(pipe).__name__, "labels": pipe.get_label_ids(["class 3"])}, out)
+"""
+
+
+@pytest.mark.parametrize("objective", ["flow", "eps"])
+def test_exported_folder_samples_with_plain_diffusers_at_guidance_above_1(tmp_path: Path, objective: str) -> None:
+    """`dit export` of a flow (and an eps) model of 10 classes: plain diffusers, without this
+    project, samples it at guidance 2 (the null class is the model's own, not 1000), and a flow
+    model's images equal our euler sampler's from the same noise."""
+    import subprocess
+    import sys
+
+    flow = objective == "flow"
+    model = tiny_dit(learn_sigma=not flow)
+    diffusion = ({"objective": "flow", "diffusion_steps": 1000, "learn_sigma": False, "timestep_sampling": "logit-normal"}
+                 if flow else {"objective": "eps", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True})
+    vae = tiny_vae(scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
     ckpt = tmp_path / "state.pt"
-    torch.save({"ema": model.state_dict(), "model_config": model.config.to_dict(),
-                "diffusion": {"objective": "flow", "diffusion_steps": 1000, "learn_sigma": False}, "latents": {}}, ckpt)
-    assert main(["export", str(ckpt), str(tmp_path / "pipe")]) == 2
-    assert "objective 'flow'" in capsys.readouterr().err and not (tmp_path / "pipe").exists()
+    torch.save({"ema": model.state_dict(), "model_config": model.config.to_dict(), "diffusion": diffusion,
+                "latents": {"class_names": CLASS_NAMES, "scale_factor": 0.5}}, ckpt)
+    assert main(["export", str(ckpt), str(tmp_path / "pipe"), "--vae", str(tmp_path / "vae")]) == 0
+    assert (tmp_path / "pipe" / "pipeline.py").is_file()
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.save(noise, tmp_path / "noise.pt")
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(tmp_path / "pipe"), str(tmp_path / "noise.pt"),
+                           str(tmp_path / "out.pt")], cwd=tmp_path / "empty", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["class"] == "ClassConditionalDiTPipeline" and got["labels"] == [3]
+    images = got["images"]
+    assert images.shape == (4, 8, 8, 3) and torch.isfinite(images).all()
+    if flow:   # our euler sampler on the same noise, guidance on all channels, decoded by the same VAE
+        from dit_core.diffusion import make_objective
+
+        sampler = make_objective(diffusion).sampler("euler", 6)
+        y = torch.tensor([0, 3, 9, 3])
+        with torch.no_grad():
+            latents = sample_loop(sampler, make_model_fn(model, y, 2.0, None, 1), noise.clone(), None)
+            ours = (vae.decode(latents / 0.5).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        assert torch.allclose(images, ours, atol=1e-4), (images - ours).abs().max()
 
 
 def test_command_line_export_then_import(tmp_path: Path) -> None:
