@@ -22,7 +22,7 @@ import yaml
 
 from tests.fixtures_data import VENV_BIN, clone_project, run, stage_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]   # its first test also waits for the module's repro
 
 DVC = str(VENV_BIN / "dvc")
 DIT = str(VENV_BIN / "dit")
