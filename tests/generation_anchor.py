@@ -2,7 +2,8 @@
 set of cases (eps and flow objectives, several samplers, guidance 1 and 2, the official 3-channel
 guidance, block caching). ``python -m tests.generation_anchor`` prints the sha256 of each case's
 uint8 images; tests/test_generation_anchor.py holds the digests the code gave before the generators
-were merged into one, and checks that today's pipeline gives the same bytes.
+were merged into one (this script at commit 6307833 printed them for both of the old generators),
+and checks that today's pipeline gives the same bytes.
 
 Run on one CPU thread: a matmul split over threads may add in another order.
 """
@@ -82,26 +83,9 @@ def digests(generate: Generate) -> dict[str, str]:
         torch.set_num_threads(threads)
 
 
-def _pre_refactor_paths() -> dict[str, dict[str, str]]:  # pragma: no cover - the code before the merge
-    from ray_jobs.model_source import ModelBundle
-    from ray_jobs.sample import ImageSampler, SampleConfig, image_seed
-    from dit_core.pipeline import ImagePipeline, SamplingSettings
-
-    seeds = [image_seed(RUN_SEED, i) for i in range(len(LABELS))]
-
-    def bulk(model: DiT, ae: Autoencoder, diffusion: dict[str, Any], sampling: dict[str, Any]) -> np.ndarray:
-        bundle = ModelBundle(model_config=model.config.to_dict(), state_dict=model.state_dict(), diffusion=diffusion)
-        cfg = SampleConfig(model="unused", output="unused", batch_size=BATCH_SIZE, use_gpu=False, **sampling)
-        return ImageSampler(bundle, ae, SCALE, cfg, model=model).generate(np.array(LABELS), np.array(seeds, dtype=np.uint64))
-
-    def pipeline(model: DiT, ae: Autoencoder, diffusion: dict[str, Any], sampling: dict[str, Any]) -> np.ndarray:
-        pipe = ImagePipeline(model, ae, SCALE, diffusion, device="cpu")
-        return pipe.generate(LABELS, seeds, SamplingSettings(**sampling), batch_size=BATCH_SIZE)
-
-    return {"bulk": digests(bulk), "pipeline": digests(pipeline)}
-
-
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(_pre_refactor_paths(), indent=2))
+    from tests.test_generation_anchor import pipeline_images
+
+    print(json.dumps(digests(pipeline_images), indent=2))
