@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field, replace
