@@ -176,6 +176,20 @@ def test_guidance_scale_must_be_non_negative():
         make_sampler("euler", create_diffusion(), 10)
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"sampler": "lms"}, "sampler 'lms' is unknown"),
+    ({"num_steps": 0}, "num_steps=0 must be at least 1"),
+    ({"eta": -0.5}, "eta=-0.5 must be >= 0"),
+    ({"guided_channels": 0}, "guided_channels=0 must be at least 1"),
+    ({"cache_interval": 0}, "cache_interval=0 must be at least 1"),
+])
+def test_sampling_settings_are_checked_when_made(bad, match):
+    from dit_core.pipeline import SamplingSettings
+
+    with pytest.raises(ValueError, match=match):
+        SamplingSettings(**bad)
+
+
 def test_hybrid_loss_terms():
     d = create_diffusion(learn_sigma=True)
     g = torch.Generator().manual_seed(0)
