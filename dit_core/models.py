@@ -345,8 +345,6 @@ class DiT(nn.Module):
         epsilon channel; ``3`` reproduces the official code, which guided only the first three.
         The variance channels (learned sigma) come from the conditional half.
         """
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale={cfg_scale} must be >= 0")
         n = x.shape[0]
         null = torch.full_like(y, self.num_classes)
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cache)  # (2N, out_channels, H, W)

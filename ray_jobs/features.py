@@ -22,8 +22,7 @@ from dit_core.data import pngs_to_uint8
 from dit_core.metrics import FeatureMoments, InceptionFeatures, batched_features, npz_array_shape, read_npz_rows
 
 from . import storage
-from .runtime import init_ray, use_assigned_cpus
-from .sample import actor_pool
+from .runtime import init_ray, map_with_actor_pool, use_assigned_cpus
 
 NETWORKS = ("classifier", "inception")
 
@@ -124,18 +123,10 @@ def feature_pass(items: list[dict[str, Any]], network: str, classifier: Classifi
     if not items:
         raise ValueError("no images to compute features of")
     init_ray()
-    actors, cpus, use_gpu = actor_pool(num_actors, actor_num_cpus, None, len(items))
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        FeatureBlock,
-        batch_size=1,                # one item (a shard, or a slice of an npz) per call
-        fn_constructor_args=(ray.put(classifier.cpu()), network, batch_size),
-        batch_format="numpy",
-        concurrency=actors,
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=cpus,
-        runtime_env={"env_vars": storage.aws_env()},
-    )
+    ds = map_with_actor_pool(ray.data.from_items(items, override_num_blocks=len(items)), FeatureBlock,
+                             (ray.put(classifier.cpu()), network, batch_size), work=len(items),
+                             batch_size=1,   # one item (a shard, or a slice of an npz) per call
+                             num_actors=num_actors, actor_num_cpus=actor_num_cpus, progress=progress)
     merged: dict[str, SetFeatures] = {}
     for row in ds.iter_rows():   # streamed: the driver merges block by block
         block = FeatureMoments(count=int(row["count"]), mean=np.asarray(row["mean"]), m2=np.asarray(row["m2"]))

@@ -217,9 +217,7 @@ def sampling_defaults(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     unknown = sorted(set(given or {}) - set(known))
     if unknown:
         raise ValueError(f"model_info sampling keys {unknown} are unknown; known: {known}")
-    chosen = SamplingSettings(**(given or {}))
-    chosen.check()
-    return asdict(chosen)
+    return asdict(SamplingSettings(**(given or {})))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ version; models load back from their URIs; the classifier the offline FID relies
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +256,21 @@ def test_distributed_feature_pass_equals_the_single_process_computation(ray_clus
     storage.delete(shard_files(cfg.output, 2, ["parquet"])["parquet"])
     with pytest.raises(RuntimeError, match="holds 23 of the 30 samples images"):
         evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+
+
+def test_train_classifier_publishes_a_whole_version(tmp_path):
+    """The train_classifier stage publishes through storage.publishing: the version holds the
+    weights and the record (with the metrics), and reads back as the same classifier."""
+    from pipelines.train_classifier import publish
+
+    model = Classifier(ClassifierConfig(num_classes=3, image_size=8, width=8, feature_dim=16)).eval()
+    out = str(tmp_path / "classifier")
+    publish(model, {"val_accuracy": 0.5}, out)
+    publish(model, {"val_accuracy": 0.75}, out)                     # the next version replaces it whole
+    version = storage.current(out, "classifier.json")
+    assert version.endswith("v-2") and sorted(os.listdir(version)) == ["classifier.json", "classifier.pt"]
+    assert sorted(os.listdir(out)) == ["classifier.json", "v-2"]
+    assert json.loads((Path(version) / "classifier.json").read_text())["metrics"] == {"val_accuracy": 0.75}
+    loaded, _ = load_classifier(version)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.features(x), model.features(x))
