@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dit_core.data import to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, Sampler, make_model_fn, make_objective, randn, sample_loop
+from dit_core.diffusion import ALL_SAMPLERS, Sampler, check_guidance, make_model_fn, make_objective, randn, sample_loop
 from dit_core.models import DiT
 
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit int; ours are non-negative
@@ -26,7 +26,8 @@ class SamplingSettings:
     """How to sample. These defaults are the ``sample`` settings' (``ray_jobs.sample.SampleConfig``,
     params.yaml); a test keeps them equal. A registered model records them (its ``sampling``)."""
 
-    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++
+    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++;
+                                       # meanflow models: meanflow (1..k steps) and the flow ones, guidance_scale 1
     num_steps: int = 20
     guidance_scale: float = 2.0        # 1: no guidance
     eta: float = 0.0                   # ddim only
@@ -77,6 +78,7 @@ class ImagePipeline:
     def generate(self, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings, batch_size: int = 250) -> np.ndarray:
         """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone."""
         settings.check()
+        check_guidance(self.objective.settings(), settings.guidance_scale)
         labels, seeds = [int(c) for c in labels], [int(s) for s in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; give one seed per image")

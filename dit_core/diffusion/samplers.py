@@ -17,7 +17,7 @@ import torch
 
 from .schedule import GaussianDiffusion, gather, respace, space_timesteps
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
+ModelFn = Callable[..., torch.Tensor]  # (x_t, original timesteps[, r: interval starts]) -> output
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -40,17 +40,29 @@ def make_model_fn(
     guided_channels: int | None = None,
     cache_interval: int = 1,
 ) -> ModelFn:
-    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: (x_t, t) -> output.
-    ``cache_interval`` > 1 runs the transformer blocks on one step in that many and reuses their
-    residual in between (``dit_core.models.BlockCache``); build one function per trajectory."""
+    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: (x_t, t[, r]) -> output
+    (r: the interval starts of an average-velocity sampler, MeanFlow's). ``cache_interval`` > 1 runs
+    the transformer blocks on one step in that many and reuses their residual in between
+    (``dit_core.models.BlockCache``); build one function per trajectory."""
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1 = no guidance)")
     from dit_core.models import BlockCache
 
     cache = BlockCache(cache_interval) if int(cache_interval) != 1 else None
     if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, class_labels, cache) if cache is not None else model(x, t, class_labels)
-    return lambda x, t: model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
+        def plain(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+            extra = {"r": r} if r is not None else {}   # models without a second time input keep their signature
+            return model(x, t, class_labels, cache, **extra) if cache is not None else model(x, t, class_labels, **extra)
+        return plain
+
+    def guided(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        if r is not None:
+            # u-space guidance is not the average of the guided velocity; MeanFlow learns its guidance
+            raise ValueError(f"guidance_scale={guidance_scale}: a MeanFlow model learned its guidance in training "
+                             "(guidance_omega in its diffusion settings) and takes no classifier-free guidance "
+                             "at sampling; set guidance_scale: 1")
+        return model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
+    return guided
 
 
 class Sampler(ABC):
@@ -60,6 +72,7 @@ class Sampler(ABC):
     the last one)."""
 
     model_timesteps: np.ndarray
+    model_start_timesteps: np.ndarray | None = None  # r of each evaluation (MeanFlow); None: no r
 
     @property
     def num_evaluations(self) -> int:
@@ -212,10 +225,15 @@ def sample_loop(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     discrete = np.issubdtype(np.asarray(sampler.model_timesteps).dtype, np.integer)  # flow samplers: float times
+    starts = sampler.model_start_timesteps
     for i in steps:
         if discrete:
             t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
         else:
             t = torch.full((x.shape[0],), float(sampler.model_timesteps[i]), device=x.device, dtype=torch.float32)
-        x = sampler.step(i, x, model_fn(x, t), generator)
+        if starts is None:
+            out = model_fn(x, t)
+        else:
+            out = model_fn(x, t, torch.full((x.shape[0],), float(starts[i]), device=x.device, dtype=torch.float32))
+        x = sampler.step(i, x, out, generator)
     return x
