@@ -14,7 +14,9 @@ whole batch whatever the share):
   mf-fd        the target's d/dt u by a forward finite difference (one more no-grad forward, any
                kernel); inexact: its error against the JVP is printed too
 
-Each variant runs in its own process, so that its peak memory is its own: peak RSS above the RSS
+Timings: one process per model, the variants alternating step by step (flow, flow-math, meanflow, ...,
+flow, ...), so that the load of a shared machine hits them alike; the median per variant.
+Memory (``--memory``): each variant in its own process, so that its peak is its own: peak RSS above the RSS
 after a warm-up step on a CPU (the first JVP loads torch's forward-AD machinery once), peak
 allocated above the baseline on a GPU. ``--threads 1`` by default: on a shared CPU, timings with more threads
 than free cores are noise.
@@ -171,6 +173,20 @@ def run_one(name: str, variant: str, batch: int, input_size: int, repeats: int, 
     return {"model": name, "variant": variant, "seconds": median(times), "all_seconds": times, "peak_mb": peak}
 
 
+def time_variants(name: str, variants: list[str], batch: int, input_size: int, repeats: int) -> list[dict[str, Any]]:
+    """Median seconds per step of each variant, the variants interleaved round by round."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(name, input_size, device)
+    steps = {v: make_step(v, model, batch, device) for v in variants}
+    for step in steps.values():   # warm-up (the first JVP also loads torch's forward-AD machinery)
+        step()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, step in steps.items():
+            times[v] += time_fn(step, device, warmup=0, repeats=1)
+    return [{"model": name, "variant": v, "seconds": median(ts), "all_seconds": ts} for v, ts in times.items()]
+
+
 def fd_error(name: str, input_size: int, batch: int) -> list[dict[str, Any]]:
     """Relative error of the finite-difference d/dt u against the JVP's, in float32."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,32 +218,32 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)   # a child process
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (0: torch's default)")
+    ap.add_argument("--memory", action="store_true", help="also each variant's peak memory, in a process of its own")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.batch_size, args.input_size, args.repeats, args.threads)))
         return
-    rows: list[dict[str, Any]] = []
-    for name in args.models.split(","):
-        for variant in args.variants.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.meanflow_step", "--one", name, variant, "--batch-size",
-                   str(args.batch_size), "--input-size", str(args.input_size), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                rows.append({"model": name, "variant": variant, "error": out.stderr.strip().splitlines()[-1][:120]})
-            else:
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-        base = next((r["seconds"] for r in rows if r["model"] == name and r["variant"] == "flow" and "seconds" in r), None)
-        for r in rows:
-            if r["model"] == name and "seconds" in r and base:
-                r["x_flow"] = r["seconds"] / base
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    variants = args.variants.split(",")
+    for name in args.models.split(","):
+        timed = time_variants(name, variants, args.batch_size, args.input_size, args.repeats)
+        base = next((r["seconds"] for r in timed if r["variant"] == "flow"), None)
+        for r in timed:
+            r["x_flow"] = r["seconds"] / base if base else None
+            if args.memory:
+                cmd = [sys.executable, "-m", "benchmarks.meanflow_step", "--one", name, r["variant"], "--batch-size",
+                       str(args.batch_size), "--input-size", str(args.input_size), "--repeats", "1",
+                       "--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                r["peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"] if out.returncode == 0 else None
+            print(r, flush=True)
+        rows += timed
     errors = [e for name in args.models.split(",") for e in fd_error(name, args.input_size, args.batch_size)]
     print(f"\n{args.threads or torch.get_num_threads()} CPU threads, load average {machine()['load_average']}; "
-          f"batch {args.batch_size}, presets at {args.input_size}x{args.input_size} latents, median of {args.repeats} steps\n")
+          f"batch {args.batch_size}, presets at {args.input_size}x{args.input_size} latents, median of {args.repeats} interleaved steps\n")
     print(table(rows, ["model", "variant", "seconds", "x_flow", "peak_mb", "error"]))
     print("\nfinite-difference d/dt u against the JVP (float32):\n")
     print(table(errors, ["model", "fd_step", "rel_error"]))

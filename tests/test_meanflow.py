@@ -255,7 +255,15 @@ def test_fresh_interval_input_changes_nothing_for_any_r():
 # --------------------------------------------------------------------------------------------
 
 def train_tiny(steps: int, settings: dict, seed: int = 0) -> list[tuple[float, float]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a tiny model: threads only add scheduling noise on a shared CPU
+    try:
+        return _train_tiny(steps, settings, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny(steps: int, settings: dict, seed: int) -> list[tuple[float, float]]:
     torch.manual_seed(seed)
     model = tiny_dit(class_embed_init_std=1.0)
     g = torch.Generator().manual_seed(123)
