@@ -24,7 +24,7 @@ import torch
 
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.data import to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, make_objective, randn, sample_loop
+from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, make_objective, randn, sample_loop
 from dit_core.models import BlockCache, DiT, DiTConfig
 
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit int; ours are non-negative
@@ -37,7 +37,8 @@ class SamplingSettings:
     ``SampleConfig`` extends this class; params.yaml repeats them). A registered model records them
     (its ``sampling``)."""
 
-    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++
+    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++;
+                                       # meanflow models: meanflow (1..k steps) and the flow ones, guidance_scale 1
     num_steps: int = 20
     guidance_scale: float = 2.0        # 1: no guidance
     eta: float = 0.0                   # ddim only
@@ -67,13 +68,25 @@ def make_model_fn(
     cache_interval: int = 1,
 ) -> ModelFn:
     """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: the sampler's
-    (x_t, t) -> output. ``cache_interval`` > 1 runs the transformer blocks on one step in that many
-    and reuses their residual in between (``BlockCache``); build one function per trajectory.
-    The values are ``SamplingSettings``'s, checked there."""
+    (x_t, t[, r]) -> output (r: the interval starts of an average-velocity sampler, MeanFlow's).
+    ``cache_interval`` > 1 runs the transformer blocks on one step in that many and reuses their
+    residual in between (``BlockCache``); build one function per trajectory. The values are
+    ``SamplingSettings``'s, checked there."""
     cache = BlockCache(cache_interval) if int(cache_interval) != 1 else None
     if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, class_labels, cache) if cache is not None else model(x, t, class_labels)
-    return lambda x, t: model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
+        def plain(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+            extra = {"r": r} if r is not None else {}   # models without a second time input keep their signature
+            return model(x, t, class_labels, cache, **extra) if cache is not None else model(x, t, class_labels, **extra)
+        return plain
+
+    def guided(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        if r is not None:
+            # u-space guidance is not the average of the guided velocity; MeanFlow learns its guidance
+            raise ValueError(f"guidance_scale={guidance_scale}: a MeanFlow model learned its guidance in training "
+                             "(guidance_omega in its diffusion settings) and takes no classifier-free guidance "
+                             "at sampling; set guidance_scale: 1")
+        return model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
+    return guided
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +185,7 @@ class ImagePipeline:
     def generate(self, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings, batch_size: int = 250) -> np.ndarray:
         """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone,
         drawn ``batch_size`` at a time."""
+        check_guidance(self.objective.settings(), settings.guidance_scale)
         labels, seeds = [int(c) for c in labels], [int(s) for s in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; give one seed per image")

@@ -2,6 +2,7 @@
 
 from .flow import FLOW_SAMPLERS, FlowDPMSolverPPSampler, FlowEulerSampler, FlowHeunSampler, FlowMatching, flow_times
 from .losses import training_losses, vb_terms_bpd
+from .meanflow import MeanFlow, MeanFlowSampler, MeanFlowSettings, average_velocity_target, meanflow_times
 from .samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -19,7 +20,10 @@ from .objectives import (
     SAMPLERS_BY_OBJECTIVE,
     EpsObjective,
     FlowObjective,
+    MEANFLOW_SAMPLER,
+    MeanFlowObjective,
     Objective,
+    check_guidance,
     check_sampler,
     make_objective,
     objective_name,
@@ -37,6 +41,14 @@ __all__ = [
     "FlowHeunSampler",
     "FlowMatching",
     "FlowObjective",
+    "MEANFLOW_SAMPLER",
+    "MeanFlow",
+    "MeanFlowObjective",
+    "MeanFlowSampler",
+    "MeanFlowSettings",
+    "average_velocity_target",
+    "check_guidance",
+    "meanflow_times",
     "Objective",
     "check_sampler",
     "flow_times",

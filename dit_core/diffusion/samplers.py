@@ -17,7 +17,7 @@ import torch
 
 from .schedule import GaussianDiffusion, gather, respace, space_timesteps
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
+ModelFn = Callable[..., torch.Tensor]  # (x_t, original timesteps[, r: interval starts]) -> output
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -40,6 +40,7 @@ class Sampler(ABC):
     the last one)."""
 
     model_timesteps: np.ndarray
+    model_start_timesteps: np.ndarray | None = None  # r of each evaluation (MeanFlow); None: no r
 
     @property
     def num_evaluations(self) -> int:
@@ -204,10 +205,15 @@ def sample_loop(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     discrete = np.issubdtype(np.asarray(sampler.model_timesteps).dtype, np.integer)  # flow samplers: float times
+    starts = sampler.model_start_timesteps
     for i in steps:
         if discrete:
             t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
         else:
             t = torch.full((x.shape[0],), float(sampler.model_timesteps[i]), device=x.device, dtype=torch.float32)
-        x = sampler.step(i, x, model_fn(x, t), generator)
+        if starts is None:
+            out = model_fn(x, t)
+        else:
+            out = model_fn(x, t, torch.full((x.shape[0],), float(starts[i]), device=x.device, dtype=torch.float32))
+        x = sampler.step(i, x, out, generator)
     return x
