@@ -25,7 +25,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -219,6 +219,19 @@ def batched_features(
         x = uint8_to_float(images[start:start + batch_size]).to(device)
         out.append(net(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def reconstructions(autoencoder: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 NHWC images through ``autoencoder`` (``encode`` -> posterior mean -> ``decode``), back
+    to uint8 as the sampler rounds its images: what the autoencoder alone keeps of them."""
+    from .data import to_uint8
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        mean, _ = autoencoder.encode(uint8_to_float(images[start:start + batch_size]))
+        out.append(to_uint8(autoencoder.decode(mean)))
+    return np.concatenate(out) if out else np.asarray(images)[:0]
 
 
 def torch_hub_checkpoints() -> Path:
