@@ -25,7 +25,7 @@ from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
-from dit_core.metrics import PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
+from dit_core.metrics import FID_INCEPTION_DIMS, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
 from pipelines.common import StageIO, load_params, read_manifest, run_stage
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import (
@@ -79,12 +79,13 @@ class Reference:
     spatial_stats: FeatureStats | None = None
 
 
-def reference_source(reference: str, prepared: str, network: str) -> Reference:
+def reference_source(reference: str, prepared: str, feature_dim: int) -> Reference:
     """``val``: the prepared validation split (identified by its data's fingerprint, so that new data
     under the same path is another reference); else an ADM reference ``.npz``. Its ``mu``/``sigma``
-    (and ``mu_s``/``sigma_s``) are the FID Inception's, used as they are with ``network`` inception;
-    its ``arr_0`` images, when present, are the reference of everything else (and of everything,
-    with the classifier)."""
+    (and ``mu_s``/``sigma_s``) are used as they are when they are statistics of features of
+    ``feature_dim`` values (an ADM batch's are the FID Inception's 2048); its ``arr_0`` images, when
+    present, are the reference of everything else (and of everything, when the statistics are of
+    another network's features)."""
     if reference == "val":
         manifest = read_manifest(prepared)
         shards, folder = manifest["splits"]["val"]["shards"], storage.version_folder(prepared, manifest)
@@ -98,13 +99,14 @@ def reference_source(reference: str, prepared: str, network: str) -> Reference:
     stats = spatial = None
     with fs.open_input_file(path) as f, np.load(f) as z:   # members are read only when asked for
         has_images = "arr_0" in z
-        if network == "inception" and "mu" in z and "sigma" in z:
+        if "mu" in z and "sigma" in z and z["mu"].shape == (feature_dim,):
             count = int(z["count"]) if "count" in z else 0
             stats = FeatureStats(mu=z["mu"], sigma=z["sigma"], count=count)
             if "mu_s" in z and "sigma_s" in z:
                 spatial = FeatureStats(mu=z["mu_s"], sigma=z["sigma_s"], count=count)
         elif not has_images:
-            hint = ("its statistics are the FID Inception's: set evaluate.features: inception, or give a .npz with arr_0 images"
+            hint = (f"its mu has {z['mu'].shape[0]} values but the feature network gives {feature_dim} (an ADM batch's "
+                    "statistics are the FID Inception's 2048: set evaluate.features: inception), or give a .npz with arr_0 images"
                     if "mu" in z else "expected mu and sigma, or arr_0 images")
             raise ValueError(f"evaluate.reference={reference!r} holds {sorted(z.files)}; {hint}")
     return Reference(npz_items("reference", reference) if has_images else [], reference, reference, stats, spatial)
@@ -139,6 +141,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     """The stage's core: the metrics of eval.json. Every set (samples, the untrained baseline, the
     reference and the autoencoder's reconstructions of it) goes through one Ray Data actor pool;
     this process holds only their summaries and each set's capped subsample of features."""
+    params = {**asdict(EvaluateSettings()), **params}                       # a caller's partial settings: the defaults
     with storage.local_copy(classifier_dir, CLASSIFIER_RECORD) as folder:   # the published version
         classifier, record = load_classifier(folder)
     sample_cfg = storage.read_json(storage.join(samples, CONFIG_FILE))
@@ -148,7 +151,8 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         raise FileNotFoundError(f"no parquet sample shards under {samples}/parquet; sample with formats including parquet or npz")
     if num_baseline:
         items += parquet_items("baseline", shard_uris(baseline_output(samples)))
-    ref = reference_source(str(params["reference"]), prepared, params["features"])
+    ref = reference_source(str(params["reference"]), prepared,
+                           FID_INCEPTION_DIMS if params["features"] == "inception" else classifier.config.feature_dim)
     autoencoder = autoencoder_path = None
     if params["floor"] and ref.items:
         autoencoder, autoencoder_path = floor_autoencoder(samples, sample_cfg, params.get("autoencoder"))

@@ -221,34 +221,34 @@ def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqli
 
 
 def test_reference_sources(tmp_path):
-    """An ADM .npz: with the Inception its mu/sigma (and mu_s/sigma_s) are used as they are, its
-    arr_0 images for the rest; with the classifier the Inception statistics are no use and arr_0 is
-    needed. Images become slices for the actors."""
+    """An ADM .npz: its mu/sigma (and mu_s/sigma_s) are used as they are when they fit the feature
+    network (the Inception's 2048 values; a classifier's own statistics), its arr_0 images for the
+    rest; statistics of another network's features need arr_0. Images become slices for the actors."""
     from pipelines.evaluate import reference_source
     from ray_jobs.features import npz_items, read_item
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "stats.npz", mu=np.ones(4), sigma=np.eye(4), mu_s=np.zeros(3), sigma_s=np.eye(3), count=np.int64(7))
-    ref = reference_source(str(tmp_path / "stats.npz"), "unused", "inception")
+    ref = reference_source(str(tmp_path / "stats.npz"), "unused", 4)
     assert ref.items == [] and ref.stats.count == 7 and ref.name == ref.id == str(tmp_path / "stats.npz")
     np.testing.assert_array_equal(ref.stats.sigma, np.eye(4))
     np.testing.assert_array_equal(ref.spatial_stats.mu, np.zeros(3))
-    with pytest.raises(ValueError, match="set evaluate.features: inception, or give a .npz with arr_0 images"):
-        reference_source(str(tmp_path / "stats.npz"), "unused", "classifier")
+    with pytest.raises(ValueError, match="its mu has 4 values but the feature network gives 64.*give a .npz with arr_0 images"):
+        reference_source(str(tmp_path / "stats.npz"), "unused", 64)
     images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "adm.npz", mu=np.ones(4), sigma=np.eye(4), arr_0=images)
-    ref = reference_source(str(tmp_path / "adm.npz"), "unused", "inception")
+    ref = reference_source(str(tmp_path / "adm.npz"), "unused", 4)
     assert ref.stats is not None and ref.spatial_stats is None and len(ref.items) == 1
-    ref = reference_source(str(tmp_path / "adm.npz"), "unused", "classifier")
+    ref = reference_source(str(tmp_path / "adm.npz"), "unused", 16)
     assert ref.stats is None and [(i["start"], i["stop"]) for i in ref.items] == [(0, 40)]
     items = npz_items("reference", str(tmp_path / "adm.npz"), rows_per_item=15)
     assert [(i["start"], i["stop"]) for i in items] == [(0, 15), (15, 30), (30, 40)]
     np.testing.assert_array_equal(np.concatenate([read_item(i)[0] for i in items]), images)
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
     with pytest.raises(ValueError, match="expected mu and sigma, or arr_0 images"):
-        reference_source(str(tmp_path / "other.npz"), "unused", "inception")
+        reference_source(str(tmp_path / "other.npz"), "unused", 4)
     with pytest.raises(FileNotFoundError, match="use 'val' or an ADM reference .npz"):
-        reference_source(str(tmp_path / "none.npz"), "unused", "classifier")
+        reference_source(str(tmp_path / "none.npz"), "unused", 4)
 
 
 @pytest.mark.timeout(900)
