@@ -288,6 +288,7 @@ def inception_score(probs: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------
 
 PR_NEIGHBOURS = 3   # k of the k-NN balls (the paper's and ADM's choice)
+PR_MAX_IMAGES = 10000   # the subsample per set that precision and recall use by default (ADM's reference batch size)
 
 
 def sample_keys(seed: int, name: str, n: int) -> np.ndarray:

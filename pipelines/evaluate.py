@@ -25,7 +25,7 @@ from dit_core import settings
 from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
-from dit_core.metrics import FID_INCEPTION_DIMS, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
+from dit_core.metrics import FID_INCEPTION_DIMS, PR_MAX_IMAGES, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
 from pipelines.common import StageIO, load_params, read_manifest, run_stage
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import (
@@ -50,7 +50,7 @@ class EvaluateSettings:
     inception_weights: str | None = None  # features: inception: pt_inception-2015-12-05-6726825d.pth, a local path or
                                          # s3:// (copied once to the actor's torch hub cache); null: $TORCH_HOME/hub/checkpoints
     reference: str = "val"               # val: the prepared val split | an ADM reference .npz (local or s3://)
-    pr_max_images: int = 10000           # precision/recall: a seeded subsample of at most this many per set (ADM: 10,000)
+    pr_max_images: int = PR_MAX_IMAGES   # precision/recall: a seeded subsample of at most this many per set (ADM: 10,000)
     pr_seed: int = 0                     # which subsample
     pixel_pool: int = PIXEL_POOL         # fd_label_free: images average-pooled to this many cells a side ...
     histogram_levels: int = HISTOGRAM_LEVELS  # ... beside joint colour histograms with this many levels a channel
@@ -161,6 +161,8 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     read_by_actors = {"evaluate --samples": samples}
     if ref.items:
         read_by_actors["evaluate --prepared" if params["reference"] == "val" else "evaluate.reference"] = ref.items[0]["uri"]
+    if params.get("inception_weights"):
+        read_by_actors["evaluate.inception_weights"] = params["inception_weights"]
     runtime.require_shared(read_by_actors, runtime.cluster_hosts(), "the Ray cluster")
     pass_settings = PassSettings(network=params["features"], inception_weights=params.get("inception_weights"),
                                  pr_max_images=int(params["pr_max_images"]), seed=int(params["pr_seed"]),

@@ -33,6 +33,7 @@ from dit_core.metrics import (
     FID_INCEPTION_FILE,
     FeatureMoments,
     FeatureSample,
+    PR_MAX_IMAGES,
     PR_NEIGHBOURS,
     InceptionFeatures,
     ScoreMoments,
@@ -115,7 +116,7 @@ class PassSettings:
     network: str = "classifier"            # feature network of FID, sFID, IS, precision/recall
     inception_weights: str | None = None   # local path or s3://; None: the torch hub cache
     batch_size: int = 256
-    pr_max_images: int = 10000             # per set: the subsample precision and recall use
+    pr_max_images: int = PR_MAX_IMAGES     # per set: the subsample precision and recall use
     seed: int = 0                          # of that subsample
     pixel_pool: int = PIXEL_POOL           # label-free features: average-pooled cells per side
     histogram_levels: int = HISTOGRAM_LEVELS
