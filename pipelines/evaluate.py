@@ -132,6 +132,12 @@ def floor_autoencoder(samples: str, sample_cfg: dict[str, Any], override: str | 
         return load_autoencoder(local), str(path)
 
 
+def finite(ratios: dict[str, float]) -> dict[str, float | None]:
+    """Ratios for eval.json: null where the reference has none of a colour figure (a grey data set)
+    and the samples have some (JSON has no infinity)."""
+    return {k: v if np.isfinite(v) else None for k, v in ratios.items()}
+
+
 def fd(a: SetFeatures, b: SetFeatures | None, which: str) -> float | None:
     """The Frechet distance between two sets' moments ``which`` (None without the reference's images)."""
     return None if b is None else fid_from_stats(getattr(a, which).stats(), getattr(b, which).stats())
@@ -204,7 +210,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "fd_label_free_measure": label_free_measure(params),
         "colour_samples": s.colour.means(),
         "colour_reference": r.colour.means() if r is not None else None,
-        "colour_ratio": colour_ratios(s.colour.means(), r.colour.means()) if r is not None else None,
+        "colour_ratio": finite(colour_ratios(s.colour.means(), r.colour.means())) if r is not None else None,
         "num_samples": num_images,
         "feature_network": params["features"],
         # what FIDs must share to be compared (the registry's champion): the network's weights, the reference data
