@@ -237,7 +237,7 @@ def test_experiments_run_show_and_compare(project):
         data = exp_row(shown, name)["data"]
         ev = data["metrics"]["metrics/eval.json"]["data"]
         assert 0 <= ev["class_accuracy"] <= 1 and ev["fid"] > 0
-        assert ev["fd_label_free"] > 0 and ev["fd_label_free_floor"] > 0 and ev["colour_ratio"]["saturation"] > 0
+        assert ev["fd_label_free"] > 0 and ev["fd_label_free_floor"] > 0 and ev["colour_samples"]["luminance"] > 0
         evals[name] = ev
         assert data["params"]["params.yaml"]["data"]["train"]["steps"] == 200
     assert evals["short"]["guidance_scale"] == 2.0 and evals["nocfg"]["guidance_scale"] == 1.0
