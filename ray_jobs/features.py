@@ -91,14 +91,19 @@ def read_item(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     return pngs_to_uint8(table.column("image").to_pylist()), labels
 
 
+def inception_cache_path(uri: str) -> Path:
+    """Where an actor keeps its copy of the weights at ``uri``: the torch hub cache, a folder per URI."""
+    return torch_hub_checkpoints() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
+
+
 def local_inception_weights(weights: str | None) -> str | None:
     """A local file for ``evaluate.inception_weights``: a local path as it is; an ``s3://`` URI
     downloaded once into the torch hub cache (a folder named after the URI, written under a
     temporary name and renamed, so that actors on one host never read half a file)."""
     if not weights or not storage.is_s3(weights):
         return weights
-    folder = torch_hub_checkpoints() / "s3" / hashlib.sha256(weights.encode()).hexdigest()[:16]
-    target = folder / Path(weights).name
+    target = inception_cache_path(weights)
+    folder = target.parent
     if not target.is_file():
         if not storage.exists(weights):
             raise FileNotFoundError(f"evaluate.inception_weights={weights!r} does not exist; upload {FID_INCEPTION_FILE} there")

@@ -5,6 +5,7 @@ version; models load back from their URIs; the classifier the offline FID relies
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -137,6 +138,21 @@ def test_the_alias_never_moves_to_a_version_worse_on_the_label_free_distance(mlf
     assert out["moved"] and out["previous_fd_label_free"] is None
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == versions[3]
     assert client.get_run(client.get_model_version(NAME, versions[3]).run_id).data.metrics["eval.fd_label_free"] == 30.0
+
+
+def test_settings_that_cannot_work_are_refused_by_name():
+    from dataclasses import asdict
+
+    from pipelines.evaluate import EvaluateSettings, check_settings
+
+    ok = asdict(EvaluateSettings())
+    check_settings(ok)
+    for change, message in (({"pr_max_images": 3}, "evaluate.pr_max_images=3.*at least 4"),
+                            ({"pixel_pool": 0}, "evaluate.pixel_pool=0"),
+                            ({"features": "clip"}, "evaluate.features='clip'"),
+                            ({"inception_weights": "w.pth"}, "set evaluate.features: inception")):
+        with pytest.raises(SystemExit, match=message):
+            check_settings({**ok, **change})
 
 
 def test_unregistered_models_are_not_registered(mlflow_sqlite, tmp_path):
@@ -351,6 +367,7 @@ def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_clust
     from dit_core.classifier import Classifier, ClassifierConfig, save_classifier
     from dit_core.metrics import FID_INCEPTION_FILE, InceptionFeatures, feature_stats, fid_from_stats, inception_score, uint8_to_float
     from pipelines.evaluate import evaluate
+    from ray_jobs.features import inception_cache_path
     from ray_jobs.sample import SampleConfig
     from tests.test_metrics import random_fid_inception
     from tests.test_sample import fake_shards
@@ -359,8 +376,7 @@ def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_clust
     random_fid_inception(local)
     uri = f"s3://{s3_bucket}/weights/{FID_INCEPTION_FILE}"
     storage.write_bytes(uri, local.read_bytes())
-    Classifier_ = Classifier(ClassifierConfig(num_classes=2, image_size=8, width=8, feature_dim=8)).eval()
-    save_classifier(Classifier_, tmp_path / "classifier")
+    save_classifier(Classifier(ClassifierConfig(num_classes=2, image_size=8, width=8, feature_dim=8)).eval(), tmp_path / "classifier")
     rng = np.random.default_rng(1)
     images, ref = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     cfg = SampleConfig(model="unused", output=str(tmp_path / "samples"), num_images=6, images_per_shard=3, baseline_images=0)
@@ -375,7 +391,12 @@ def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_clust
               "pr_seed": 0, "pixel_pool": 8, "histogram_levels": 4, "floor": False, "autoencoder": None,
               "num_actors": 1, "actor_num_cpus": 1}
 
-    metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+    cached = inception_cache_path(uri)
+    try:
+        metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+        assert cached.read_bytes() == local.read_bytes()          # the actor's copy (one host here: the test's cache)
+    finally:
+        shutil.rmtree(cached.parent, ignore_errors=True)          # 100 MB per test bucket otherwise
     assert metrics["fid"] == pytest.approx(fid_from_stats(feature_stats(pool_s.numpy()), ref_stats), rel=1e-5)
     assert metrics["sfid"] == pytest.approx(fid_from_stats(feature_stats(spatial_s.numpy()), ref_spatial), rel=1e-5)
     assert metrics["inception_score"] == pytest.approx(inception_score(torch.softmax(logits_s.double(), 1).numpy()), rel=1e-6)
@@ -383,7 +404,8 @@ def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_clust
     assert metrics["not_available"] == {"floor": "evaluate.floor is false"}
 
     np.savez(tmp_path / "stats_only.npz", mu=ref_stats.mu, sigma=ref_stats.sigma)
-    metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), {**params, "reference": str(tmp_path / "stats_only.npz")})
+    metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"),
+                       {**params, "reference": str(tmp_path / "stats_only.npz"), "inception_weights": str(local)})
     assert metrics["fid"] == pytest.approx(fid_from_stats(feature_stats(pool_s.numpy()), ref_stats), rel=1e-5)
     assert metrics["precision"] is None and metrics["recall"] is None and metrics["fd_label_free"] is None and metrics["sfid"] is None
     assert "holds statistics only" in metrics["not_available"]["precision"]
