@@ -46,7 +46,7 @@ def eval_metrics(model_uri: str, fid: float) -> dict:
             "feature_network": "classifier", "reference": "val", "num_samples": 8}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)   # a dozen registry writes: minutes on a shared 2-core machine
 def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow_sqlite, tmp_path):
     from mlflow import MlflowClient
 
