@@ -26,6 +26,7 @@ test-fast: install
 # CPU benchmarks at small settings (a few minutes): tables on stdout, JSON in benchmarks/results/.
 # The GPU suite is benchmarks/gpu.sh; see BENCHMARKS.md.
 bench: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python -m benchmarks.train_step --presets DiT-S/2,DiT-B/2 --variants fp32,bf16 --batch-size 8 --rounds 3 --steps 2 --warmup 1
 	$(BIN)/python -m benchmarks.sampling --preset DiT-S/2 --batch-size 4 --rounds 2 --max-evals 3
 

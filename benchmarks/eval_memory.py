@@ -53,9 +53,9 @@ elif a["what"] == "evaluate-in-driver":   # before: every image in the driver, f
     acc = float((predict(clf, uint8_to_float(images)) == labels).mean())
     extra = {"fid": fid, "num_samples": len(images)}
 elif a["what"] == "finish":
-    from ray_jobs.sample import SampleConfig, class_labels_for, finish
+    from ray_jobs.sample import SampleConfig, finish
     cfg = SampleConfig(**a["cfg"])
-    finish(cfg, class_labels_for(cfg, a["num_classes"]))
+    finish(cfg, cfg.labels(a["num_classes"]))
     extra = {}
 else:                                    # finish-in-driver, before: read_images, np.savez, the grid of all
     import io, numpy as np

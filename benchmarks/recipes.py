@@ -164,8 +164,7 @@ def run_one(recipe: dict[str, Any], seed: int, params: dict[str, Any], data: tup
             scorer: Scorer, sample_params: dict[str, Any], num_images: int, autoencoder: Any) -> list[dict[str, Any]]:
     import copy
 
-    from dit_core.pipeline import ImagePipeline, SamplingSettings
-    from ray_jobs.sample import image_seed
+    from dit_core.pipeline import ImagePipeline, SamplingSettings, image_seed
 
     trainer = Trainer(recipe, seed, params, data, max(eval_steps))
     settings = SamplingSettings(**{k: sample_params[k] for k in ("sampler", "num_steps", "guidance_scale", "eta", "guided_channels")})

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .common import machine, table, write_result
@@ -61,7 +60,8 @@ def main() -> None:
     from pipelines.common import load_params, read_manifest, read_split
     from ray_jobs import storage
     from ray_jobs.model_source import load_bundle
-    from ray_jobs.sample import ImageSampler, SampleConfig, class_labels_for, image_seed, load_autoencoder_for
+    from dit_core.pipeline import ImagePipeline, image_seed
+    from ray_jobs.sample import SampleConfig, load_autoencoder_for
 
     guidance = a.guidance_scale if a.guidance_scale is not None else float(load_params("sample", REPO / "params.yaml")["guidance_scale"])
     model = a.model or default_model()
@@ -74,25 +74,26 @@ def main() -> None:
     ref = feature_stats(batched_features(classifier.features, to_uint8(pngs_to_batch(val.column("image").to_pylist()))))
     ref_name = f"{a.prepared}:val"
     bundle = load_bundle(model)
+    autoencoder, scale = load_autoencoder_for(bundle)
+    pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion)
     rows: list[dict[str, Any]] = []
     runs = [(name, steps, k, 0) for name, steps, k in specs]
     runs += [(*parse_sampler(a.reference_sampler), seed) for seed in range(1, a.noise_seeds + 1)]
     for name, steps, k, seed in runs:
         cfg = SampleConfig(model=model, output="unused", num_images=a.num_images, sampler=name, num_steps=steps,
                            guidance_scale=guidance, batch_size=a.batch_size, seed=seed, cache_interval=k)
-        autoencoder, scale = load_autoencoder_for(cfg, bundle)
-        sampler = ImageSampler(bundle, autoencoder, scale, cfg)
-        labels = class_labels_for(cfg, bundle.config.num_classes)
-        seeds = np.array([image_seed(cfg.seed, i) for i in range(a.num_images)], dtype=np.uint64)
-        sampler.generate(labels[: min(a.batch_size, 20)], seeds[:20])  # warm-up
+        labels = cfg.labels(bundle.config.num_classes)
+        seeds = [image_seed(cfg.seed, i) for i in range(a.num_images)]
+        pipe.generate(labels[: min(a.batch_size, 20)], seeds[:20], cfg, cfg.batch_size)  # warm-up
         t0 = time.perf_counter()
-        images = sampler.generate(labels, seeds)
+        images = pipe.generate(labels, seeds, cfg, cfg.batch_size)
         seconds = time.perf_counter() - t0
         fid = fid_from_stats(feature_stats(batched_features(classifier.features, images)), ref)
         acc = float((predict(classifier, uint8_to_float(images)) == labels).mean())
-        evals = (2 if guidance != 1.0 else 1) * sampler.sampler.num_evaluations
+        n = pipe.sampler(cfg).num_evaluations
+        evals = (2 if guidance != 1.0 else 1) * n
         rows.append({"sampler": f"{name}-{steps}" + (f"@{k}" if k > 1 else ""), "seed": seed, "cache_interval": k, "evals_per_image": evals,
-                     "block_passes_per_image": (evals // sampler.sampler.num_evaluations) * -(-sampler.sampler.num_evaluations // k), "fid": fid, "class_accuracy": acc,
+                     "block_passes_per_image": (evals // n) * -(-n // k), "fid": fid, "class_accuracy": acc,
                      "seconds": seconds, "images_per_s": a.num_images / seconds})
         print(f"{rows[-1]['sampler']} (seed {seed}): FID {fid:.2f}, class accuracy {acc:.3f}, {a.num_images / seconds:.1f} images/s", flush=True)
     ref_runs = [r for r in rows if r["sampler"] == a.reference_sampler]

@@ -51,6 +51,8 @@ class ClassifierTrainConfig:
 
 
 PYRAMID_FLOOR = 4                   # the pyramid stops downsampling at this size
+SPATIAL_SIDE = 8                    # sFID map of the classifier: the last block output at least this big
+SPATIAL_CHANNELS = 7                # its first channels, as ADM takes 7 of Inception's map
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -88,6 +90,23 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def outputs(self, x: torch.Tensor, spatial_channels: int = SPATIAL_CHANNELS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) in [-1, 1] -> features (N, feature_dim), logits (N, num_classes) and the sFID
+        map: the last conv block's output at least SPATIAL_SIDE on a side (average-pooled down to
+        SPATIAL_SIDE when larger), its first ``spatial_channels`` channels flattened, like ADM's
+        first 7 channels of a 17x17 Inception map: (N, spatial_channels * SPATIAL_SIDE**2) at most."""
+        self.features(x[:0])                                   # the image-size check, before any work
+        layers = list(self.body)
+        spatial = None
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            ends_block = i + 1 < len(layers) and isinstance(layers[i + 1], (nn.MaxPool2d, nn.AdaptiveAvgPool2d))
+            if ends_block and (spatial is None or min(x.shape[-2:]) >= SPATIAL_SIDE):
+                spatial = x
+        if min(spatial.shape[-2:]) > SPATIAL_SIDE:
+            spatial = F.adaptive_avg_pool2d(spatial, SPATIAL_SIDE)
+        return x, self.head(x), spatial[:, :spatial_channels].flatten(1)
 
 
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:

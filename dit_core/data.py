@@ -98,6 +98,20 @@ def png_bytes(img: Image.Image | np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def image_grid(images: np.ndarray, zoom: int = 1) -> np.ndarray:
+    """(rows, columns, H, W, C) uint8 -> one uint8 image: the images on a white ground with 1-pixel
+    gaps, every pixel repeated ``zoom`` times in each direction (small images, visible)."""
+    if images.ndim != 5 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid takes (rows, columns, H, W, C) uint8 images, not {images.dtype} {images.shape}")
+    if int(zoom) < 1:
+        raise ValueError(f"zoom={zoom} must be at least 1")
+    r, c, h, w, ch = images.shape
+    canvas = np.full((r * (h + 1) + 1, c * (w + 1) + 1, ch), 255, np.uint8)
+    view = canvas[1:, 1:].reshape(r, h + 1, c, w + 1, ch)[:, :h, :, :w]   # (rows, H, columns, W, C)
+    view[...] = images.transpose(0, 2, 1, 3, 4)
+    return canvas.repeat(int(zoom), axis=0).repeat(int(zoom), axis=1)
+
+
 def pngs_to_uint8(images: list[bytes]) -> np.ndarray:
     """A list of PNG bytes -> (N, H, W, 3) uint8 RGB."""
     return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])

@@ -11,6 +11,14 @@ Per image, from uint8 RGB pixels scaled to [0, 1]:
 
 A set's figure is the mean of its images' figures. ``ColourStats`` holds sums and a count, so blocks
 computed apart (Ray actors, shards) merge exactly, in any order.
+
+``pixel_features``: a label-free description of each image for a Frechet distance between sets
+(evaluate's ``fd_label_free``): the image average-pooled to ``pool x pool`` RGB cells (colour,
+background and layout at low resolution; [0, 1]) beside the square roots of its joint colour
+histogram (the colours whatever their place). Each block weighs about the same: the pooled pixels'
+squared norm is up to pool**2 * 3, the root histogram's is 1, so it is scaled by ``pool``. No
+network is trained, so nothing learns to ignore what does not separate the classes: a grey copy,
+a swapped background or a set of one repeated image moves the distance (tests/test_label_free.py).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ BRIGHT_SHARE = 0.2     # the brightest pixels of an image that count as "bright"
 DARK_SHARE = 0.3       # the darkest pixels that count as "dark"
 COLOURFUL = 0.3        # a pixel with saturation above this counts as strongly coloured
 HISTOGRAM_LEVELS = 4   # per channel: a colour histogram has HISTOGRAM_LEVELS ** 3 bins
+PIXEL_POOL = 8         # pixel_features: images average-pooled to PIXEL_POOL x PIXEL_POOL cells
 FIELDS = ("saturation_bright", "saturation_dark", "saturation", "colourful_share", "luminance", "luminance_std")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -92,3 +101,21 @@ def colour_ratios(got: dict[str, float], want: dict[str, float]) -> dict[str, fl
     for f in ("saturation_bright", "saturation_dark", "saturation", "colourful_share"):
         out[f] = got[f] / want[f] if want[f] > 0 else (1.0 if got[f] == 0 else float("inf"))
     return out
+
+
+def pixel_features(images: np.ndarray, pool: int = PIXEL_POOL, levels: int = HISTOGRAM_LEVELS) -> np.ndarray:
+    """Label-free features of uint8 (N, H, W, 3) images: (N, pool * pool * 3 + levels ** 3) float32,
+    the ``pool x pool`` average-pooled RGB in [0, 1], then ``pool`` times the root colour histogram."""
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise ValueError(f"images {x.dtype} {x.shape}: expected uint8 (N, H, W, 3)")
+    n, h, w, _ = x.shape
+    if pool < 1 or h < pool or w < pool:
+        raise ValueError(f"images of {h}x{w} cannot be pooled to {pool}x{pool} cells; lower evaluate.pixel_pool")
+    # cell edges as an adaptive average pool places them: cell i covers rows [i*h//pool, ceil((i+1)*h/pool))
+    rows = [(i * h // pool, -(-(i + 1) * h // pool)) for i in range(pool)]
+    cols = [(j * w // pool, -(-(j + 1) * w // pool)) for j in range(pool)]
+    unit = x.astype(np.float32) / 255.0
+    cells = np.stack([np.stack([unit[:, a:b, c:d].mean(axis=(1, 2)) for c, d in cols], axis=1) for a, b in rows], axis=1)
+    hist = np.sqrt(colour_histograms(x, levels)).astype(np.float32) * pool      # (N, levels**3)
+    return np.concatenate([cells.reshape(n, -1), hist], axis=1).astype(np.float32)

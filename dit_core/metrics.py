@@ -1,6 +1,11 @@
-"""FID: the Frechet distance between Gaussians fitted to image features (Heusel et al. 2017), with
+"""The field's table of sample metrics: FID, sFID, Inception Score, improved precision and recall.
+
+FID is the Frechet distance between Gaussians fitted to image features (Heusel et al. 2017), with
 features from the FID Inception network (pytorch-fid's weights, the ADM evaluation protocol) or from
-any network that maps images to vectors (e.g. a classifier trained on the data set).
+any network that maps images to vectors (e.g. a classifier trained on the data set). sFID is the
+same distance on spatial features (Nash et al. 2021: ADM takes the first 7 channels of a 17x17
+Inception map). The Inception Score (Salimans et al. 2016) is exp E_x KL(p(y|x) || p(y)); precision
+and recall (Kynkaanniemi et al. 2019) ask which share of one set falls inside the other's k-NN balls.
 
     FID = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
 
@@ -20,7 +25,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -216,44 +221,224 @@ def batched_features(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+@torch.no_grad()
+def reconstructions(autoencoder: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 NHWC images through ``autoencoder`` (``encode`` -> posterior mean -> ``decode``), back
+    to uint8 as the sampler rounds its images: what the autoencoder alone keeps of them."""
+    from .data import to_uint8
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        mean, _ = autoencoder.encode(uint8_to_float(images[start:start + batch_size]))
+        out.append(to_uint8(autoencoder.decode(mean)))
+    return np.concatenate(out) if out else np.asarray(images)[:0]
+
+
 def torch_hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-class InceptionFeatures(torch.nn.Module):
-    """The FID Inception-v3 (pytorch-fid's port of the TF network), 2048-d pool features.
+# ---------------------------------------------------------------------------------------------
+# Inception Score, from mergeable sums
+# ---------------------------------------------------------------------------------------------
 
-    The weights are read from the torch hub cache, never downloaded here: put
-    ``pt_inception-2015-12-05-6726825d.pth`` in ``$TORCH_HOME/hub/checkpoints/``.
+@dataclass(frozen=True)
+class ScoreMoments:
+    """What the Inception Score of a set needs, as sums over its images: the count, the sum of the
+    class probabilities p(y|x) and the sum of sum_y p log p. Blocks merge by adding."""
+
+    count: int
+    prob_sum: np.ndarray      # (K,)
+    plogp_sum: float
+
+    @classmethod
+    def of(cls, probs: np.ndarray) -> "ScoreMoments":
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim != 2 or p.shape[0] < 1:
+            raise ValueError(f"class probabilities of shape {p.shape}: need (N, K) with N >= 1")
+        from scipy.special import xlogy
+
+        return cls(count=p.shape[0], prob_sum=p.sum(axis=0), plogp_sum=float(xlogy(p, p).sum()))
+
+    def merge(self, other: "ScoreMoments") -> "ScoreMoments":
+        if self.prob_sum.shape != other.prob_sum.shape:
+            raise ValueError(f"cannot merge scores over {self.prob_sum.shape} and {other.prob_sum.shape} classes")
+        return ScoreMoments(self.count + other.count, self.prob_sum + other.prob_sum, self.plogp_sum + other.plogp_sum)
+
+    def inception_score(self) -> float:
+        """exp(E_x KL(p(y|x) || p(y))) with p(y) = E_x p(y|x): since the marginal is the mean of the
+        conditionals, E_x sum_y p log p(y) = sum_y p(y) log p(y), so the sums above suffice. Over
+        the whole set at once (ADM averages splits of 5,000 images; on 50,000 the two differ by
+        well under 1%)."""
+        from scipy.special import xlogy
+
+        if not self.count:
+            raise ValueError("no images: the Inception Score needs at least one")
+        marginal = self.prob_sum / self.count
+        return float(np.exp(self.plogp_sum / self.count - xlogy(marginal, marginal).sum()))
+
+
+def inception_score(probs: np.ndarray) -> float:
+    """The Inception Score of (N, K) class probabilities."""
+    return ScoreMoments.of(probs).inception_score()
+
+
+# ---------------------------------------------------------------------------------------------
+# Improved precision and recall (Kynkaanniemi et al. 2019), on a capped seeded subsample
+# ---------------------------------------------------------------------------------------------
+
+PR_NEIGHBOURS = 3   # k of the k-NN balls (the paper's and ADM's choice)
+PR_MAX_IMAGES = 10000   # the subsample per set that precision and recall use by default (ADM's reference batch size)
+
+
+def sample_keys(seed: int, name: str, n: int) -> np.ndarray:
+    """n random keys in [0, 1) for the images of one block, a pure function of (seed, name): the
+    subsample a set keeps (its smallest keys) depends on neither the actors nor the merge order."""
+    import hashlib
+
+    stream = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, stream]).random(n)
+
+
+@dataclass(frozen=True)
+class FeatureSample:
+    """At most ``cap`` feature vectors of a set, those with the smallest keys: a uniform random
+    subsample (bottom-k), mergeable in any order with the same result. Sorted by key."""
+
+    keys: np.ndarray        # (n,)
+    features: np.ndarray    # (n, D) float32
+    cap: int
+
+    @classmethod
+    def of(cls, features: np.ndarray, keys: np.ndarray, cap: int) -> "FeatureSample":
+        if cap < 1:
+            raise ValueError(f"a feature sample of at most {cap} vectors: the cap must be at least 1")
+        if len(keys) != len(features):
+            raise ValueError(f"{len(keys)} keys for {len(features)} feature vectors")
+        order = np.argsort(keys, kind="stable")[:cap]
+        return cls(np.asarray(keys)[order], np.asarray(features, dtype=np.float32)[order], cap)
+
+    def merge(self, other: "FeatureSample") -> "FeatureSample":
+        return FeatureSample.of(np.concatenate([self.features, other.features]), np.concatenate([self.keys, other.keys]),
+                                min(self.cap, other.cap))
+
+
+def _pairwise_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
+
+
+def knn_radii(features: np.ndarray, k: int = PR_NEIGHBOURS, batch_size: int = 1024) -> np.ndarray:
+    """Each vector's distance to its k-th nearest other vector of the set: (N,) float64."""
+    f = torch.from_numpy(np.asarray(features, dtype=np.float64))
+    if len(f) <= k:
+        raise ValueError(f"{len(f)} feature vectors: k-NN balls with k={k} need more than {k}")
+    out = []
+    for s in range(0, len(f), batch_size):
+        d = _pairwise_sq(f[s:s + batch_size], f)
+        out.append(d.kthvalue(k + 1, dim=1).values.sqrt())      # the (k+1)-th smallest counts the vector itself
+    return torch.cat(out).numpy()
+
+
+def manifold_share(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch_size: int = 1024) -> float:
+    """The share of ``points`` that lie in at least one ball (``centres``, ``radii``)."""
+    p = torch.from_numpy(np.asarray(points, dtype=np.float64))
+    c = torch.from_numpy(np.asarray(centres, dtype=np.float64))
+    r2 = torch.from_numpy(np.asarray(radii, dtype=np.float64)) ** 2
+    inside = 0
+    for s in range(0, len(p), batch_size):
+        inside += int((_pairwise_sq(p[s:s + batch_size], c) <= r2[None, :]).any(dim=1).sum())
+    return inside / len(p)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, batch_size: int = 1024) -> tuple[float, float]:
+    """Improved precision (the share of ``fake`` inside the real set's k-NN balls: fidelity) and
+    recall (the share of ``real`` inside the fake set's balls: diversity)."""
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real features {real.shape} and fake features {fake.shape}: need (N, D) and (M, D)")
+    precision = manifold_share(fake, real, knn_radii(real, k, batch_size), batch_size)
+    recall = manifold_share(real, fake, knn_radii(fake, k, batch_size), batch_size)
+    return precision, recall
+
+
+# ---------------------------------------------------------------------------------------------
+# The FID Inception network: pool features (FID, precision/recall), logits (IS), a spatial map (sFID)
+# ---------------------------------------------------------------------------------------------
+
+SFID_CHANNELS = 7   # ADM's sFID: the first 7 channels of a spatial map, flattened
+
+
+def build_fid_inception() -> torch.nn.Module:
+    """pytorch-fid's FID Inception-v3 (torchvision's layout with the TF network's blocks and its
+    1008-way fc), without weights."""
+    from pytorch_fid import inception as pf
+
+    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pf.FIDInceptionA(192, 32), pf.FIDInceptionA(256, 64), pf.FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, 128), pf.FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, 160), pf.FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    return net
+
+
+def inception_weights_path(weights: str | os.PathLike | None = None) -> Path:
+    """The local weights file: ``weights`` as given, or the torch hub cache's copy."""
+    path = Path(weights).expanduser() if weights else torch_hub_checkpoints() / FID_INCEPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the FID Inception weights are not at {path}. Download {FID_INCEPTION_FILE} (pytorch-fid's "
+            f"release, docs/sampling.md) on a machine with internet and either copy it to {torch_hub_checkpoints()}/ "
+            "(or set TORCH_HOME) or give its path or s3:// URI as evaluate.inception_weights; "
+            "or use the classifier feature network (evaluate.features: classifier)"
+        )
+    if path.name != FID_INCEPTION_FILE:
+        raise ValueError(f"{path}: the FID Inception weights are the file named {FID_INCEPTION_FILE} (pytorch-fid's "
+                         "release); other Inception weights give FIDs that compare with no published number")
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """The FID Inception-v3 (pytorch-fid's port of the TF network) with its weights: ``forward``
+    gives the 2048-d pool features; ``outputs`` also the 1008 logits and the sFID map.
+
+    sFID follows ADM, which reads the TF graph's ``mixed_6/conv``: the 1x1 branch of its seventh
+    mixed block (torchvision's ``Mixed_6d.branch1x1``, 192 x 17 x 17 after ReLU), first 7 channels.
+    pytorch-fid's own block 2 ends later, at ``Mixed_6e``'s concatenated 768 channels, and is not
+    used. Nothing is downloaded: ``weights`` is a local file (default: the torch hub cache's).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None):
         super().__init__()
-        path = Path(weights) if weights else torch_hub_checkpoints() / FID_INCEPTION_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"the FID Inception weights are not at {path}. Download {FID_INCEPTION_FILE} (pytorch-fid's "
-                f"release) on a machine with internet and copy it to {torch_hub_checkpoints()}/ (or set TORCH_HOME), "
-                "or use the classifier feature network (evaluate.features: classifier)"
-            )
-        if path.name != FID_INCEPTION_FILE or path.parent.name != "checkpoints":
-            raise ValueError(f"{path}: the weights must be a file named {FID_INCEPTION_FILE} in a folder named checkpoints")
-        from pytorch_fid.inception import InceptionV3
-
-        # pytorch-fid fetches the weights through torch.hub, which reads its cache before any
-        # download: point the hub at the folder that holds checkpoints/<file>.
-        old = torch.hub.get_dir()
-        torch.hub.set_dir(str(path.parent.parent))
+        path = inception_weights_path(weights)
+        net = build_fid_inception()
         try:
-            net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FID_INCEPTION_DIMS]], resize_input=True,
-                              normalize_input=False, use_fid_inception=True)
-        finally:
-            torch.hub.set_dir(old)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path} is not pytorch-fid's FID Inception state dict ({type(e).__name__}: {e}); "
+                             f"download {FID_INCEPTION_FILE} again") from e
         self.net = net.eval()
+        self._spatial: torch.Tensor | None = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._spatial = output
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, 3, H, W) in [-1, 1] -> pool (N, 2048), logits (N, 1008), spatial (N, 7 * 17 * 17)."""
+        n = self.net
+        x = torch.nn.functional.interpolate(x, size=(FID_INCEPTION_SIZE, FID_INCEPTION_SIZE), mode="bilinear",
+                                            align_corners=False)   # as pytorch-fid: bilinear to 299
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)                                    # (N, 2048, 8, 8) at the end
+        pool = x.mean(dim=(2, 3))                           # (N, 2048)
+        spatial = self._spatial[:, :SFID_CHANNELS].flatten(1)
+        return pool, n.fc(pool), spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, H, W) in [-1, 1] (pytorch-fid resizes to 299 bilinearly) -> (N, 2048)."""
-        return self.net(x)[0].flatten(1)
+        """x: (N, 3, H, W) in [-1, 1] -> (N, 2048) pool features."""
+        return self.outputs(x)[0]
 
 
 def stats_of_images(

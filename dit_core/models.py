@@ -4,6 +4,11 @@ The parameter names and shapes follow the official release (facebookresearch/DiT
 checkpoints (e.g. ``DiT-XL-2-256x256.pt``) load with ``strict=True``. Symbols: ``x`` latents
 (N, C, H, W), ``t`` diffusion timesteps (N,), ``y`` class labels (N,), ``c`` the conditioning
 vector (N, D), T tokens of width D.
+
+MeanFlow (Geng et al. 2025): with ``interval_embed`` the network takes a second time, the start ``r``
+of the interval [r, t], and predicts the average velocity u(z_t, r, t). It embeds the interval's
+length h = t - r (the paper's best-measured pair (t, t - r), Table 1c) with an embedder that is
+exactly zero at h = 0, so with r = t (or no r) the model is exactly the one without it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class DiTConfig:
     learn_sigma: bool = True
     grad_checkpointing: bool = False
     class_embed_init_std: float = 0.02   # the paper's; short runs on small data learn labels faster from ~1
+    interval_embed: bool = False  # MeanFlow: a second time input r (the model embeds t - r); off = the DiT paper's
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size != 0:
@@ -122,6 +128,30 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class IntervalEmbedder(nn.Module):
+    """The interval h = t - r (MeanFlow) embedded like a timestep, but exactly zero at h = 0 for any
+    weights: the cos features enter as cos(h f) - 1 and the MLP has no biases, so with r = t the
+    conditioning c is bit-equal to the one without this embedder (u(z, t, t) is today's v(z, t))."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=False), nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=False),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=h.device) / half)
+        args = h[:, None].float() * freqs[None]
+        # cos(a) - 1 written as -2 sin^2(a / 2): exact zero at a = 0 and no cancellation near it
+        freq = torch.cat([-2 * torch.sin(0.5 * args) ** 2, torch.sin(args)], dim=-1)
+        if self.frequency_embedding_size % 2:
+            freq = torch.cat([freq, torch.zeros_like(freq[:, :1])], dim=-1)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -250,6 +280,16 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
+        if cfg.interval_embed:
+            # built and drawn after the shared weights, so one seed gives the same shared weights with or without it
+            self.interval_embedder = IntervalEmbedder(cfg.hidden_size)
+            self._init_interval_embedder()
+
+    def _init_interval_embedder(self) -> None:
+        # as t's first layer; the last at zero: a model given this embedder (e.g. a flow checkpoint
+        # fine-tuned into MeanFlow) starts as exactly the model without it, for every r
+        nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.interval_embedder.mlp[2].weight)
 
     def initialize_weights(self) -> None:
         def _basic(module: nn.Module) -> None:
@@ -275,6 +315,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if hasattr(self, "interval_embedder"):
+            self._init_interval_embedder()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p, c = self.patch_size, self.out_channels
@@ -283,8 +325,13 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)                      # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)              # (N, C, H, W)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None = None) -> None:
         cfg = self.config
+        if r is not None and not cfg.interval_embed:
+            raise ValueError("r was given, but this DiT has no second time input (interval_embed is false): build it "
+                             "with interval_embed: true in the model settings to train or sample MeanFlow, or pass r=None")
+        if r is not None and r.shape != t.shape:
+            raise ValueError(f"r {tuple(r.shape)} must have the shape of t {tuple(t.shape)}")
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[-2:] != (cfg.input_size, cfg.input_size):
             raise ValueError(
                 f"x has shape {tuple(x.shape)}; this DiT expects (N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size})"
@@ -310,13 +357,19 @@ class DiT(nn.Module):
             return checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cache: BlockCache | None = None, *,
+                r: torch.Tensor | None = None, drop_labels: bool = True) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W).
-        ``cache``: sampling only, see ``BlockCache``."""
-        self._check_inputs(x, t, y)
+        ``cache``: sampling only, see ``BlockCache``. ``r``: (N,) the start of MeanFlow's interval,
+        in t's units (``interval_embed`` models only; None: r = t). ``drop_labels=False``: no label
+        dropout in training mode (an objective that drops labels itself, MeanFlow's, passes null ids)."""
+        self._check_inputs(x, t, y, r)
         x = self.x_embedder(x) + self.pos_embed        # (N, T, D)
+        h = t - r if r is not None else None            # (N,) the interval length t - r
         t = self.t_embedder(t)                          # (N, D)
-        y = self.y_embedder(y, self.training)           # (N, D)
+        if h is not None:
+            t = t + self.interval_embedder(h)           # (N, D); exactly + 0 where r = t
+        y = self.y_embedder(y, self.training and drop_labels)  # (N, D)
         c = t + y                                       # (N, D)
         if cache is not None and cache.reuse():
             x = x + cache.residual
@@ -345,8 +398,6 @@ class DiT(nn.Module):
         epsilon channel; ``3`` reproduces the official code, which guided only the first three.
         The variance channels (learned sigma) come from the conditional half.
         """
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale={cfg_scale} must be >= 0")
         n = x.shape[0]
         null = torch.full_like(y, self.num_classes)
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cache)  # (2N, out_channels, H, W)
@@ -462,6 +513,7 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], num_heads: in
             "and load the weights into it), or pass num_heads explicitly"
         )
     learn_sigma = out_ch == 2 * in_ch
+    interval_embed = "interval_embedder.mlp.0.weight" in state_dict
     return DiTConfig(
         input_size=int(round(num_patches ** 0.5)) * patch,
         patch_size=patch,
@@ -473,6 +525,7 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], num_heads: in
         class_dropout_prob=0.1,
         num_classes=rows - 1,
         learn_sigma=learn_sigma,
+        interval_embed=interval_embed,
     )
 
 
@@ -513,6 +566,7 @@ def load_checkpoint(path: str | Path, model: DiT | None = None, prefer: str = "e
 __all__ = [
     "DiT",
     "DiTConfig",
+    "IntervalEmbedder",
     "DiT_models",
     "PRESETS",
     "check_state_dict",

@@ -1,48 +1,156 @@
 """The image-generation pipeline: a DiT, a sampler and an autoencoder -> images (as diffusers'
-``DiTPipeline``), in plain PyTorch. The MLflow pyfunc model and ``dit generate`` use it; it computes
-what the bulk sampler's ``ImageSampler`` computes, so that one (label, seed, settings) gives one image.
+``DiTPipeline``), in plain PyTorch. It is the only generator: the bulk job's actors
+(``ray_jobs.sample``), the MLflow pyfunc model and ``dit generate`` all call ``ImagePipeline``, so
+that one (label, seed, settings) gives one image wherever it is asked for.
+
+Beside it, what every caller shares: the sampling settings (checked once, when they are made), the
+classifier-free guidance binding of a DiT to a sampler's model function (guidance belongs to the
+pipeline, as in diffusers; ``dit_core.diffusion`` knows no model), the per-image seeds and class
+labels of a run, and the autoencoder that fits a model.
 
 Seeds: image i's noise comes only from ``torch.Generator().manual_seed(seed_i)``, its own seed
-(the bulk sampler's ``seed`` column; ``image_seed(run seed, i)`` there).
+(the bulk job's ``seed`` column: ``image_seed(run seed, i)``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
 from dit_core.data import to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, Sampler, make_model_fn, make_objective, randn, sample_loop
-from dit_core.models import DiT
+from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, make_objective, randn, sample_loop
+from dit_core.models import BlockCache, DiT, DiTConfig
 
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit int; ours are non-negative
+CLASS_LABEL_MODES = ("all", "uniform")
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to sample. These defaults are the ``sample`` settings' (``ray_jobs.sample.SampleConfig``,
-    params.yaml); a test keeps them equal. A registered model records them (its ``sampling``)."""
+    """How to sample, checked when made. These defaults are the ``sample`` settings' (the bulk job's
+    ``SampleConfig`` extends this class; params.yaml repeats them). A registered model records them
+    (its ``sampling``)."""
 
-    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++
+    sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++;
+                                       # meanflow models: meanflow (1..k steps) and the flow ones, guidance_scale 1
     num_steps: int = 20
     guidance_scale: float = 2.0        # 1: no guidance
     eta: float = 0.0                   # ddim only
     guided_channels: int | None = None  # None: all latent channels; 3: the official variant
     cache_interval: int = 1            # >1: the blocks run on one step in this many
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.sampler not in ALL_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps={self.num_steps} must be at least 1")
         if not float(self.guidance_scale) >= 0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0 (1 = no guidance)")
+        if not float(self.eta) >= 0:
+            raise ValueError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM)")
+        if self.guided_channels is not None and int(self.guided_channels) < 1:
+            raise ValueError(f"guided_channels={self.guided_channels} must be at least 1, or None for all latent channels")
         if int(self.cache_interval) < 1:
             raise ValueError(f"cache_interval={self.cache_interval} must be at least 1 (1 = no caching)")
 
+
+def make_model_fn(
+    model: DiT,
+    class_labels: torch.Tensor,
+    guidance_scale: float = 1.0,
+    guided_channels: int | None = None,
+    cache_interval: int = 1,
+) -> ModelFn:
+    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: the sampler's
+    (x_t, t[, r]) -> output (r: the interval starts of an average-velocity sampler, MeanFlow's).
+    ``cache_interval`` > 1 runs the transformer blocks on one step in that many and reuses their
+    residual in between (``BlockCache``); build one function per trajectory. The values are
+    ``SamplingSettings``'s, checked there."""
+    cache = BlockCache(cache_interval) if int(cache_interval) != 1 else None
+    if guidance_scale == 1.0:
+        def plain(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+            extra = {"r": r} if r is not None else {}   # models without a second time input keep their signature
+            return model(x, t, class_labels, cache, **extra) if cache is not None else model(x, t, class_labels, **extra)
+        return plain
+
+    def guided(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        if r is not None:
+            # u-space guidance is not the average of the guided velocity; MeanFlow learns its guidance
+            raise ValueError(f"guidance_scale={guidance_scale}: a MeanFlow model learned its guidance in training "
+                             "(guidance_omega in its diffusion settings) and takes no classifier-free guidance "
+                             "at sampling; set guidance_scale: 1")
+        return model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
+    return guided
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's rows: per-image seeds and class labels
+# ---------------------------------------------------------------------------------------------
+
+def image_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for image ``index`` of a run with ``seed``; independent across indices."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def class_labels_for(class_labels: Sequence[int] | str, num_images: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """The class label of each of ``num_images`` images: ``"all"`` cycles through the classes,
+    ``"uniform"`` draws them (seeded by ``seed``), a list is cycled through."""
+    if class_labels == "all":
+        return np.arange(num_images) % num_classes
+    if class_labels == "uniform":
+        return np.random.default_rng(seed).integers(0, num_classes, num_images)
+    if isinstance(class_labels, str):
+        raise ValueError(f"class_labels={class_labels!r}; use 'all', 'uniform' or a list of class ids")
+    labels = np.asarray(list(class_labels), dtype=np.int64)
+    if labels.size == 0:
+        raise ValueError("class_labels is an empty list; give labels, 'all' or 'uniform'")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(f"class labels {sorted(set(bad.tolist()))} are out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return labels[np.arange(num_images) % labels.size]
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder that fits a model
+# ---------------------------------------------------------------------------------------------
+
+def load_fitting_autoencoder(folder: str | os.PathLike, model_config: DiTConfig, scale_factor: float | None = None,
+                             name: str | None = None) -> tuple[Autoencoder, float]:
+    """The autoencoder in the local ``folder`` (or a hub id in the local cache) and the latent scale
+    factor (``scale_factor``, else the autoencoder's own), refused when it does not fit the model:
+    other latent channels, or (one trained here, for one image size) another image size. Errors
+    name the autoencoder as ``name`` (default: the folder)."""
+    name = str(folder) if name is None else name
+    ae = load_autoencoder(folder)
+    ours = Path(folder, AUTOENCODER_RECORD).is_file()   # trained here, for one image size
+    scale = scale_factor or getattr(ae, "scale_factor", None)
+    if not scale:
+        raise ValueError(f"no latent scale factor for autoencoder {name!r}; pass --scale-factor")
+    latent_channels = getattr(ae, "latent_channels", model_config.in_channels)
+    if latent_channels != model_config.in_channels:
+        raise ValueError(
+            f"the model takes {model_config.in_channels}-channel latents but autoencoder {name!r} makes {latent_channels}; "
+            "use the autoencoder the model was trained with"
+        )
+    size, trained_for = model_config.input_size, ae.record.image_size
+    if ours and trained_for and trained_for != size * ae.downsample:
+        raise ValueError(
+            f"the model makes {size}x{size} latents, which autoencoder {name!r} (downsample "
+            f"{ae.downsample}) decodes to {size * ae.downsample}px images, but it was trained on "
+            f"{trained_for}px images; use the autoencoder the model was trained with"
+        )
+    return ae, float(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
 
 class ImagePipeline:
     """A DiT, its autoencoder and latent scale, loaded once: (class labels, per-image seeds,
@@ -75,11 +183,14 @@ class ImagePipeline:
             raise ValueError(f"class labels {bad} are out of range: the model has {self.num_classes} classes (0..{self.num_classes - 1})")
 
     def generate(self, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings, batch_size: int = 250) -> np.ndarray:
-        """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone."""
-        settings.check()
+        """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone,
+        drawn ``batch_size`` at a time."""
+        check_guidance(self.objective.settings(), settings.guidance_scale)
         labels, seeds = [int(c) for c in labels], [int(s) for s in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; give one seed per image")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.check_labels(labels)
         bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
         if bad:
@@ -102,4 +213,5 @@ class ImagePipeline:
         return np.concatenate(out)
 
 
-__all__ = ["MAX_SEED", "ImagePipeline", "SamplingSettings"]
+__all__ = ["CLASS_LABEL_MODES", "MAX_SEED", "ImagePipeline", "SamplingSettings", "class_labels_for", "image_seed",
+           "load_fitting_autoencoder", "make_model_fn"]

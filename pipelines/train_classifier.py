@@ -76,14 +76,9 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "classifier")
         save_classifier(model, local, extra={"metrics": metrics})
-        staging = storage.begin_output(out, CONFIG_FILE)
-        try:
+        with storage.publishing(out, CONFIG_FILE) as staging:
             for name in ("classifier.pt", CONFIG_FILE):  # the record last
                 storage.write_bytes(storage.join(staging, name), (local / name).read_bytes())
-            storage.commit_output(staging, out, CONFIG_FILE)
-        except BaseException:
-            storage.abort_output(staging, out)
-            raise
 
 
 def main(argv: list[str] | None = None) -> int:

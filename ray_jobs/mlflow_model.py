@@ -154,7 +154,7 @@ def read_bundle(folder: str | Path) -> BundleContents:
 def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
     """The bundled autoencoder and the latent scale factor (the latents' record, else the
     autoencoder's); refused when the bundle has none or it does not fit the model."""
-    from dit_core.autoencoders import load_autoencoder
+    from dit_core.pipeline import load_fitting_autoencoder
 
     folder = contents.autoencoder_dir
     if folder is None:
@@ -163,14 +163,12 @@ def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
             f"{contents.latents.get('autoencoder_path')!r}, which was not found when the model was registered), so it "
             "cannot decode images; sample it with --autoencoder FOLDER, or register it again where the autoencoder is found")
     try:
-        ae = load_autoencoder(folder)
+        return load_fitting_autoencoder(folder, DiTConfig(**contents.model_config), contents.latents.get("scale_factor"),
+                                        name=f"{AUTOENCODER_DIR}/")
     except FileNotFoundError as e:
         raise BrokenBundle(f"model bundle {contents.folder}: the autoencoder ({AUTOENCODER_DIR}/) does not load: {e}") from e
-    in_channels = int(contents.model_config["in_channels"])
-    if ae.latent_channels != in_channels:
-        raise BrokenBundle(f"model bundle {contents.folder}: the autoencoder makes {ae.latent_channels}-channel latents, "
-                           f"the model takes {in_channels}; the bundle mixes parts of two models: register it again")
-    return ae, float(contents.latents.get("scale_factor") or ae.scale_factor)
+    except ValueError as e:
+        raise BrokenBundle(f"model bundle {contents.folder}: {e}; the bundle mixes parts of two models: register it again") from e
 
 
 # ---------------------------------------------------------------------------------------------

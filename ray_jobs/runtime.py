@@ -254,3 +254,53 @@ def _stop_job(client: Any, job_id: str, name: str, address: str) -> None:
     else:
         print(f"{name}: Ray job {job_id} is still {status} after {JOB_STOP_WAIT_S:.0f} s; stop it with {how}",
               file=sys.stderr, flush=True)
+
+
+# A lost actor or node costs only the shards it was writing: Ray Data's actor pool replaces a dead
+# actor (on another node when its own is gone) and retries its shards there, without bound (a bound
+# is spent in seconds while a lost node is not yet declared dead: every retry fails at once). Up to
+# ACTOR_INIT_DEATHS actors in a row may also die while loading the model (Ray's default: none).
+ACTOR_INIT_DEATHS = 3
+
+
+def actor_pool(num_actors: int | None, actor_num_cpus: float | None, use_gpu: bool | None, work: int) -> tuple[int, float, bool]:
+    """(actors, CPUs each, whether each holds a GPU) for an actor pool over ``work`` blocks: by
+    default one actor per GPU when the cluster has GPUs (a whole GPU each), else one per CPU, the
+    cores split evenly less a quarter core each for Ray Data's own tasks (and an actor fits on one
+    node: a pool that asks for whole cores on a small machine starves those tasks and hangs)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
+    actors = max(1, min(num_actors or int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)), work))
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    cpus = 1.0 if gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
+    if actor_num_cpus is not None and not gpu:
+        cpus = float(actor_num_cpus)
+    return actors, cpus, gpu
+
+
+def map_with_actor_pool(ds: Any, actor: type, constructor_args: tuple, work: int, batch_size: int | None,
+                        num_actors: int | None = None, actor_num_cpus: float | None = None, use_gpu: bool | None = None,
+                        progress: bool = False, init_deaths: int | None = None) -> Any:
+    """``ds.map_batches`` with a pool of ``actor`` (a callable class, built with ``constructor_args``
+    on each actor), sized by ``actor_pool`` for ``work`` blocks; numpy batches of ``batch_size``
+    rows (None: whole blocks); the actors get the S3 variables. ``init_deaths``: how many actors in
+    a row may die while loading (None: Ray's default)."""
+    import ray
+
+    actors, cpus, gpu = actor_pool(num_actors, actor_num_cpus, use_gpu, work)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    if init_deaths is not None:
+        context.max_consecutive_actor_init_deaths = init_deaths
+    return ds.map_batches(
+        actor,
+        batch_size=batch_size,
+        fn_constructor_args=constructor_args,
+        batch_format="numpy",
+        concurrency=actors,
+        num_gpus=1 if gpu else 0,
+        num_cpus=cpus,
+        runtime_env={"env_vars": storage.aws_env()},
+    )

@@ -19,22 +19,21 @@ import contextlib
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from dit_core import settings
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, load_autoencoder
-from dit_core.data import png_bytes, pngs_to_uint8, to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, check_sampler, make_model_fn, make_objective, randn, sample_loop
+from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD
+from dit_core.data import image_grid, png_bytes, pngs_to_uint8
+from dit_core.diffusion import check_sampler, make_objective
 from dit_core.metrics import AdmNpzWriter
+from dit_core.pipeline import CLASS_LABEL_MODES, ImagePipeline, SamplingSettings, class_labels_for, image_seed, load_fitting_autoencoder
 
 from . import runtime, storage
 from .model_source import ModelBundle, load_bundle
@@ -50,20 +49,16 @@ GRID_MAX_CLASSES = 16            # grid.png has at most this many rows (classes)
 GRID_MAX_PER_CLASS = 32          # ... of at most this many images: its size does not grow with the run
 
 
-@dataclass
-class SampleConfig:
-    """The ``sample`` settings. These defaults are the project's (params.yaml repeats them for DVC)."""
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(SamplingSettings):
+    """The ``sample`` settings: the pipeline's ``SamplingSettings`` (sampler, num_steps,
+    guidance_scale, eta, guided_channels, cache_interval) and the bulk job's own, checked when made.
+    These defaults are the project's (params.yaml repeats them for DVC)."""
 
     model: str                               # models:/name/3, models:/name@alias, runs:/..., checkpoint or .pt
     output: str                              # folder or s3:// prefix
     num_images: int = 1000
     class_labels: list[int] | str = "all"    # "all" (cycle through classes), "uniform" (random), or a list
-    sampler: str = "dpm-solver++"            # eps models: ddpm | ddim | dpm-solver++; flow: euler | heun | dpm-solver++
-    num_steps: int = 20
-    eta: float = 0.0                         # ddim only
-    guidance_scale: float = 2.0              # 1: no guidance
-    guided_channels: int | None = None       # None: all latent channels; 3: the official variant
-    cache_interval: int = 1                  # >1: run the blocks on one step in this many (BlockCache)
     seed: int = 0
     batch_size: int = 250
     images_per_shard: int = 250
@@ -81,6 +76,29 @@ class SampleConfig:
     use_gpu: bool | None = None              # default: when the cluster has GPUs
     bf16: bool = True                        # autocast on GPU
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_images", "batch_size", "images_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.actor_num_cpus is not None and self.actor_num_cpus <= 0:
+            raise ValueError(f"actor_num_cpus={self.actor_num_cpus} must be > 0 (a fraction is fine), or None for the default")
+        if isinstance(self.class_labels, str) and self.class_labels not in CLASS_LABEL_MODES:
+            raise ValueError(f"class_labels={self.class_labels!r}; use 'all', 'uniform' or a list of class ids")
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown or not self.formats:
+            raise ValueError(f"formats {sorted(unknown) or self.formats} not understood; choose from {FORMATS}")
+        if self.baseline_images < 0:
+            raise ValueError(f"baseline_images={self.baseline_images} must be >= 0 (0: no untrained baseline)")
+        if not 0 <= self.grid_per_class <= GRID_MAX_PER_CLASS:
+            raise ValueError(f"grid_per_class={self.grid_per_class} must be within 0..{GRID_MAX_PER_CLASS} (0: no grid.png)")
+        if self.grid_classes is not None and not 1 <= len(self.grid_classes) <= GRID_MAX_CLASSES:
+            raise ValueError(f"grid_classes has {len(self.grid_classes)} classes; give 1 to {GRID_MAX_CLASSES}, or null for evenly spaced ones")
+
+    def labels(self, num_classes: int, baseline: bool = False) -> np.ndarray:
+        """The class label of every image (``baseline``: of the untrained baseline's)."""
+        return class_labels_for(self.class_labels, self.baseline_images if baseline else self.num_images, num_classes, self.seed)
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide the images (a resumed run must share them)."""
         keep = ("model", "num_images", "class_labels", "sampler", "num_steps", "eta", "guidance_scale",
@@ -90,28 +108,9 @@ class SampleConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows: (index, class label, seed), a pure function of the config
+# Rows: (index, class label, seed), a pure function of the config (dit_core.pipeline's
+# ``image_seed`` and ``class_labels_for``)
 # ---------------------------------------------------------------------------------------------
-
-def image_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for image ``index`` of a run with ``seed``; independent across indices."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def class_labels_for(cfg: SampleConfig, num_classes: int) -> np.ndarray:
-    n = cfg.num_images
-    if cfg.class_labels == "all":
-        return np.arange(n) % num_classes
-    if cfg.class_labels == "uniform":
-        return np.random.default_rng(cfg.seed).integers(0, num_classes, n)
-    labels = np.asarray(list(cfg.class_labels), dtype=np.int64)
-    if labels.size == 0:
-        raise ValueError("class_labels is an empty list; give labels, 'all' or 'uniform'")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise ValueError(f"class labels {sorted(set(bad.tolist()))} are out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-    return labels[np.arange(n) % labels.size]
-
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}"
@@ -131,43 +130,8 @@ def shard_files(output: str, shard: int, formats: Sequence[str]) -> dict[str, st
 
 
 # ---------------------------------------------------------------------------------------------
-# The actor: loads the model and autoencoder once, generates and writes whole shards
+# The actor: wraps the image pipeline (the model and autoencoder loaded once), writes whole shards
 # ---------------------------------------------------------------------------------------------
-
-class ImageSampler:
-    """The model, the autoencoder and the sampler settings, loaded once: labels and per-image seeds
-    in, uint8 images out. Plain PyTorch (the Ray actor below wraps it)."""
-
-    def __init__(self, bundle: ModelBundle, autoencoder: Any, scale_factor: float, cfg: SampleConfig,
-                 model: torch.nn.Module | None = None):
-        self.cfg = cfg
-        use_cuda = torch.cuda.is_available() and cfg.use_gpu is not False
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        if use_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.model = (model if model is not None else bundle.build_model()).eval().to(self.device)
-        self.autoencoder = autoencoder.to(self.device)
-        self.scale_factor = float(scale_factor)
-        self.objective = make_objective(bundle.diffusion, learn_sigma=self.model.config.learn_sigma)
-        self.sampler = self.objective.sampler(cfg.sampler, cfg.num_steps, eta=cfg.eta)  # reset per trajectory
-
-    def generate(self, labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images for these labels and per-image seeds."""
-        cfg, mc = self.cfg, self.model.config
-        out = []
-        for start in range(0, len(labels), cfg.batch_size):
-            lab = torch.as_tensor(labels[start:start + cfg.batch_size], dtype=torch.long, device=self.device)
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + cfg.batch_size]]
-            noise = randn((len(gens), mc.in_channels, mc.input_size, mc.input_size), gens, self.device)
-            fn = make_model_fn(self.model, lab, cfg.guidance_scale, cfg.guided_channels, cfg.cache_interval)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16)
-            with torch.no_grad(), autocast:
-                latents = sample_loop(self.sampler, fn, noise, gens)
-                images = self.autoencoder.decode(latents / self.scale_factor)
-            out.append(to_uint8(images))
-        return np.concatenate(out)
-
 
 def untrained_model(bundle: ModelBundle, seed: int) -> torch.nn.Module:
     """A freshly initialised model of the bundle's architecture (seeded: the same on every actor)."""
@@ -191,14 +155,21 @@ class ShardGenerator:
         self.bundle = bundle
         self.cfg = SampleConfig(**cfg)
         use_assigned_cpus()
-        self.samplers = {SAMPLES: ImageSampler(bundle["model"], bundle["autoencoder"], bundle["scale_factor"], self.cfg)}
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.cfg.use_gpu is not False else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.pipelines: dict[int, ImagePipeline] = {}
 
-    def sampler(self, kind: int) -> ImageSampler:
-        if kind not in self.samplers:   # the untrained model, built on this actor when it first needs it
+    def pipeline(self, kind: int) -> ImagePipeline:
+        """The trained model's pipeline, or (BASELINE) the untrained model's, built on this actor
+        when it first needs it."""
+        if kind not in self.pipelines:
             b = self.bundle
-            model = untrained_model(b["model"], self.cfg.seed)
-            self.samplers[kind] = ImageSampler(b["model"], b["autoencoder"], b["scale_factor"], self.cfg, model=model)
-        return self.samplers[kind]
+            model = b["model"].build_model() if kind == SAMPLES else untrained_model(b["model"], self.cfg.seed)
+            self.pipelines[kind] = ImagePipeline(model, b["autoencoder"], b["scale_factor"], b["model"].diffusion,
+                                                 device=self.device, bf16=self.cfg.bf16)
+        return self.pipelines[kind]
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch holds whole shards (one block per shard, never split): generate and write each."""
@@ -223,7 +194,7 @@ class ShardGenerator:
 
         order = np.argsort(index)
         index, labels, seeds = index[order], labels[order], seeds[order]
-        images = self.sampler(kind).generate(labels, seeds)
+        images = self.pipeline(kind).generate(labels, seeds, self.cfg, self.cfg.batch_size)
         if kind == SAMPLES:
             files = shard_files(self.cfg.output, shard, self.cfg.formats)
         else:
@@ -254,59 +225,18 @@ class ShardGenerator:
 # The driver
 # ---------------------------------------------------------------------------------------------
 
-def validate(cfg: SampleConfig) -> None:
-    if cfg.sampler not in ALL_SAMPLERS:
-        raise ValueError(f"sampler {cfg.sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
-    if cfg.guidance_scale < 0:
-        raise ValueError(f"guidance_scale={cfg.guidance_scale} must be >= 0 (1 = no guidance)")
-    for name in ("num_images", "num_steps", "batch_size", "images_per_shard"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if int(cfg.cache_interval) < 1:
-        raise ValueError(f"cache_interval={cfg.cache_interval} must be at least 1 (1 = no caching)")
-    if cfg.actor_num_cpus is not None and cfg.actor_num_cpus <= 0:
-        raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} must be > 0 (a fraction is fine), or None for the default")
-    if isinstance(cfg.class_labels, str) and cfg.class_labels not in ("all", "uniform"):
-        raise ValueError(f"class_labels={cfg.class_labels!r}; use 'all', 'uniform' or a list of class ids")
-    unknown = set(cfg.formats) - set(FORMATS)
-    if unknown or not cfg.formats:
-        raise ValueError(f"formats {sorted(unknown) or cfg.formats} not understood; choose from {FORMATS}")
-    if cfg.baseline_images < 0:
-        raise ValueError(f"baseline_images={cfg.baseline_images} must be >= 0 (0: no untrained baseline)")
-    if not 0 <= cfg.grid_per_class <= GRID_MAX_PER_CLASS:
-        raise ValueError(f"grid_per_class={cfg.grid_per_class} must be within 0..{GRID_MAX_PER_CLASS} (0: no grid.png)")
-    if cfg.grid_classes is not None and not 1 <= len(cfg.grid_classes) <= GRID_MAX_CLASSES:
-        raise ValueError(f"grid_classes has {len(cfg.grid_classes)} classes; give 1 to {GRID_MAX_CLASSES}, or null for evenly spaced ones")
-
-
-def load_autoencoder_for(cfg: SampleConfig, bundle: ModelBundle) -> tuple[Any, float]:
-    path = cfg.autoencoder or bundle.latents.get("autoencoder_path")
+def load_autoencoder_for(bundle: ModelBundle, autoencoder: str | None = None, scale_factor: float | None = None) -> tuple[Any, float]:
+    """The autoencoder ``autoencoder`` names (default: the one the model records), local or on S3,
+    and the latent scale (``scale_factor``, else the model's latent record, else the autoencoder's);
+    refused when it does not fit the model (``dit_core.pipeline.load_fitting_autoencoder``)."""
+    path = autoencoder or bundle.latents.get("autoencoder_path")
     if not path:
         raise ValueError(
-            f"model {cfg.model!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
+            f"model {bundle.source!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
             "with a diffusers AutoencoderKL folder, e.g. a local copy of stabilityai/sd-vae-ft-ema"
         )
     with storage.local_copy(path, AUTOENCODER_RECORD) as local:
-        ae = load_autoencoder(local)
-        ours = os.path.isfile(os.path.join(local, AUTOENCODER_RECORD))  # trained here, for one image size
-    scale = cfg.scale_factor or bundle.latents.get("scale_factor") or getattr(ae, "scale_factor", None)
-    if not scale:
-        raise ValueError(f"no latent scale factor for autoencoder {path!r}; pass --scale-factor")
-    mc = bundle.config
-    latent_channels = getattr(ae, "latent_channels", mc.in_channels)
-    if latent_channels != mc.in_channels:
-        raise ValueError(
-            f"the model takes {mc.in_channels}-channel latents but autoencoder {path!r} makes {latent_channels}; "
-            "use the autoencoder the model was trained with"
-        )
-    trained_for = ae.record.image_size
-    if ours and trained_for and trained_for != mc.input_size * ae.downsample:
-        raise ValueError(
-            f"the model makes {mc.input_size}x{mc.input_size} latents, which autoencoder {path!r} (downsample "
-            f"{ae.downsample}) decodes to {mc.input_size * ae.downsample}px images, but it was trained on "
-            f"{trained_for}px images; use the autoencoder the model was trained with"
-        )
-    return ae, float(scale)
+        return load_fitting_autoencoder(local, bundle.config, scale_factor or bundle.latents.get("scale_factor"), name=path)
 
 
 def _check_resume(cfg: SampleConfig) -> None:
@@ -330,30 +260,6 @@ def missing_shards(cfg: SampleConfig, baseline: bool = False) -> list[int]:
     present = set(storage.list_files(output))
     return [s for s in range(math.ceil(total / cfg.images_per_shard))
             if not all(f in present for f in shard_files(output, s, formats).values())]
-
-
-# A lost actor or node costs only the shards it was writing: Ray Data's actor pool replaces a dead
-# actor (on another node when its own is gone) and retries its shards there, without bound (a bound
-# is spent in seconds while a lost node is not yet declared dead: every retry fails at once). Up to
-# ACTOR_INIT_DEATHS actors in a row may also die while loading the model (Ray's default: none).
-ACTOR_INIT_DEATHS = 3
-
-
-def actor_pool(num_actors: int | None, actor_num_cpus: float | None, use_gpu: bool | None, work: int) -> tuple[int, float, bool]:
-    """(actors, CPUs each, whether each holds a GPU) for an actor pool over ``work`` blocks: by
-    default one actor per GPU when the cluster has GPUs (a whole GPU each), else one per CPU, the
-    cores split evenly less a quarter core each for Ray Data's own tasks (and an actor fits on one
-    node: a pool that asks for whole cores on a small machine starves those tasks and hangs)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
-    actors = max(1, min(num_actors or int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)), work))
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    cpus = 1.0 if gpu else max(0.25, min(float(resources.get("CPU", 1)) / actors, node_cpus) - 0.25)
-    if actor_num_cpus is not None and not gpu:
-        cpus = float(actor_num_cpus)
-    return actors, cpus, gpu
 
 
 def read_shard(output: str, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -401,64 +307,29 @@ def grid_rows(cfg: SampleConfig, labels: np.ndarray) -> np.ndarray:
 
 class GridBuilder:
     """grid.png filled as shards stream by: one row per class, up to ``per_class`` images each, a
-    1-pixel gap. Its size is fixed by the classes and ``per_class``, never by the run."""
+    1-pixel gap (``dit_core.data.image_grid``). Its size is fixed by the classes and ``per_class``,
+    never by the run."""
 
     def __init__(self, classes: np.ndarray, per_class: int):
         self.classes, self.per_class = [int(c) for c in classes], per_class
         self.filled = {c: 0 for c in self.classes}
-        self.canvas: np.ndarray | None = None
+        self.cells: np.ndarray | None = None   # (classes, per_class, H, W, C); white where not yet filled
 
     @property
     def full(self) -> bool:
         return all(n >= self.per_class for n in self.filled.values())
 
     def add(self, images: np.ndarray, labels: np.ndarray) -> None:
-        h, w, c = images.shape[1:]
-        if self.canvas is None:
-            self.canvas = np.full((len(self.classes) * (h + 1) + 1, self.per_class * (w + 1) + 1, c), 255, np.uint8)
+        if self.cells is None:
+            self.cells = np.full((len(self.classes), self.per_class, *images.shape[1:]), 255, np.uint8)
         for image, label in zip(images, labels.tolist()):
             col = self.filled.get(label, self.per_class)
             if col < self.per_class:
-                row = self.classes.index(label)
-                self.canvas[1 + row * (h + 1):1 + row * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
+                self.cells[self.classes.index(label), col] = image
                 self.filled[label] = col + 1
 
     def png(self, scale: int = 4) -> bytes:
-        from PIL import Image
-
-        img = Image.fromarray(self.canvas)
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)  # small images, visible
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
-
-
-@contextlib.contextmanager
-def open_output(uri: str) -> Iterator[IO[bytes]]:
-    """A local file to write ``uri`` into; it appears at ``uri`` (renamed, or uploaded in chunks to
-    S3) only when the block ends without an error. Memory: none beyond the copy buffer."""
-    import shutil
-    import tempfile
-
-    fs, path = storage.resolve(uri)
-    if storage.is_s3(uri):
-        tmp = os.path.join(tempfile.gettempdir(), f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    else:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"   # remove_temporaries clears it if the job is killed
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if storage.is_s3(uri):
-            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return png_bytes(image_grid(self.cells, scale))
 
 
 def finish(cfg: SampleConfig, labels: np.ndarray) -> list[str]:
@@ -484,14 +355,14 @@ def finish(cfg: SampleConfig, labels: np.ndarray) -> list[str]:
             if want_npz:
                 if writer is None:
                     npz = storage.join(cfg.output, NPZ_FILE)
-                    writer = AdmNpzWriter(stack.enter_context(open_output(npz)), cfg.num_images, images.shape[1:])
+                    writer = AdmNpzWriter(stack.enter_context(storage.open_output(npz)), cfg.num_images, images.shape[1:])
                     written.append(npz)
                 writer.write(images, labs)
             if builder is not None:
                 builder.add(images, labs)
         if writer is not None:
             writer.close()
-    if builder is not None and builder.canvas is not None:
+    if builder is not None and builder.cells is not None:
         written.append(storage.join(cfg.output, GRID_FILE))
         storage.write_bytes(written[-1], builder.png())
     return written
@@ -515,17 +386,16 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     """Generate every missing shard of ``cfg.output`` (and of its baseline); return the closing summary."""
     import ray
 
-    validate(cfg)
     cfg = replace(cfg, output=storage.absolute(cfg.output))  # actors run in their own folders
     storage.check_writable(cfg.output)
     bundle = load_bundle(cfg.model, cfg.expect_preset)
     mc = bundle.config
     check_sampler(bundle.diffusion, cfg.sampler)   # before any work: an eps sampler on a flow model is refused
-    labels = class_labels_for(cfg, mc.num_classes)
-    base_labels = class_labels_for(replace(cfg, num_images=cfg.baseline_images), mc.num_classes) if cfg.baseline_images else labels[:0]
+    labels = cfg.labels(mc.num_classes)
+    base_labels = cfg.labels(mc.num_classes, baseline=True)
     if cfg.grid_per_class:
         grid_rows(cfg, labels)   # chosen grid classes checked before any sampling
-    autoencoder, scale = load_autoencoder_for(cfg, bundle)
+    autoencoder, scale = load_autoencoder_for(bundle, cfg.autoencoder, cfg.scale_factor)
     _check_resume(cfg)
 
     storage.remove_temporaries(cfg.output)  # a killed run's half-written shards
@@ -536,24 +406,16 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         init_ray()
         runtime.require_shared({"sample output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
         runtime.require_persistent({"sample output": cfg.output})
-        actors, cpus, use_gpu = actor_pool(cfg.num_actors, cfg.actor_num_cpus, cfg.use_gpu, len(todo))
         # The rows (index, label, seed), one block per shard: an actor gets whole shards, and no
         # shuffle is needed (a groupby's reduce tasks would wait for CPUs the actors hold).
         blocks = [shard_block(cfg, kind, shard, labels, cfg.num_images) if kind == SAMPLES
                   else shard_block(cfg, kind, shard, base_labels, cfg.baseline_images) for kind, shard in todo]
         bundle_ref = ray.put({"model": bundle, "autoencoder": autoencoder, "scale_factor": scale})
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
-        out = ray.data.from_arrow(blocks).map_batches(
-            ShardGenerator,
+        out = runtime.map_with_actor_pool(
+            ray.data.from_arrow(blocks), ShardGenerator, (bundle_ref, asdict(cfg)), work=len(todo),
             batch_size=None,             # whole blocks: a shard is never split across batches
-            fn_constructor_args=(bundle_ref, asdict(cfg)),
-            batch_format="numpy",
-            concurrency=actors,
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=cpus,
-            runtime_env={"env_vars": storage.aws_env()},
+            num_actors=cfg.num_actors, actor_num_cpus=cfg.actor_num_cpus, use_gpu=cfg.use_gpu, progress=progress,
+            init_deaths=runtime.ACTOR_INIT_DEATHS,
         ).take_all()
         for r in out:
             generated[int(r["kind"])] += int(r["images"])
@@ -604,7 +466,6 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     try:
         given = {**settings.read_settings(a, SampleConfig, "sample"), **settings.from_args(a, SampleConfig)}
         cfg = settings.build(SampleConfig, {**given, "model": a.model, "output": out}, "sample")
-        validate(cfg)
     except (TypeError, ValueError) as e:
         p.error(str(e))
     return cfg

@@ -13,7 +13,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -91,24 +91,58 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise FileNotFoundError(f"{uri} does not exist") from e
 
 
+@contextlib.contextmanager
+def open_output(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A local file to write ``uri`` into; it appears at ``uri`` (renamed, or uploaded in chunks to
+    S3) only when the block ends without an error: readers see the old content or the whole new
+    content, never a part. Memory: none beyond the copy buffer."""
+    import shutil
+
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        tmp = os.path.join(tempfile.gettempdir(), f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"   # remove_temporaries clears it if the writer is killed
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if is_s3(uri):
+            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write atomically: readers see the old content or the whole new content, never a part."""
+    """Write atomically: readers see the old content or the whole new content, never a part (an S3
+    object appears whole when its upload completes)."""
     fs, path = resolve(uri)
     if is_s3(uri):
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open_output(uri) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def publishing(out: str, record: str) -> Iterator[str]:
+    """A new version folder of the published folder ``out`` (local or s3://) to write into, the
+    record file ``record`` last: committed (``out`` then reads as the new version) when the block
+    ends, removed when it raises; readers of ``out`` never see a part of it."""
+    staging = begin_output(out, record)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        yield staging
+        commit_output(staging, out, record)
+    except BaseException:
+        abort_output(staging, out)
+        raise
 
 
 def read_json(uri: str | os.PathLike) -> Any:

@@ -242,9 +242,7 @@ def sampling_defaults(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     unknown = sorted(set(given or {}) - set(known))
     if unknown:
         raise ValueError(f"model_info sampling keys {unknown} are unknown; known: {known}")
-    chosen = SamplingSettings(**(given or {}))
-    chosen.check()
-    return asdict(chosen)
+    return asdict(SamplingSettings(**(given or {})))
 
 
 @contextlib.contextmanager
@@ -309,6 +307,8 @@ def _model_requirements() -> list[str]:
 FID_TAG = "fid"                         # on a model version: its FID (lower is better)
 FID_FEATURES_TAG = "fid_features"       # the feature network that FID was measured with (a trained one: with its weights' digest)
 FID_REFERENCE_TAG = "fid_reference"     # the statistics it was measured against (the val split: with the data's fingerprint)
+FD_LABEL_FREE_TAG = "fd_label_free"     # its label-free distance (lower is better): the alias never moves to a worse one
+FD_LABEL_FREE_BASIS_TAG = "fd_label_free_basis"  # how that was measured: the pixel features and the reference
 
 
 def log_evaluation(
@@ -368,28 +368,44 @@ def alias_holder(name: str, alias: str) -> ModelVersion | None:
 
 
 def promote_if_better(name: str, version: str, fid: float, features: str, alias: str = "champion",
-                      reference: str | None = None) -> dict[str, Any]:
+                      reference: str | None = None, label_free: float | None = None,
+                      label_free_basis: str | None = None) -> dict[str, Any]:
     """Move ``alias`` to ``version`` when its FID beats the current holder's, measured with the same
     feature network (``features``, the ``FID_FEATURES_TAG``) against the same reference
-    (``reference``, the ``FID_REFERENCE_TAG``). FIDs measured otherwise are not comparable (a
-    retrained classifier, new data): a holder scored otherwise is replaced. Returns what happened:
-    ``{"moved": bool, "previous": version or None, "previous_fid": its FID if compared, ...}``."""
+    (``reference``, the ``FID_REFERENCE_TAG``), and its label-free distance (``label_free``) is no
+    worse than the holder's measured the same way (``label_free_basis``, the
+    ``FD_LABEL_FREE_BASIS_TAG``): a classifier's FID is blind to colour, background and diversity,
+    so a better FID never outweighs a worse picture. Scores measured otherwise are not comparable
+    (a retrained classifier, new data): a holder scored otherwise on FID is replaced unless it wins
+    on a comparable label-free distance. Returns what happened: ``{"moved": bool, "previous":
+    version or None, "previous_fid": its FID if compared, "previous_fd_label_free": ...}``."""
     from mlflow import MlflowClient
 
     holder = alias_holder(name, alias)
     previous = str(holder.version) if holder is not None else None
-    previous_fid = None
+    previous_fid = previous_label_free = None
     if (holder is not None and FID_TAG in holder.tags and holder.tags.get(FID_FEATURES_TAG) == features
             and holder.tags.get(FID_REFERENCE_TAG) == reference):
         previous_fid = float(holder.tags[FID_TAG])
-    better = previous is None or previous == str(version) or previous_fid is None or fid < previous_fid
+    if (holder is not None and label_free is not None and label_free_basis is not None and FD_LABEL_FREE_TAG in holder.tags
+            and holder.tags.get(FD_LABEL_FREE_BASIS_TAG) == label_free_basis):
+        previous_label_free = float(holder.tags[FD_LABEL_FREE_TAG])
+    fid_better = previous_fid is None or fid < previous_fid
+    label_free_ok = previous_label_free is None or label_free <= previous_label_free
+    better = previous is None or previous == str(version) or (fid_better and label_free_ok)
     if better:
         MlflowClient().set_registered_model_alias(name, alias, str(version))
-    return {"alias": alias, "moved": bool(better and previous != str(version)), "holder": str(version) if better else previous,
-            "previous": previous, "previous_fid": previous_fid}
+    outcome = {"alias": alias, "moved": bool(better and previous != str(version)), "holder": str(version) if better else previous,
+               "previous": previous, "previous_fid": previous_fid, "previous_fd_label_free": previous_label_free}
+    if not better and fid_better:
+        outcome["reason"] = (f"FID {fid:.4g} beats the holder's but the label-free distance {label_free:.4g} is worse than its "
+                             f"{previous_label_free:.4g}")
+    return outcome
 
 
 __all__ = [
+    "FD_LABEL_FREE_BASIS_TAG",
+    "FD_LABEL_FREE_TAG",
     "FID_FEATURES_TAG",
     "FID_REFERENCE_TAG",
     "FID_TAG",

@@ -145,3 +145,68 @@ def clone_project(dest: Path) -> Path:
     for key, value in (("user.email", "tests@example.invalid"), ("user.name", "tests")):
         run(["git", "config", key, value], dest, env)  # the clone's own commits (a user records a result)
     return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# A small coloured set for judging metrics: shapes (the classes) in colour on coloured grounds
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle")
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(N,) hue in [0, 1), saturation, value -> (N, 3) RGB in [0, 1]."""
+    k = lambda n: (n + h * 6) % 6  # noqa: E731
+    f = lambda n: v - v * s * np.clip(np.minimum(k(n), 4 - k(n)), 0, 1)  # noqa: E731
+    return np.stack([f(5), f(3), f(1)], axis=1)
+
+
+def coloured_shapes(n: int, seed: int, size: int = IMAGE_SIZE, ground_hues: tuple[float, float] = (0.45, 0.75)
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` uint8 (size, size, 3) images of a bright shape (class = index in SHAPES, cycling) of a
+    random hue on a dark ground of a hue in ``ground_hues`` (turns of the colour wheel; the default,
+    cyan to violet), random place and size; with the labels and the shapes' masks (N, size, size)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(SHAPES)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    masks = np.zeros((n, size, size), bool)
+    for i, c in enumerate(labels):
+        r = rng.uniform(0.22, 0.34) * size
+        cy, cx = rng.uniform(r, size - r, 2)
+        if SHAPES[c] == "disc":
+            masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        elif SHAPES[c] == "square":
+            masks[i] = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+        else:   # apex up: rows widen downwards
+            masks[i] = (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) * 0.6)
+    fg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.6, 1.0, n), rng.uniform(0.85, 1.0, n))
+    bg = ground_colours(rng, n, ground_hues)
+    images = np.where(masks[..., None], fg[:, None, None], bg[:, None, None])
+    return (images * 255).round().astype(np.uint8), labels, masks
+
+
+def ground_colours(rng: np.random.Generator, n: int, hues: tuple[float, float]) -> np.ndarray:
+    """(n, 3) dark saturated ground colours of hues in ``hues``, in [0, 1]."""
+    return _hsv_to_rgb(rng.uniform(*hues, n), rng.uniform(0.6, 1.0, n), rng.uniform(0.3, 0.45, n))
+
+
+def desaturated(images: np.ndarray) -> np.ndarray:
+    """Grey copies: each pixel's luminance in all three channels (colour lost, shapes kept)."""
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(luma.round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def grounds_swapped(images: np.ndarray, masks: np.ndarray, seed: int, hues: tuple[float, float] = (0.0, 0.15)) -> np.ndarray:
+    """Copies with each ground repainted in a hue of ``hues`` (default red to yellow, a range the
+    originals never use); the shapes kept as they are."""
+    bg = ground_colours(np.random.default_rng(seed), len(images), hues)
+    out = images.copy()
+    out[~masks] = (np.repeat(bg, (~masks).reshape(len(masks), -1).sum(1), axis=0) * 255).round().astype(np.uint8)
+    return out
+
+
+def one_per_class(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Copies in which every image of a class is that class's first image: mode collapse that a
+    classifier's features (which gather each class in a tight cluster) hardly see."""
+    first = {int(c): images[np.flatnonzero(labels == c)[0]] for c in np.unique(labels)}
+    return np.stack([first[int(c)] for c in labels])

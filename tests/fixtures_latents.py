@@ -79,3 +79,13 @@ def write_synthetic_latents(
         stats["fingerprint"] = hashlib.sha256(f"{stats['fingerprint']}\tviews={','.join(stored)}".encode()).hexdigest()
     (root / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     return stats
+
+
+def publish_autoencoder(ae: Any, out: str) -> None:
+    """Publish ``ae`` as the train_autoencoder stage does: a new version folder of ``out``, its record last."""
+    from dit_core.autoencoders import RECORD
+    from pipelines.train_autoencoder import write_version
+    from ray_jobs import storage
+
+    with storage.publishing(str(out), RECORD) as staging:
+        write_version(ae, staging)

@@ -161,7 +161,8 @@ def test_killed_prepare_keeps_the_previous_output(kind, tmp_path, request):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_killed_train_autoencoder_keeps_the_previous_output(kind, prepared_digits, tmp_path, request):
-    from pipelines.train_autoencoder import main, publish
+    from pipelines.train_autoencoder import main
+    from tests.fixtures_latents import publish_autoencoder as publish
 
     root = where(kind, tmp_path, request)
     out = storage.join(root, "autoencoder")
@@ -190,7 +191,7 @@ def test_killed_train_autoencoder_keeps_the_previous_output(kind, prepared_digit
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", KINDS)
 def test_killed_encode_keeps_the_previous_output(kind, ray_cluster, prepared_small, tmp_path, request):
-    from pipelines.train_autoencoder import publish
+    from tests.fixtures_latents import publish_autoencoder as publish
     from ray_jobs.encode import STATS, config_from, encode
     from ray_jobs.train import read_stats, train_shards
 

@@ -20,7 +20,8 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from pipelines.prepare import PrepareConfig, prepare
-from pipelines.train_autoencoder import build_autoencoder, publish
+from pipelines.train_autoencoder import build_autoencoder
+from tests.fixtures_latents import publish_autoencoder as publish
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, prepare_params, repo_params
 

@@ -36,7 +36,8 @@ from dit_core.diffusers_interop import (  # noqa: E402
     to_diffusers_transformer,
     use_official_timestep_embedding,
 )
-from dit_core.diffusion import DDIMSampler, create_diffusion, make_betas, make_model_fn, sample_loop  # noqa: E402
+from dit_core.diffusion import DDIMSampler, create_diffusion, make_betas, sample_loop  # noqa: E402
+from dit_core.pipeline import make_model_fn  # noqa: E402
 from dit_core.models import DiT, DiTConfig, load_checkpoint  # noqa: E402
 from tests.test_models import randomize  # noqa: E402
 

@@ -10,7 +10,6 @@ from dit_core.diffusion import (
     GaussianDiffusion,
     create_diffusion,
     make_betas,
-    make_model_fn,
     make_sampler,
     randn,
     sample_loop,
@@ -18,6 +17,7 @@ from dit_core.diffusion import (
     training_losses,
 )
 from dit_core.models import DiT, DiTConfig
+from dit_core.pipeline import make_model_fn
 
 # Gaussian data x_0 ~ N(MU, S^2), elementwise. Then x_t ~ N(sqrt(abar) MU, abar S^2 + 1 - abar) and
 # the optimal epsilon-predictor is E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) MU) / (abar S^2 + 1 - abar).
@@ -168,11 +168,26 @@ def test_per_sample_generators_make_images_independent_of_the_batch():
 
 
 def test_guidance_scale_must_be_non_negative():
-    model = DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=10))
-    with pytest.raises(ValueError, match="guidance_scale=-1"):
-        make_model_fn(model, torch.tensor([0]), guidance_scale=-1.0)
+    from dit_core.pipeline import SamplingSettings
+
+    with pytest.raises(ValueError, match="guidance_scale=-1"):   # checked once, where it enters: the settings
+        SamplingSettings(guidance_scale=-1.0)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         make_sampler("euler", create_diffusion(), 10)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"sampler": "lms"}, "sampler 'lms' is unknown"),
+    ({"num_steps": 0}, "num_steps=0 must be at least 1"),
+    ({"eta": -0.5}, "eta=-0.5 must be >= 0"),
+    ({"guided_channels": 0}, "guided_channels=0 must be at least 1"),
+    ({"cache_interval": 0}, "cache_interval=0 must be at least 1"),
+])
+def test_sampling_settings_are_checked_when_made(bad, match):
+    from dit_core.pipeline import SamplingSettings
+
+    with pytest.raises(ValueError, match=match):
+        SamplingSettings(**bad)
 
 
 def test_hybrid_loss_terms():

@@ -131,6 +131,13 @@ def test_whole_pipeline_meets_the_quality_bar(project):
     assert ev["feature_network"] == "classifier"
     assert ev["class_accuracy"] >= 0.8, ev
     assert ev["fid"] <= 0.25 * ev["fid_untrained"], ev
+    # the field's table and the label-free distance, with the autoencoder's floor and the untrained baseline
+    assert 0 <= ev["precision"] <= 1 and 0 <= ev["recall"] <= 1 and ev["sfid"] > 0, ev
+    assert 1 <= ev["inception_score"] <= 10 and ev["pr_images"] == ev["num_samples"], ev     # 10 classes; the whole set
+    assert 0 < ev["fd_label_free_floor"] < ev["fd_label_free_untrained"], ev
+    assert ev["fd_label_free"] < ev["fd_label_free_untrained"], ev
+    assert ev["fd_label_free_ratio_to_floor"] == pytest.approx(ev["fd_label_free"] / ev["fd_label_free_floor"])
+    assert set(ev["colour_samples"]) == set(ev["colour_reference"]) == set(ev["colour_floor"]) and "saturation" in ev["colour_ratio"]
     clf = json.loads((root / "metrics/classifier.json").read_text())
     assert clf["val_accuracy"] >= 0.95, clf
     train = json.loads((root / "metrics/train.json").read_text())
@@ -151,6 +158,8 @@ def test_whole_pipeline_meets_the_quality_bar(project):
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert mv.tags["fid_features"] == ev["feature_network_id"] and ev["feature_network_id"].startswith("classifier@")
     assert mv.tags["fid_reference"] == ev["reference_id"] == f"val@{manifest['fingerprint'][:16]}"
+    assert float(mv.tags["fd_label_free"]) == pytest.approx(ev["fd_label_free"], rel=1e-4)
+    assert mv.tags["fd_label_free_basis"] == f"{ev['fd_label_free_measure']}@{ev['reference_id']}"
     champion = client.get_model_version_by_alias(pointer["registered_model"], "champion")
     assert str(champion.version) == str(pointer["version"])
     run_ = client.get_run(pointer["mlflow_run_id"])
@@ -230,6 +239,7 @@ def test_experiments_run_show_and_compare(project):
         data = exp_row(shown, name)["data"]
         ev = data["metrics"]["metrics/eval.json"]["data"]
         assert 0 <= ev["class_accuracy"] <= 1 and ev["fid"] > 0
+        assert ev["fd_label_free"] > 0 and ev["fd_label_free_floor"] > 0 and ev["colour_samples"]["luminance"] > 0
         evals[name] = ev
         assert data["params"]["params.yaml"]["data"]["train"]["steps"] == 200
     assert evals["short"]["guidance_scale"] == 2.0 and evals["nocfg"]["guidance_scale"] == 1.0

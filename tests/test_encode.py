@@ -16,7 +16,7 @@ from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencod
 from dit_core.data import pngs_to_batch
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.common import read_manifest, read_split
-from pipelines.train_autoencoder import publish
+from tests.fixtures_latents import publish_autoencoder as publish
 from ray_jobs import storage
 from ray_jobs.encode import EncodeBatch, config_from, encode, latents_fingerprint
 from tests.fixtures_data import IMAGE_SIZE, REPO, planted_folder, prepare_params, repo_params, run, stage_env

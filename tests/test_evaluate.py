@@ -5,6 +5,9 @@ version; models load back from their URIs; the classifier the offline FID relies
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +48,7 @@ def eval_metrics(model_uri: str, fid: float) -> dict:
             "feature_network": "classifier", "reference": "val", "num_samples": 8}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)   # a dozen registry writes: minutes on a shared 2-core machine
 def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow_sqlite, tmp_path):
     from mlflow import MlflowClient
 
@@ -104,6 +107,54 @@ def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow
         torch.testing.assert_close(bundle.build_model()(x, t, y), m1(x, t, y))
         assert bundle.latents["scale_factor"] == 1.0
     assert load_bundle(f"models:/{NAME}@champion").version == v2
+
+
+def test_the_alias_never_moves_to_a_version_worse_on_the_label_free_distance(mlflow_sqlite, tmp_path):
+    """A better FID does not take the alias from a holder with a better label-free distance measured
+    the same way (same pixel features, same reference); measured otherwise, it is not compared."""
+    from mlflow import MlflowClient
+
+    from pipelines.evaluate import register
+
+    tracking.configure_tracking()
+    client = MlflowClient()
+    versions = [register_version(seed)[1] for seed in (1, 2, 3, 4)]
+
+    def scored(v: str, fid: float, label_free: float, measure: str = "pixels8x8+hist4", features: str = "classifier@aaaa") -> dict:
+        metrics = {**eval_metrics(f"models:/{NAME}/{v}", fid), "feature_network_id": features, "reference_id": "val@1111",
+                   "fd_label_free": label_free, "fd_label_free_measure": measure}
+        return register(fake_samples(tmp_path / f"s-{v}-{fid}-{measure}-{features}", f"models:/{NAME}/{v}"), metrics, "champion")
+
+    assert scored(versions[0], 5.0, 10.0)["moved"]
+    mv = client.get_model_version(NAME, versions[0])
+    assert float(mv.tags[tracking.FD_LABEL_FREE_TAG]) == 10.0
+    assert mv.tags[tracking.FD_LABEL_FREE_BASIS_TAG] == "pixels8x8+hist4@val@1111"
+    out = scored(versions[1], 3.0, 20.0)                                 # better FID, worse picture: stays
+    assert not out["moved"] and out["previous_fid"] == 5.0 and out["previous_fd_label_free"] == 10.0
+    assert "label-free distance 20 is worse" in out["reason"]
+    out = scored(versions[1], 3.0, 20.0, features="classifier@bbbb")      # FID not comparable, picture still worse: stays
+    assert not out["moved"] and out["previous_fid"] is None and out["previous_fd_label_free"] == 10.0
+    out = scored(versions[2], 4.0, 8.0)                                  # better on both: moves
+    assert out["moved"] and out["previous"] == versions[0]
+    out = scored(versions[3], 2.0, 30.0, measure="pixels4x4+hist4")      # label-free measured otherwise: not compared
+    assert out["moved"] and out["previous_fd_label_free"] is None
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == versions[3]
+    assert client.get_run(client.get_model_version(NAME, versions[3]).run_id).data.metrics["eval.fd_label_free"] == 30.0
+
+
+def test_settings_that_cannot_work_are_refused_by_name():
+    from dataclasses import asdict
+
+    from pipelines.evaluate import EvaluateSettings, check_settings
+
+    ok = asdict(EvaluateSettings())
+    check_settings(ok)
+    for change, message in (({"pr_max_images": 3}, "evaluate.pr_max_images=3.*at least 4"),
+                            ({"pixel_pool": 0}, "evaluate.pixel_pool=0"),
+                            ({"features": "clip"}, "evaluate.features='clip'"),
+                            ({"inception_weights": "w.pth"}, "set evaluate.features: inception")):
+        with pytest.raises(SystemExit, match=message):
+            check_settings({**ok, **change})
 
 
 def test_unregistered_models_are_not_registered(mlflow_sqlite, tmp_path):
@@ -188,69 +239,194 @@ def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqli
 
 
 def test_reference_sources(tmp_path):
-    """An ADM .npz with mu/sigma is used as it is; one of arr_0 images becomes slices for the actors."""
+    """An ADM .npz: its mu/sigma (and mu_s/sigma_s) are used as they are when they fit the feature
+    network (the Inception's 2048 values; a classifier's own statistics), its arr_0 images for the
+    rest; statistics of another network's features need arr_0. Images become slices for the actors."""
     from pipelines.evaluate import reference_source
     from ray_jobs.features import npz_items, read_item
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "stats.npz", mu=np.ones(4), sigma=np.eye(4), count=np.int64(7), arr_0=np.zeros((1, 2, 2, 3), np.uint8))
-    stats, items, name, identity = reference_source(str(tmp_path / "stats.npz"), "unused")
-    assert items == [] and stats.count == 7 and name == identity == str(tmp_path / "stats.npz")
-    np.testing.assert_array_equal(stats.sigma, np.eye(4))
+    np.savez(tmp_path / "stats.npz", mu=np.ones(4), sigma=np.eye(4), mu_s=np.zeros(3), sigma_s=np.eye(3), count=np.int64(7))
+    ref = reference_source(str(tmp_path / "stats.npz"), "unused", 4)
+    assert ref.items == [] and ref.stats.count == 7 and ref.name == ref.id == str(tmp_path / "stats.npz")
+    np.testing.assert_array_equal(ref.stats.sigma, np.eye(4))
+    np.testing.assert_array_equal(ref.spatial_stats.mu, np.zeros(3))
+    with pytest.raises(ValueError, match="its mu has 4 values but the feature network gives 64.*give a .npz with arr_0 images"):
+        reference_source(str(tmp_path / "stats.npz"), "unused", 64)
     images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "images.npz", arr_0=images)
-    stats, items, _, _ = reference_source(str(tmp_path / "images.npz"), "unused")
-    assert stats is None and [(i["start"], i["stop"]) for i in items] == [(0, 40)]
-    items = npz_items("reference", str(tmp_path / "images.npz"), rows_per_item=15)
+    np.savez(tmp_path / "adm.npz", mu=np.ones(4), sigma=np.eye(4), arr_0=images)
+    ref = reference_source(str(tmp_path / "adm.npz"), "unused", 4)
+    assert ref.stats is not None and ref.spatial_stats is None and len(ref.items) == 1
+    ref = reference_source(str(tmp_path / "adm.npz"), "unused", 16)
+    assert ref.stats is None and [(i["start"], i["stop"]) for i in ref.items] == [(0, 40)]
+    items = npz_items("reference", str(tmp_path / "adm.npz"), rows_per_item=15)
     assert [(i["start"], i["stop"]) for i in items] == [(0, 15), (15, 30), (30, 40)]
     np.testing.assert_array_equal(np.concatenate([read_item(i)[0] for i in items]), images)
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
     with pytest.raises(ValueError, match="expected mu and sigma, or arr_0 images"):
-        reference_source(str(tmp_path / "other.npz"), "unused")
+        reference_source(str(tmp_path / "other.npz"), "unused", 4)
     with pytest.raises(FileNotFoundError, match="use 'val' or an ADM reference .npz"):
-        reference_source(str(tmp_path / "none.npz"), "unused")
+        reference_source(str(tmp_path / "none.npz"), "unused", 4)
 
 
-@pytest.mark.timeout(600)
-def test_distributed_feature_pass_equals_the_single_process_computation(ray_cluster, tmp_path):
-    """evaluate's FID, untrained FID and class accuracy, with the features of the samples, of the
-    baseline and of the reference computed by two actors in blocks (a shard each) and merged in
-    float64, equal the single-process computation on the same images. Tolerance: FID to a relative
-    1e-6 (float32 features of differently sized batches round differently, ~1e-7 relative; the
-    merge itself is exact to ~1e-12), the accuracy exactly."""
+@pytest.mark.timeout(900)
+def test_distributed_feature_pass_equals_the_single_process_computation(ray_cluster, mlflow_sqlite, tmp_path):
+    """evaluate's table (FID, sFID, IS, precision/recall on a capped subsample), the label-free
+    distance with its floor (the reconstructions of the reference by the autoencoder bundled with the
+    sampled, registered model) and the untrained baseline's, colour statistics and class accuracy,
+    computed by two actors in blocks (a shard each) and merged in float64, equal the single-process
+    computation on the same images. Tolerance: distances to a relative 1e-6 (float32 features of
+    differently sized batches round differently, ~1e-7 relative; the merge itself is exact to
+    ~1e-12), IS to 1e-9, counts and shares exactly."""
     from dataclasses import replace
 
+    from dit_core.autoencoders import load_autoencoder
     from dit_core.classifier import Classifier, ClassifierConfig, predict, save_classifier
-    from dit_core.metrics import batched_features, feature_stats, fid_from_stats, uint8_to_float
-    from pipelines.evaluate import evaluate
+    from dit_core.image_stats import ColourStats, colour_ratios, pixel_features
+    from dit_core.metrics import FeatureSample, feature_stats, fid_from_stats, inception_score, precision_recall, reconstructions, sample_keys, uint8_to_float
+    from pipelines.evaluate import evaluate, shard_uris
+    from ray_jobs.features import npz_items, parquet_items, read_item
     from ray_jobs.sample import SampleConfig, baseline_output, shard_files
+    from tests.fixtures_registry import NAME as REGISTERED, register_tiny_model
     from tests.test_sample import fake_shards
 
+    registered = register_tiny_model(tmp_path)
     torch.manual_seed(0)
     classifier = Classifier(ClassifierConfig(num_classes=3, image_size=8, width=8, feature_dim=16)).eval()
     save_classifier(classifier, tmp_path / "classifier", extra={"metrics": {"val_accuracy": 0.5}})
     rng = np.random.default_rng(0)
     images, base, ref = (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (30, 12, 40))
     labels = np.arange(30) % 3
-    cfg = SampleConfig(model="models:/m/1", output=str(tmp_path / "samples"), num_images=30, images_per_shard=7,
-                       baseline_images=12, sampler="ddim")
+    cfg = SampleConfig(model=f"models:/{REGISTERED}/{registered['version']}", output=str(tmp_path / "samples"), num_images=30,
+                       images_per_shard=7, baseline_images=12, sampler="ddim")
     fake_shards(cfg, images, labels)
     fake_shards(replace(cfg, output=baseline_output(cfg.output), num_images=12), base, labels[:12])
     storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
     np.savez(tmp_path / "ref.npz", arr_0=ref)
-    params = {"features": "classifier", "reference": str(tmp_path / "ref.npz"), "num_actors": 2, "actor_num_cpus": 0.5}
+    params = {"features": "classifier", "inception_weights": None, "reference": str(tmp_path / "ref.npz"), "pr_max_images": 25,
+              "pr_seed": 3, "pixel_pool": 8, "histogram_levels": 4, "floor": True, "autoencoder": None,
+              "num_actors": 2, "actor_num_cpus": 0.5}
 
     metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
 
-    def stats(a):
-        return feature_stats(batched_features(classifier.features, a))
-    assert metrics["fid"] == pytest.approx(fid_from_stats(stats(images), stats(ref)), rel=1e-6)
-    assert metrics["fid_untrained"] == pytest.approx(fid_from_stats(stats(base), stats(ref)), rel=1e-6)
+    def outputs(a):
+        with torch.no_grad():
+            return [t.numpy() for t in classifier.outputs(uint8_to_float(a))]
+
+    def fd(a, b, f):
+        return fid_from_stats(feature_stats(f(a)), feature_stats(f(b)))
+
+    pool, spatial, pixels = (lambda a: outputs(a)[0]), (lambda a: outputs(a)[2]), pixel_features
+    floor = reconstructions(load_autoencoder(registered["autoencoder"]), ref)
+    assert not np.array_equal(floor, ref)
+    assert metrics["fid"] == pytest.approx(fd(images, ref, pool), rel=1e-6)
+    assert metrics["sfid"] == pytest.approx(fd(images, ref, spatial), rel=1e-6)
+    assert metrics["fid_untrained"] == pytest.approx(fd(base, ref, pool), rel=1e-6)
     assert metrics["fid_ratio_to_untrained"] == pytest.approx(metrics["fid"] / metrics["fid_untrained"])
+    assert metrics["fid_floor"] == pytest.approx(fd(floor, ref, pool), rel=1e-6)
+    softmax = lambda a: torch.softmax(torch.from_numpy(outputs(a)[1]).double(), 1).numpy()  # noqa: E731
+    assert metrics["inception_score"] == pytest.approx(inception_score(softmax(images)), rel=1e-9)
+    assert metrics["inception_score_reference"] == pytest.approx(inception_score(softmax(ref)), rel=1e-9)
+    assert metrics["fd_label_free"] == pytest.approx(fd(images, ref, pixels), rel=1e-6)
+    assert metrics["fd_label_free_floor"] == pytest.approx(fd(floor, ref, pixels), rel=1e-6)
+    assert metrics["fd_label_free_untrained"] == pytest.approx(fd(base, ref, pixels), rel=1e-6)
+    assert metrics["fd_label_free_ratio_to_floor"] == pytest.approx(metrics["fd_label_free"] / metrics["fd_label_free_floor"])
+    assert metrics["fd_label_free_measure"] == "pixels8x8+hist4"
+    assert metrics["floor_autoencoder"]        # found through the sampled version's bundle (the floor above proves which)
+    for key, got in (("colour_samples", images), ("colour_reference", ref), ("colour_floor", floor)):
+        assert metrics[key] == pytest.approx(ColourStats.of(got).means()), key
+    assert metrics["colour_ratio"] == pytest.approx(colour_ratios(ColourStats.of(images).means(), ColourStats.of(ref).means()))
+
+    # precision/recall on each set's 25 images with the smallest seeded keys, whichever actor read them
+    def subsample(items):
+        total = None
+        for item in items:
+            got, _ = read_item(item)
+            part = FeatureSample.of(pool(got), sample_keys(3, f"{item['uri']}:{item['start']}", len(got)), 25)
+            total = part if total is None else total.merge(part)
+        return total.features
+    want = precision_recall(subsample(npz_items("reference", str(tmp_path / "ref.npz"))),
+                            subsample(parquet_items("samples", shard_uris(cfg.output))))
+    assert (metrics["precision"], metrics["recall"]) == pytest.approx(want, abs=1e-12)
+    assert (metrics["pr_images"], metrics["pr_reference_images"]) == (25, 25)
     assert metrics["class_accuracy"] == float((predict(classifier, uint8_to_float(images)) == labels).mean())
     assert (metrics["num_samples"], metrics["reference_count"], metrics["baseline_images"]) == (30, 40, 12)
-    assert metrics["sampler"] == "ddim" and metrics["model"] == "models:/m/1"
+    assert metrics["sampler"] == "ddim" and "not_available" not in metrics
 
     storage.delete(shard_files(cfg.output, 2, ["parquet"])["parquet"])
     with pytest.raises(RuntimeError, match="holds 23 of the 30 samples images"):
-        evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+        evaluate(cfg.output, "unused", str(tmp_path / "classifier"), {**params, "floor": False})
+
+
+def test_train_classifier_publishes_a_whole_version(tmp_path):
+    """The train_classifier stage publishes through storage.publishing: the version holds the
+    weights and the record (with the metrics), and reads back as the same classifier."""
+    from pipelines.train_classifier import publish
+
+    model = Classifier(ClassifierConfig(num_classes=3, image_size=8, width=8, feature_dim=16)).eval()
+    out = str(tmp_path / "classifier")
+    publish(model, {"val_accuracy": 0.5}, out)
+    publish(model, {"val_accuracy": 0.75}, out)                     # the next version replaces it whole
+    version = storage.current(out, "classifier.json")
+    assert version.endswith("v-2") and sorted(os.listdir(version)) == ["classifier.json", "classifier.pt"]
+    assert sorted(os.listdir(out)) == ["classifier.json", "v-2"]
+    assert json.loads((Path(version) / "classifier.json").read_text())["metrics"] == {"val_accuracy": 0.75}
+    loaded, _ = load_classifier(version)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.features(x), model.features(x))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_cluster, s3_bucket, tmp_path):
+    """features: inception with its weights on S3 (a randomly initialised pytorch-fid layout under
+    the real file name: the real weights cannot be fetched here), copied once by each actor to its
+    cache. The ADM reference batch's mu/sigma and mu_s/sigma_s (computed here by the same network
+    on its arr_0) give the same FID and sFID as its images; IS comes from the 1008 logits. A batch
+    of statistics alone leaves precision, recall and the label-free distance out, and says why."""
+    from dit_core.classifier import Classifier, ClassifierConfig, save_classifier
+    from dit_core.metrics import FID_INCEPTION_FILE, InceptionFeatures, feature_stats, fid_from_stats, inception_score, uint8_to_float
+    from pipelines.evaluate import evaluate
+    from ray_jobs.features import inception_cache_path
+    from ray_jobs.sample import SampleConfig
+    from tests.test_metrics import random_fid_inception
+    from tests.test_sample import fake_shards
+
+    local = tmp_path / "weights" / FID_INCEPTION_FILE
+    random_fid_inception(local)
+    uri = f"s3://{s3_bucket}/weights/{FID_INCEPTION_FILE}"
+    storage.write_bytes(uri, local.read_bytes())
+    save_classifier(Classifier(ClassifierConfig(num_classes=2, image_size=8, width=8, feature_dim=8)).eval(), tmp_path / "classifier")
+    rng = np.random.default_rng(1)
+    images, ref = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    cfg = SampleConfig(model="unused", output=str(tmp_path / "samples"), num_images=6, images_per_shard=3, baseline_images=0)
+    fake_shards(cfg, images, np.arange(6) % 2)
+    storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
+    net = InceptionFeatures(local)
+    with torch.no_grad():
+        (pool_s, logits_s, spatial_s), (pool_r, _, spatial_r) = (net.outputs(uint8_to_float(a)) for a in (images, ref))
+    ref_stats, ref_spatial = feature_stats(pool_r.numpy()), feature_stats(spatial_r.numpy())
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=ref, mu=ref_stats.mu, sigma=ref_stats.sigma, mu_s=ref_spatial.mu, sigma_s=ref_spatial.sigma)
+    params = {"features": "inception", "inception_weights": uri, "reference": str(tmp_path / "VIRTUAL_ref.npz"), "pr_max_images": 100,
+              "pr_seed": 0, "pixel_pool": 8, "histogram_levels": 4, "floor": False, "autoencoder": None,
+              "num_actors": 1, "actor_num_cpus": 1}
+
+    cached = inception_cache_path(uri)
+    try:
+        metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"), params)
+        assert cached.read_bytes() == local.read_bytes()          # the actor's copy (one host here: the test's cache)
+    finally:
+        shutil.rmtree(cached.parent, ignore_errors=True)          # 100 MB per test bucket otherwise
+    assert metrics["fid"] == pytest.approx(fid_from_stats(feature_stats(pool_s.numpy()), ref_stats), rel=1e-5)
+    assert metrics["sfid"] == pytest.approx(fid_from_stats(feature_stats(spatial_s.numpy()), ref_spatial), rel=1e-5)
+    assert metrics["inception_score"] == pytest.approx(inception_score(torch.softmax(logits_s.double(), 1).numpy()), rel=1e-6)
+    assert metrics["feature_network"] == "inception" and 0 <= metrics["precision"] <= 1 and metrics["fd_label_free"] > 0
+    assert metrics["not_available"] == {"floor": "evaluate.floor is false"}
+
+    np.savez(tmp_path / "stats_only.npz", mu=ref_stats.mu, sigma=ref_stats.sigma)
+    metrics = evaluate(cfg.output, "unused", str(tmp_path / "classifier"),
+                       {**params, "reference": str(tmp_path / "stats_only.npz"), "inception_weights": str(local)})
+    assert metrics["fid"] == pytest.approx(fid_from_stats(feature_stats(pool_s.numpy()), ref_stats), rel=1e-5)
+    assert metrics["precision"] is None and metrics["recall"] is None and metrics["fd_label_free"] is None and metrics["sfid"] is None
+    assert "holds statistics only" in metrics["not_available"]["precision"]
+    assert "mu_s/sigma_s" in metrics["not_available"]["sfid"]

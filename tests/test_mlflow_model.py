@@ -1,5 +1,5 @@
-"""The registered model (ray_jobs/mlflow_model.py) on a real MLflow SQLite registry: the pyfunc's
-images equal the bulk sampler's for the same seeds; the README's load-and-generate example runs in a
+"""The registered model (ray_jobs/mlflow_model.py) on a real MLflow SQLite registry: the bulk job,
+the pyfunc and `dit generate` give the same images for the same seeds (one pipeline); the README's load-and-generate example runs in a
 fresh process that imports the model's own code; the README's `mlflow models serve` command answers
 on loopback; the sample job reads the same bundle; a broken bundle fails at load, naming the part."""
 
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,34 +52,70 @@ def readme_block(lang: str, after: str) -> str:
     return re.search(rf"```{lang}\n(.*?)```", text, re.S).group(1)
 
 
+def grid_cells(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The (rows * cols, H, W, 3) images of a grid with 1-pixel gaps (zoom 1)."""
+    h, w = (grid.shape[0] - 1) // rows - 1, (grid.shape[1] - 1) // cols - 1
+    return np.stack([grid[1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w]
+                     for i in range(rows) for j in range(cols)])
+
+
 @pytest.mark.timeout(300)
-def test_predict_equals_the_bulk_samplers_images(registry):
+def test_bulk_job_pyfunc_and_cli_give_the_same_images(registry, tmp_path):
+    """One generator: the bulk job's actor, the pyfunc model and `dit generate` all call
+    dit_core.pipeline.ImagePipeline, so one (label, seed, settings) gives the same bytes in each."""
     import mlflow
+    import pyarrow.parquet as pq
 
-    from dit_core.pipeline import SamplingSettings
+    from dit_core.pipeline import SamplingSettings, image_seed
+    from pipelines.cli import generate
     from ray_jobs.model_source import load_bundle
-    from ray_jobs.sample import ImageSampler, SampleConfig, image_seed, load_autoencoder_for
+    from ray_jobs.sample import SAMPLES, SampleConfig, ShardGenerator, load_autoencoder_for, read_shard
 
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    seeds = [image_seed(7, i) for i in range(4)]          # the bulk sampler's seeds of a run with seed 7
-    labels = [3, 7, 0, 9]
-    rows = pd.DataFrame({"class_label": [3, "seven", "0", 9], "seed": seeds})   # ids, a name, numeric text
-    out = model.predict(rows)
+    uri = f"models:/{NAME}@champion"
+    labels, seeds = [3, 7], [image_seed(7, 0), image_seed(7, 1)]   # the bulk job's seeds of a run with seed 7
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"class_label": [3, "seven"], "seed": seeds}))   # an id and a name
     assert list(out.columns) == ["image", "class_label", "seed"]
     assert out["class_label"].tolist() == labels and out["seed"].tolist() == seeds
-    images = np.stack([decode(b) for b in out["image"]])
-    assert images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) and images.std() > 5
+    pyfunc = np.stack([decode(b) for b in out["image"]])
+    assert pyfunc.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and pyfunc.std() > 5
+    assert not np.array_equal(pyfunc[0], pyfunc[1])
 
-    # the sample job's path: load_bundle reads the same bundle, its autoencoder comes from it
-    bundle = load_bundle(f"models:/{NAME}@champion")
+    # the bulk job's actor, given the rows (index, label, seed) of one shard; the recorded settings
+    bundle = load_bundle(uri)
     assert bundle.version == registry["version"] and bundle.sampling == {**vars(SamplingSettings()), **SAMPLING}
     assert bundle.latents["class_names"] == CLASS_NAMES and Path(bundle.latents["autoencoder_path"]).is_dir()
     for k, v in registry["model"].state_dict().items():
         assert torch.equal(bundle.state_dict[k], v), k
-    cfg = SampleConfig(model=f"models:/{NAME}@champion", output="unused", batch_size=64, **SAMPLING)
-    ae, scale = load_autoencoder_for(cfg, bundle)
-    bulk = ImageSampler(bundle, ae, scale, cfg).generate(np.array(labels), np.array(seeds, dtype=np.uint64))
-    np.testing.assert_array_equal(images, bulk)
+    cfg = SampleConfig(model=uri, output=str(tmp_path / "bulk"), num_images=2, images_per_shard=2, batch_size=1,
+                       formats=["parquet"], use_gpu=False, **bundle.sampling)
+    ae, scale = load_autoencoder_for(bundle)
+    actor = ShardGenerator({"model": bundle, "autoencoder": ae, "scale_factor": scale}, asdict(cfg))
+    done = actor({"index": np.array([1, 0]), "label": np.array(labels[::-1]), "seed": np.array(seeds[::-1], dtype=np.uint64),
+                  "kind": np.array([SAMPLES, SAMPLES]), "shard": np.array([0, 0])})
+    assert done["images"].tolist() == [2]
+    index, bulk_labels, bulk = read_shard(cfg.output, 0)
+    assert index.tolist() == [0, 1] and bulk_labels.tolist() == labels
+    assert pq.read_table(f"{cfg.output}/parquet/shard-000000.parquet").column("seed").to_pylist() == seeds
+    np.testing.assert_array_equal(bulk, pyfunc)
+
+    # dit generate: one row per label, one column per seed (here: the diagonal is our two images)
+    grid = tmp_path / "grid.png"
+    assert generate(["--model", uri, "--labels", "three,7", "--seeds", ",".join(map(str, seeds)), "--zoom", "1",
+                     "--device", "cpu", "--out", str(grid)]) == 0
+    cli = grid_cells(decode(grid.read_bytes()), 2, 2)
+    np.testing.assert_array_equal(cli[[0, 3]], pyfunc)
+
+
+@pytest.mark.timeout(300)
+def test_predict_takes_settings_per_row(registry):
+    import mlflow
+
+    from dit_core.pipeline import image_seed
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    seeds = [image_seed(7, 0)]
+    images = np.stack([decode(b) for b in model.predict(pd.DataFrame({"class_label": [3], "seed": seeds}))["image"]])
 
     # per-row settings: the same row with other settings is another image; the defaults are the recorded ones
     mixed = model.predict(pd.DataFrame([{"class_label": 3, "seed": seeds[0]},
@@ -229,5 +266,5 @@ def test_broken_bundles_fail_at_load_naming_the_part(registry, tmp_path):
     config = json.loads((bundle / CONFIG_FILE).read_text())
     config["files"] = {str(p.relative_to(bundle)): p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.name != CONFIG_FILE}
     (bundle / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(Exception, match="the autoencoder makes 3-channel latents, the model takes 4"):
+    with pytest.raises(Exception, match="the model takes 4-channel latents but autoencoder 'autoencoder/' makes 3"):
         mlflow.pyfunc.load_model(str(model_dir))

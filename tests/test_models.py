@@ -275,7 +275,8 @@ def test_cfg_in_one_batched_pass_matches_two_passes():
 
 
 def test_block_cache_runs_the_blocks_once_per_interval_per_sample():
-    from dit_core.diffusion import create_diffusion, make_model_fn, make_sampler, sample_loop
+    from dit_core.diffusion import create_diffusion, make_sampler, sample_loop
+    from dit_core.pipeline import make_model_fn
     from dit_core.models import BlockCache
 
     m = randomize(tiny()).eval()

@@ -14,7 +14,7 @@ import torch
 from dit_core.models import DiT, DiTConfig, config_from_state_dict, load_checkpoint
 from ray_jobs import tracking
 from ray_jobs.model_source import load_bundle
-from ray_jobs.sample import SampleConfig, validate
+from ray_jobs.sample import SampleConfig
 from ray_jobs.train import TrainConfig
 from tests.conftest import free_port
 
@@ -161,7 +161,7 @@ def test_zero_images_are_refused_before_sampling(tmp_path):
     from ray_jobs.sample import run
 
     with pytest.raises(ValueError, match="num_images=0 must be at least 1"):
-        validate(SampleConfig(model="unused", output=str(tmp_path), num_images=0))
+        SampleConfig(model="unused", output=str(tmp_path), num_images=0)
     with pytest.raises(ValueError, match="num_images=0 must be at least 1"):  # before the model is even looked for
         run(SampleConfig(model=str(tmp_path / "no-such-model"), output=str(tmp_path / "out"), num_images=0))
     assert not (tmp_path / "out").exists()

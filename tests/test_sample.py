@@ -22,10 +22,11 @@ import torch
 
 from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
 from dit_core.models import DiTConfig
+from dit_core.pipeline import ImagePipeline, image_seed
 from ray_jobs import storage
 from ray_jobs.model_source import load_bundle
-from ray_jobs.sample import (BASELINE_DIR, CONFIG_FILE, GRID_FILE, GRID_MAX_CLASSES, NPZ_FILE, ImageSampler, SampleConfig,
-                             finish, image_seed, load_autoencoder_for, missing_shards, read_images, run,
+from ray_jobs.sample import (BASELINE_DIR, CONFIG_FILE, GRID_FILE, GRID_MAX_CLASSES, NPZ_FILE, SampleConfig,
+                             finish, load_autoencoder_for, missing_shards, read_images, run,
                              shard_files, untrained_model)
 from tests.conftest import REPO
 from tests.fixtures_registry import random_dit
@@ -118,9 +119,9 @@ def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model,
         f"{BASELINE_DIR}/parquet/shard-000000.parquet", f"{BASELINE_DIR}/parquet/shard-000001.parquet"}
     base, lbase = read_images(str(Path(two.output, BASELINE_DIR)))
     bundle = load_bundle(two.model)
-    autoencoder, scale = load_autoencoder_for(two, bundle)
-    expected = ImageSampler(bundle, autoencoder, scale, two, model=untrained_model(bundle, two.seed)).generate(
-        lbase, np.array([image_seed(two.seed, i) for i in range(7)], dtype=np.uint64))
+    autoencoder, scale = load_autoencoder_for(bundle)
+    expected = ImagePipeline(untrained_model(bundle, two.seed), autoencoder, scale, bundle.diffusion, device="cpu").generate(
+        lbase, [image_seed(two.seed, i) for i in range(7)], two, two.batch_size)
     np.testing.assert_array_equal(lbase, np.arange(7) % NUM_CLASSES)
     assert np.abs(base.astype(int) - expected.astype(int)).max() <= 1
     assert np.abs(base.astype(int) - b[:7].astype(int)).max() > 1, "the baseline is not the trained model's samples"
@@ -259,9 +260,8 @@ def test_bad_input_is_refused_before_sampling(sample_model, tmp_path, mlflow_sql
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     output = str(blocker / "samples") if change.pop("output", None) else tmp_path / "out"
-    cfg = config(sample_model, output, **change)
-    with pytest.raises(error, match=match):
-        run(cfg)
+    with pytest.raises(error, match=match):   # when the settings are made, or when the job starts
+        run(config(sample_model, output, **change))
     assert not storage.list_files(tmp_path / "out", ".parquet"), "nothing is generated"
 
 

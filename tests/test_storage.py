@@ -108,3 +108,35 @@ def test_first_failed_publish_leaves_no_folder(tmp_path):
     out = str(tmp_path / "out")
     storage.abort_output(storage.begin_output(out, "rec.json"), out)
     assert not os.path.exists(out)
+
+
+def test_publishing_commits_a_whole_version_or_nothing(tmp_path):
+    """The one publish helper both training stages use: the block's version is published when it
+    ends, and a block that raises leaves the published version as it was and nothing beside it."""
+    out = str(tmp_path / "out")
+    with storage.publishing(out, "rec.json") as staging:
+        storage.write_bytes(storage.join(staging, "x.bin"), b"1")
+        storage.write_json(storage.join(staging, "rec.json"), {"n": 1})
+        assert not os.path.exists(storage.join(out, "rec.json")), "nothing shows before the block ends"
+    first = storage.current(out, "rec.json")
+    assert storage.read_bytes(storage.join(first, "x.bin")) == b"1"
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        with storage.publishing(out, "rec.json") as staging:
+            storage.write_bytes(storage.join(staging, "x.bin"), b"2")
+            raise RuntimeError("killed mid-write")
+    assert storage.current(out, "rec.json") == first and storage.read_bytes(storage.join(first, "x.bin")) == b"1"
+    assert _names(out) == {"rec.json", "v-1/x.bin", "v-1/rec.json"}
+
+
+def test_open_output_shows_the_file_only_when_whole(tmp_path):
+    path = tmp_path / "big" / "file.bin"
+    with storage.open_output(str(path)) as f:
+        f.write(b"part")
+        assert not path.exists(), "a reader never sees a part"
+        f.write(b" and the rest")
+    assert path.read_bytes() == b"part and the rest"
+    with pytest.raises(ValueError, match="broken"):
+        with storage.open_output(str(path)) as f:
+            f.write(b"new")
+            raise ValueError("broken")
+    assert path.read_bytes() == b"part and the rest" and os.listdir(path.parent) == ["file.bin"]

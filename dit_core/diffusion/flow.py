@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .samplers import Generators, Sampler
+from .samplers import Generators, Sampler, dpm_solver_pp_2m_update
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,14 +160,10 @@ class FlowDPMSolverPPSampler(_FlowSampler):
             return x0
         h = float(self._lambda[i + 1] - self._lambda[i])
         h_prev = float(self._lambda[i] - self._lambda[i - 1]) if i > 0 else math.inf
-        if self._prev_x0 is None or not math.isfinite(h_prev):
-            D = x0
-        else:
-            r = h_prev / h
-            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._prev_x0
-        self._prev_x0 = x0
-        # sigma_next / sigma x - alpha_next (e^{-h} - 1) D; with t = 1 the first term is t_next x
-        return (t_next / t) * x - (1 - t_next) * math.expm1(-h) * D
+        prev, self._prev_x0 = self._prev_x0, x0
+        # alpha_t = 1 - t, sigma_t = t; with t = 1 the first term is t_next x. From t = 1 (h_prev
+        # infinite) the update is first order.
+        return dpm_solver_pp_2m_update(x, x0, prev, t_next / t, 1 - t_next, h, h_prev if math.isfinite(h_prev) else None)
 
 
 FLOW_SAMPLERS = {"euler": FlowEulerSampler, "heun": FlowHeunSampler, "dpm-solver++": FlowDPMSolverPPSampler}

@@ -5,6 +5,10 @@
   code. ``loss_weighting: min-snr`` weights the epsilon MSE by min(SNR, gamma) / SNR (Hang et al. 2023).
 - ``flow``: the linear interpolant with velocity prediction (``dit_core.diffusion.flow``),
   uniform or logit-normal times, no learned variance.
+- ``meanflow``: the same path, average-velocity prediction u(z_t, r, t) (``dit_core.diffusion.meanflow``):
+  one- or few-step sampling, guidance learned in training (none at sampling). Its model needs the
+  second time input (``DiTConfig.interval_embed``); with r = t it is a flow model, so the flow
+  samplers fit it too.
 
 The record (``settings()``) is the ``diffusion`` entry of every checkpoint and registered model;
 samplers are built from it, and a sampler that does not fit the objective is refused. A record
@@ -18,17 +22,20 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .flow import FLOW_SAMPLERS, TIMESTEP_SAMPLING, FlowMatching
+from .meanflow import MeanFlow, MeanFlowModelFn, MeanFlowSampler, MeanFlowSettings
 from .losses import training_losses
 from .samplers import SAMPLERS, Sampler, make_sampler
 from .schedule import create_diffusion, gather
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-OBJECTIVES = ("eps", "flow")
+OBJECTIVES = ("eps", "flow", "meanflow")
+MEANFLOW_SAMPLER = "meanflow"
 # the samplers of each objective, the first the reference (exact / ancestral) one
 SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
     "eps": SAMPLERS,
     "flow": tuple(FLOW_SAMPLERS),
+    "meanflow": (MEANFLOW_SAMPLER, *FLOW_SAMPLERS),   # u(z, t, t) = v: the flow ODE solvers apply with r = t
 }
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names))
 LOSS_WEIGHTINGS = ("none", "min-snr")
@@ -51,6 +58,16 @@ def check_sampler(settings: Mapping[str, Any] | None, sampler: str) -> None:
         raise ValueError(
             f"sampler {sampler!r} does not fit this model: it was trained with objective {name!r}, "
             f"whose samplers are {fits}; set sample.sampler to one of them")
+
+
+def check_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> None:
+    """Refuse classifier-free guidance at sampling for a model whose guidance was learned (MeanFlow)."""
+    if objective_name(settings) == "meanflow" and float(guidance_scale) != 1.0:
+        omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
+        raise ValueError(
+            f"guidance_scale={guidance_scale}: this model was trained with objective 'meanflow', whose guidance is "
+            f"learned in training (guidance_omega={omega}); it takes no classifier-free guidance at sampling. "
+            "Set sample.guidance_scale: 1 (a stronger guidance needs a model trained with a larger guidance_omega)")
 
 
 class EpsObjective:
@@ -123,7 +140,41 @@ class FlowObjective:
                 "sample_shift": self.sample_shift}
 
 
-Objective = EpsObjective | FlowObjective
+class MeanFlowObjective:
+    """The average-velocity objective (see the module docstring and ``dit_core.diffusion.meanflow``)."""
+
+    name = "meanflow"
+
+    def __init__(self, settings: MeanFlowSettings | None = None, sample_shift: float = 1.0):
+        self.meanflow = MeanFlow(settings)
+        if not sample_shift > 0:
+            raise ValueError(f"sample_shift={sample_shift} must be > 0")
+        self.sample_shift = float(sample_shift)   # the flow samplers' only
+
+    def sample_t(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, t): the interval of each sample, t >= r (``MeanFlow.sample_times``)."""
+        return self.meanflow.sample_times(n, device)
+
+    def losses(self, model_fn: MeanFlowModelFn, x_start: torch.Tensor, times: tuple[torch.Tensor, torch.Tensor],
+               y: torch.Tensor, null_class: int, class_dropout_prob: float, noise: torch.Tensor | None = None,
+               jvp_fn: MeanFlowModelFn | None = None) -> dict[str, torch.Tensor]:
+        return self.meanflow.losses(model_fn, x_start, times, y, null_class, class_dropout_prob, noise, jvp_fn)
+
+    def sampler(self, name: str, num_steps: int, eta: float = 0.0) -> Sampler:
+        check_sampler(self.settings(), name)
+        if name == MEANFLOW_SAMPLER:
+            return MeanFlowSampler(self.meanflow, int(num_steps))
+        return FLOW_SAMPLERS[name](self.meanflow.flow, int(num_steps), shift=self.sample_shift)
+
+    def settings(self) -> dict[str, Any]:
+        s = self.meanflow.settings
+        out = {"objective": "meanflow", "diffusion_steps": int(s.time_scale), "learn_sigma": False, **s.to_dict(),
+               "sample_shift": self.sample_shift}
+        del out["time_scale"]   # recorded as diffusion_steps, as the flow objective records it
+        return out
+
+
+Objective = EpsObjective | FlowObjective | MeanFlowObjective
 
 
 def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool | None = None) -> Objective:
@@ -131,12 +182,22 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
     ``learn_sigma``: the model's own, where the record predates that key."""
     s = dict(settings or {})
     name = objective_name(s)
-    sampling = str(s.get("timestep_sampling", "logit-normal" if name == "flow" else "uniform"))
+    sampling = str(s.get("timestep_sampling", "uniform" if name == "eps" else "logit-normal"))
     if name == "eps" and sampling != "uniform":
         raise ValueError(f"timestep_sampling={sampling!r} is for objective 'flow'; objective 'eps' (the paper's) draws "
                          "its timesteps uniformly: set timestep_sampling: uniform, or objective: flow")
     if name == "flow" and s.get("loss_weighting", "none") != "none":
         raise ValueError(f"loss_weighting={s['loss_weighting']!r} is for objective 'eps'; set loss_weighting: none with objective 'flow'")
+    if name == "meanflow":
+        if s.get("learn_sigma") or learn_sigma:
+            raise ValueError("objective 'meanflow' predicts an average velocity and learns no variance; set learn_sigma: false")
+        if s.get("loss_weighting", "none") != "none":
+            raise ValueError(f"loss_weighting={s['loss_weighting']!r} is for objective 'eps'; objective 'meanflow' "
+                             "weights its loss adaptively (weight_power, weight_eps): set loss_weighting: none")
+        defaults = MeanFlowSettings()
+        fields = {k: type(getattr(defaults, k))(s[k]) for k in defaults.to_dict() if k in s and k != "time_scale"}
+        settings_ = MeanFlowSettings(time_scale=float(s.get("diffusion_steps", 1000)), **fields)
+        return MeanFlowObjective(settings_, float(s.get("sample_shift", 1.0)))
     if name == "flow":
         if s.get("learn_sigma") or learn_sigma:
             raise ValueError("objective 'flow' predicts a velocity and learns no variance; set learn_sigma: false")
@@ -147,5 +208,6 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
                         str(s.get("loss_weighting", "none")), float(s.get("min_snr_gamma", 5.0)))
 
 
-__all__ = ["ALL_SAMPLERS", "LOSS_WEIGHTINGS", "OBJECTIVES", "SAMPLERS_BY_OBJECTIVE", "TIMESTEP_SAMPLING",
-           "EpsObjective", "FlowObjective", "Objective", "check_sampler", "make_objective", "objective_name"]
+__all__ = ["ALL_SAMPLERS", "LOSS_WEIGHTINGS", "MEANFLOW_SAMPLER", "OBJECTIVES", "SAMPLERS_BY_OBJECTIVE",
+           "TIMESTEP_SAMPLING", "EpsObjective", "FlowObjective", "MeanFlowObjective", "Objective", "check_guidance",
+           "check_sampler", "make_objective", "objective_name"]

@@ -17,7 +17,7 @@ import torch
 
 from .schedule import GaussianDiffusion, gather, respace, space_timesteps
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
+ModelFn = Callable[..., torch.Tensor]  # (x_t, original timesteps[, r: interval starts]) -> output
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -33,26 +33,6 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]).to(device)
 
 
-def make_model_fn(
-    model: torch.nn.Module,
-    class_labels: torch.Tensor,
-    guidance_scale: float = 1.0,
-    guided_channels: int | None = None,
-    cache_interval: int = 1,
-) -> ModelFn:
-    """Bind labels (and classifier-free guidance, batched in one pass) to a DiT: (x_t, t) -> output.
-    ``cache_interval`` > 1 runs the transformer blocks on one step in that many and reuses their
-    residual in between (``dit_core.models.BlockCache``); build one function per trajectory."""
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1 = no guidance)")
-    from dit_core.models import BlockCache
-
-    cache = BlockCache(cache_interval) if int(cache_interval) != 1 else None
-    if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, class_labels, cache) if cache is not None else model(x, t, class_labels)
-    return lambda x, t: model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
-
-
 class Sampler(ABC):
     """One sampling method over a discrete diffusion. ``model_timesteps`` lists the original
     timesteps at which the network is evaluated, in order; ``step(i, x, out, generator)`` maps x at
@@ -60,6 +40,7 @@ class Sampler(ABC):
     the last one)."""
 
     model_timesteps: np.ndarray
+    model_start_timesteps: np.ndarray | None = None  # r of each evaluation (MeanFlow); None: no r
 
     @property
     def num_evaluations(self) -> int:
@@ -118,6 +99,21 @@ class DDIMSampler(_RespacedSampler):
         return mean + sigma * randn(x.shape, generator, x.device)
 
 
+def dpm_solver_pp_2m_update(x: torch.Tensor, x0: torch.Tensor, prev_x0: torch.Tensor | None, sigma_ratio: float,
+                            alpha_next: float, h: float, h_prev: float | None) -> torch.Tensor:
+    """One DPM-Solver++(2M) update in the data prediction (Lu et al. 2022), for any Gaussian path
+    x_t = alpha_t x_0 + sigma_t eps with lambda_t = log(alpha_t / sigma_t):
+        x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) D,
+        D = (1 + 1/(2 r)) x0 - 1/(2 r) x0_prev,  r = h_prev / h;
+    first order (D = x0) where ``h_prev`` is None (no previous step to extrapolate from)."""
+    if h_prev is None or prev_x0 is None:
+        D = x0
+    else:
+        r = h_prev / h
+        D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+    return sigma_ratio * x - alpha_next * math.expm1(-h) * D
+
+
 class DPMSolverPPSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in the data prediction x_0.
 
@@ -169,13 +165,10 @@ class DPMSolverPPSampler(Sampler):
         if i == n - 1:
             return x0
         h = self._lambda[i + 1] - self._lambda[i]
-        if self._prev_x0 is None or i == n - 2:
-            D = x0  # first order: the first step, and the last update
-        else:
-            r = (self._lambda[i] - self._lambda[i - 1]) / h
-            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._prev_x0
-        self._prev_x0 = x0
-        return (self._sigma[i + 1] / self._sigma[i]) * x - self._alpha[i + 1] * math.expm1(-h) * D
+        # first order: the first step, and the last update
+        h_prev = None if self._prev_x0 is None or i == n - 2 else self._lambda[i] - self._lambda[i - 1]
+        prev, self._prev_x0 = self._prev_x0, x0
+        return dpm_solver_pp_2m_update(x, x0, prev, self._sigma[i + 1] / self._sigma[i], self._alpha[i + 1], h, h_prev)
 
 
 def make_sampler(
@@ -212,10 +205,15 @@ def sample_loop(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     discrete = np.issubdtype(np.asarray(sampler.model_timesteps).dtype, np.integer)  # flow samplers: float times
+    starts = sampler.model_start_timesteps
     for i in steps:
         if discrete:
             t = torch.full((x.shape[0],), int(sampler.model_timesteps[i]), device=x.device, dtype=torch.long)
         else:
             t = torch.full((x.shape[0],), float(sampler.model_timesteps[i]), device=x.device, dtype=torch.float32)
-        x = sampler.step(i, x, model_fn(x, t), generator)
+        if starts is None:
+            out = model_fn(x, t)
+        else:
+            out = model_fn(x, t, torch.full((x.shape[0],), float(starts[i]), device=x.device, dtype=torch.float32))
+        x = sampler.step(i, x, out, generator)
     return x
