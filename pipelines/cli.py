@@ -44,7 +44,8 @@ COMMANDS = {
                         "pipelines.evaluate:EvaluateSettings", "evaluate"),
     "local-cluster": Command("ray_jobs.local_cluster", "run a command (dvc repro) with one local Ray cluster that its stages share"),
     "generate": Command("pipelines.cli", "a grid of images (labels x seeds) from a model, in seconds on a CPU"),
-    "export": Command("dit_core.diffusers_interop", "a checkpoint -> a diffusers DiTPipeline folder", prefix=("export",)),
+    "export": Command("dit_core.diffusers_interop", "a model (--model models/dit, models:/name@alias, a checkpoint) -> a "
+                      "diffusers folder that plain diffusers samples", prefix=("export",)),
     "import": Command("dit_core.diffusers_interop", "a diffusers DiT folder -> our checkpoint .pt", prefix=("import",)),
 }
 
@@ -127,11 +128,53 @@ def generate(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# dit export
+# ---------------------------------------------------------------------------------------------
+
+MODEL_FLAG = "--model"
+
+
+def export(argv: Sequence[str]) -> int:
+    """``dit export``: ``python -m dit_core.diffusers_interop export`` (a ``.pt``), or with
+    ``--model MODEL OUT`` any model ``load_bundle`` resolves (``models/dit``, ``models:/name@alias``,
+    a checkpoint folder), written as a ``.pt`` of our layout for it."""
+    import os
+    import tempfile
+
+    import torch
+
+    argv = list(argv)
+    given = [i for i, v in enumerate(argv) if v == MODEL_FLAG or v.startswith(MODEL_FLAG + "=")]
+    if not given:
+        return run_module("export", argv)
+    i = given[0]
+    if "=" in argv[i]:
+        model, rest = argv[i].split("=", 1)[1], argv[:i] + argv[i + 1:]
+    elif i + 1 < len(argv):
+        model, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    else:
+        print("error: --model needs a model: models/dit, models:/name@alias, or a checkpoint folder", file=sys.stderr)
+        return 2
+    from ray_jobs.model_source import load_bundle
+
+    try:
+        bundle = load_bundle(model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dit-export-") as tmp:
+        checkpoint = os.path.join(tmp, "state.pt")
+        torch.save({"ema": bundle.state_dict, "model_config": bundle.model_config, "diffusion": bundle.diffusion,
+                    "latents": bundle.latents}, checkpoint)
+        return run_module("export", [checkpoint, *rest])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         name, rest = argv[0], argv[1:]
-        return generate(rest) if name == "generate" else run_module(name, rest)
+        return generate(rest) if name == "generate" else export(rest) if name == "export" else run_module(name, rest)
     p = argparse.ArgumentParser(prog="dit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="commands:\n" + "\n".join(f"  {n:<18} {c.help}" for n, c in COMMANDS.items())

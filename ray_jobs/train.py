@@ -88,7 +88,7 @@ class TrainResult:
                 "attempts": self.attempts, **self.pointer()}
 
     def pointer(self) -> dict[str, Any]:
-        """``models/dit.json`` (docs/CONTRACTS.md)."""
+        """The registry part of ``models/dit/trained.json`` (docs/CONTRACTS.md)."""
         return {
             "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id, "registered_model": self.registered_model,
             "version": self.version,

@@ -6,6 +6,8 @@ test, one `dvc repro` on tiny settings (shared by the tests), then:
 - `dvc exp run --temp` of a sample-only change re-runs only sample and evaluate; two experiments
   queued and run with `dvc queue start -j 2` land in `dvc exp show` with their FIDs, and their MLflow
   runs, versions and checkpoints in the workspace's store, not in DVC's temporary copies;
+- the flow model exported (`dit export --model models/dit`) samples with plain diffusers, and its
+  images at guidance 2 read as their class by the project's classifier at the bulk sampler's rate;
 - a model trained on an image folder named `flowers` is registered as `dit-flowers`."""
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ TINY = {
     "train": {"steps": 40, "batch_size": 64, "log_every": 20, "checkpoint_every": 40, "warmup_steps": 10,
               "model": {"depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 4, "class_embed_init_std": 1.0}},
     "train_classifier": {"steps": 60},
-    "sample": {"num_images": 100, "baseline_images": 50, "batch_size": 50, "images_per_shard": 50, "num_steps": 4,
-               "grid_per_class": 2},
+    # euler: the sampler of the exported folder's pipeline (test (c) compares the two on the same noise)
+    "sample": {"num_images": 100, "baseline_images": 50, "batch_size": 50, "images_per_shard": 50, "sampler": "euler",
+               "num_steps": 8, "grid_per_class": 2},
 }
 ISOLATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "RAY_ADDRESS")  # the workspace's defaults, as a user has them
 
@@ -214,3 +217,61 @@ def test_a_model_of_a_folder_named_flowers_is_registered_as_dit_flowers(project,
     client = registry(tmp_path)
     assert [str(v.version) for v in client.search_model_versions("name = 'dit-flowers'")] == [trained["version"]]
     assert client.search_model_versions("name = 'dit-digits'") == []
+
+
+PLAIN_DIFFUSERS = """
+import sys
+for name in ("dit_core", "ray_jobs", "pipelines"):   # a Python without this project
+    sys.modules[name] = None
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+folder, inputs, out = sys.argv[1:]
+given = torch.load(inputs)
+pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True, local_files_only=True)
+images = pipe(class_labels=given["labels"], guidance_scale=2.0, num_inference_steps=given["steps"], latents=given["noise"],
+              output_type="np").images
+np.save(out, (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
+"""
+
+
+def test_exported_flow_model_reads_as_its_class_with_plain_diffusers(project, tmp_path):
+    """(c): `dit export --model models/dit`, loaded by plain diffusers in a Python without this
+    project, fed the bulk sampler's noise for the sampled (label, seed) rows at guidance 2: the
+    project's classifier reads its images as their class at the bulk sampler's rate, within 0.05."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from dit_core.classifier import CONFIG_FILE, load_classifier, predict
+    from dit_core.data import pngs_to_batch
+    from dit_core.diffusion import randn
+    from ray_jobs import storage
+
+    root, env = project["root"], project["env"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["objective"] == "flow" and params["sample"]["guidance_scale"] == 2.0
+    run([DIT, "export", "--model", "models/dit", str(tmp_path / "pipe")], root, env)
+    import pyarrow as pa
+
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((root / "samples/parquet").glob("shard-*.parquet"))])
+    labels, seeds = rows.column("label").to_pylist(), rows.column("seed").to_pylist()
+    assert len(labels) == params["sample"]["num_images"]
+    config = json.loads((root / "models/dit/dit.json").read_text())["model_config"]
+    shape = (len(seeds), config["in_channels"], config["input_size"], config["input_size"])
+    noise = randn(shape, [torch.Generator().manual_seed(int(s)) for s in seeds])
+    torch.save({"labels": labels, "noise": noise, "steps": params["sample"]["num_steps"]}, tmp_path / "inputs.pt")
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(tmp_path / "pipe"), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "images.npy")], cwd=tmp_path / "empty", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = torch.from_numpy(np.load(tmp_path / "images.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with storage.local_copy(str(root / "models/classifier"), CONFIG_FILE) as folder:
+        classifier, _ = load_classifier(folder)
+    bulk = pngs_to_batch(rows.column("image").to_pylist())
+    truth = np.asarray(labels)
+    rate_exported = float((predict(classifier, exported) == truth).mean())
+    rate_bulk = float((predict(classifier, bulk) == truth).mean())
+    print(f"class accuracy at guidance 2: exported {rate_exported:.3f}, bulk sampler {rate_bulk:.3f}")
+    assert abs(rate_exported - rate_bulk) <= 0.05
