@@ -9,7 +9,7 @@ runtime start-up is not counted; actor start-up and model loading, which a real 
 ``--actor-num-cpus`` fixes each CPU actor's share (and so its PyTorch threads): ``0.75`` gives
 every actor one thread whatever the count, the per-actor scaling; unset, the jobs' defaults apply
 (one sample actor gets both cores). The sampling model defaults to the checkpoint the train stage
-registered (``models/dit.json``); any checkpoint or ``models:/`` URI can be given.
+wrote (``models/dit``); any checkpoint or ``models:/`` URI can be given.
 
     python -m benchmarks.ray_scaling --actors 1,2 --num-images 64 --sampler ddim --num-steps 25
     python -m benchmarks.ray_scaling --stage encode --actors 1,2 --actor-num-cpus 0.75 --repeat 20
@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def default_model() -> str:
-    pointer = REPO / "models" / "dit.json"
-    if not pointer.is_file():
-        raise SystemExit(f"no --model given and {pointer} does not exist: run the pipeline (make run) first")
-    return json.loads(pointer.read_text())["checkpoint"]
+    """The train stage's model folder (``models/dit``, a DVC output)."""
+    folder = REPO / "models" / "dit"
+    if not folder.is_dir():
+        raise SystemExit(f"no --model given and {folder} does not exist: run the pipeline (make run) or `dvc pull` first")
+    return str(folder)
 
 
 def scaled_prepared(src: Path, dest: Path, repeat: int) -> int:

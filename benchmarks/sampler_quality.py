@@ -6,7 +6,7 @@ the reference sampler's (DDPM-250) plus ``--fid-tolerance`` against the referenc
 second. The reference sampler also runs with ``--noise-seeds`` other seeds: the spread of its FID
 over seeds is the noise of the measurement itself, which the tolerance should not undercut.
 
-The model defaults to the one the pipeline's train stage registered (``models/dit.json``); the
+The model defaults to the one the pipeline's train stage wrote (``models/dit``); the
 feature network and reference are the evaluate stage's defaults (the trained classifier, the
 prepared val split), so run the pipeline first (``make run``).
 
@@ -38,7 +38,7 @@ def parse_sampler(spec: str) -> tuple[str, int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default: the train stage's registered checkpoint (models/dit.json)")
+    p.add_argument("--model", default=None, help="default: the train stage's model folder (models/dit)")
     p.add_argument("--samplers", default="ddpm-250,ddim-50,dpm-solver++-10,dpm-solver++-15,dpm-solver++-20")
     p.add_argument("--reference-sampler", default="ddpm-250")
     p.add_argument("--num-images", type=int, default=1000)
