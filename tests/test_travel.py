@@ -112,7 +112,7 @@ def test_model_is_a_cached_output_and_travels_with_push_and_pull(project, tmp_pa
     shutil.rmtree(second / "models/dit")
     run([DVC, "remote", "add", "--local", "s3", f"s3://{s3_bucket}/dvcstore"], second, env2)
     run([DVC, "remote", "modify", "--local", "s3", "endpointurl", s3_server["AWS_ENDPOINT_URL"]], second, env2)
-    run([DVC, "pull", "-r", "s3", "train"], second, env2)
+    run([DVC, "pull", "-r", "s3"], second, env2)
     assert generate(second, env2, tmp_path / "third.png") == first
     assert "up to date" in run([DVC, "status"], second, env2).stdout
 
