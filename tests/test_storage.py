@@ -140,3 +140,40 @@ def test_open_output_shows_the_file_only_when_whole(tmp_path):
             f.write(b"new")
             raise ValueError("broken")
     assert path.read_bytes() == b"part and the rest" and os.listdir(path.parent) == ["file.bin"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_model_folder_written_whole_and_read_back_through_its_pointer(kind, tmp_path, request):
+    """The train stage's model folder from a final checkpoint, locally or in the store with the
+    project keeping location.json (store.root set): it loads to the checkpoint's EMA weights and
+    names the registered version; a second write replaces the first whole."""
+    import torch
+
+    from dit_core.models import DiT, DiTConfig
+    from pipelines.common import write_location
+    from ray_jobs.model_source import MODEL_RECORD, load_bundle, save_trained_model, state_digest
+
+    model = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=3, learn_sigma=False))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ckpt = tmp_path / "ckpt" / "state.pt"
+    ckpt.parent.mkdir()
+    torch.save({"ema": model.state_dict(), "model": model.state_dict(), "model_config": model.config.to_dict(),
+                "diffusion": {"objective": "flow", "diffusion_steps": 1000, "learn_sigma": False},
+                "latents": {"class_names": ["a", "b", "c"], "scale_factor": 1.0}}, ckpt)
+    local = tmp_path / "models" / "dit"
+    out = str(local) if kind == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/dit/models/dit"
+    record = {"registered_model": "dit-test", "version": "4", "mlflow_run_id": "r", "model_uri": "models:/dit-test/4"}
+    for _ in range(2):
+        save_trained_model(str(ckpt), out, record)
+    if kind == "s3":
+        write_location(str(local), out)
+        assert sorted(os.listdir(local)) == ["location.json"]
+    else:
+        assert not [p for p in os.listdir(local.parent) if p != "dit"]   # no staging left beside it
+    assert storage.read_json(storage.join(out, MODEL_RECORD)) == record
+    bundle = load_bundle(str(local))
+    assert bundle.weights_digest() == state_digest(model.state_dict())
+    assert bundle.diffusion["objective"] == "flow" and bundle.latents["class_names"] == ["a", "b", "c"]
+    assert bundle.pinned_uri == "models:/dit-test/4"
