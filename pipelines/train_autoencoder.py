@@ -54,7 +54,7 @@ class AutoencoderSettings:
     latent_channels: int = 4
     block_channels: list[int] = field(default_factory=lambda: [16, 32])  # downsample factor 2 ** (levels - 1)
     layers_per_block: int = 1
-    norm_num_groups: int = 16            # GroupNorm groups; = channels: per-channel instance norm, which drops each image's colour
+    norm_num_groups: int = 1             # GroupNorm groups; as many as channels is per-channel instance norm, which drops each image's colour
     steps: int = 400
     batch_size: int = 64
     lr: float = 0.002
