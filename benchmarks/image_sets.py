@@ -1,20 +1,36 @@
-"""Small image sets unlike the digits default, made here (no download), and the default pipeline
-run on each as a new user runs it: only ``prepare.source``, ``prepare.path`` and
-``prepare.image_size`` changed.
+"""Small image sets unlike the digits default, made here (no download, the same files for a seed),
+and the default pipeline run on each as a new user runs it: only ``prepare.source``,
+``prepare.path`` and ``prepare.image_size`` changed.
 
 Sets (``--sets``):
 - ``shapes``: 900 JPEGs, 3 classes (circle, square, triangle), 40-63 px, an upright shape of a random
-  colour, size and position on white (the case a user reported).
+  colour, size and position on white.
 - ``shapes-hard``: the same on a random plain background colour, at a random rotation.
 - ``glyphs``: 2,000 JPEGs, 20 classes, 48x48: each class a fixed 3x3 pattern of coloured cells,
   with jitter, brightness changes and noise.
 - ``stripes``: 600 JPEGs, 5 classes, 64x64: stripes at the class's angle in random colours.
+- ``shapes-dark``: the user's case (the autoencoder is tuned on it): 900 JPEGs, circle, square,
+  triangle, 40-63 px, upright, a random light colour on a random dark colour (dark red, navy, ...).
+- ``badges`` (held out: nobody tunes on it): 800 JPEGs, 4 classes (star, plus, ring, arrow), 48-63 px,
+  a vivid symbol of any colour on a coloured gradient, checker or noise texture.
+- ``scenes`` (photograph-like): 800 JPEGs, 4 classes (field with a sun, trees, houses, lake), 4:3,
+  64-95 px wide: gradient sky and ground under noon, dusk or overcast light, soft shadows, blur,
+  sensor noise, exposure and white balance changes.
+- ``icons``: 600 RGBA PNGs, 5 classes, 48-63 px, on a transparent ground (black beneath): black line
+  art (envelope, magnifier, home), a red heart and a yellow sun; prepare puts them on white.
+- ``unbalanced``: 840 JPEGs, the ``shapes`` drawing with 600 circles, 180 squares, 60 triangles (10:1).
 
-For each set: ``dvc repro`` in a copy of the project with those three settings, timed per stage,
-then ``metrics/eval.json`` (FID, class accuracy, the untrained model's FID) and the goal (class
-accuracy >= 0.9, FID <= 1/4 of the untrained model's, under 15 minutes).
+For each set: ``dvc repro`` in a copy of the project with those three settings, timed per stage;
+``metrics/eval.json`` (FID, class accuracy, the untrained model's FID, and the label-free distance
+and colour ratio where evaluate writes them); colour statistics of the real val images and of the
+samples (dit_core.image_stats) and their ratios; ``metrics/autoencoder.json``'s colour ratio where
+present; a grid of real images and one of samples (the same classes per row) in
+benchmarks/results/image_sets-grids/<set>[-<tag>]-{real,samples}.png; and the goal (class accuracy
+>= 0.9, FID <= 1/4 of the untrained model's, under 15 minutes).
 
-    python -m benchmarks.image_sets --sets shapes,glyphs,stripes --image-size 32
+    python -m benchmarks.image_sets --sets shapes-dark,badges,scenes,icons,unbalanced --tag new-sets
+    python -m benchmarks.image_sets --sets icons --max-images 400 --tag smoke \
+        -S train_autoencoder.steps=100 -S train.steps=100 -S train_classifier.steps=100 -S sample.num_images=200
 """
 
 from __future__ import annotations
