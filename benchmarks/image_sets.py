@@ -474,9 +474,16 @@ def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) ->
         params[section][field] = yaml.safe_load(value)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     total, stages, _ = timed_repro([str(Path(sys.executable).parent / "dvc"), "repro"], work, env)
+    return {**finished_run(work), "seconds": total, "stages": stages}
+
+
+def finished_run(work: Path) -> dict[str, Any]:
+    """A finished run's metrics in the project copy ``work`` (its time unknown here: None)."""
+    if not (work / "metrics" / "eval.json").exists():
+        raise SystemExit(f"{work / 'metrics' / 'eval.json'} not found: {work} holds no finished run; run without --report-only")
     ev = json.loads((work / "metrics" / "eval.json").read_text())
     ae = json.loads((work / "metrics" / "autoencoder.json").read_text()) if (work / "metrics" / "autoencoder.json").exists() else {}
-    return {"seconds": total, "stages": stages, "eval": ev, "autoencoder": ae}
+    return {"seconds": None, "stages": {}, "eval": ev, "autoencoder": ae}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,15 +492,27 @@ def run_pipeline(folder: Path, work: Path, image_size: int, extra: list[str]) ->
 
 GRID_PER_CLASS = 8   # images per class (row) in each grid
 GRID_SCALE = 4       # nearest-neighbour enlargement of the grids
-VAL_SHARDS = "data/prepared/val"        # in the project copy (store.root null: the outputs are local)
+PREPARED = "data/prepared"          # in the project copy (store.root null: the outputs are local)
 SAMPLE_SHARDS = "samples/parquet"
 
 
-def _shards(work: Path, rel: str) -> list[Path]:
-    shards = sorted((work / rel).glob("*.parquet"))
+def val_shards(work: Path) -> list[Path]:
+    """The prepared val split's parquet shards, in the version its manifest names (as evaluate reads them)."""
+    from ray_jobs.storage import version_folder
+
+    manifest_path = work / PREPARED / "manifest.json"
+    if not manifest_path.exists():
+        raise SystemExit(f"{manifest_path} not found: the run's prepared data must be local (leave store.root null)")
+    manifest = json.loads(manifest_path.read_text())
+    folder = Path(version_folder(work / PREPARED, manifest))
+    return [folder / shard for shard in manifest["splits"]["val"]["shards"]]
+
+
+def sample_shards(work: Path) -> list[Path]:
+    shards = sorted((work / SAMPLE_SHARDS).glob("*.parquet"))
     if not shards:
-        raise SystemExit(f"no parquet shards in {work / rel}: the run's outputs must be local (leave store.root null; "
-                         f"sample.formats must include parquet)")
+        raise SystemExit(f"no parquet shards in {work / SAMPLE_SHARDS}: the run's samples must be local (leave "
+                         f"store.root null) and sample.formats must include parquet")
     return shards
 
 
@@ -547,11 +566,11 @@ def what_a_person_sees(work: Path, name: str, tag: str | None) -> dict[str, Any]
     and the two grids written to benchmarks/results/image_sets-grids/<set>[-<tag>]-{real,samples}.png."""
     from dit_core.image_stats import colour_ratios
 
-    val = _shards(work, VAL_SHARDS)
+    val = val_shards(work)
     labels = np.concatenate([_read_shard(path)[1] for path in val])
     classes = grid_classes(labels)
     real_stats, real_grid = look(val, classes)
-    sample_stats, sample_grid = look(_shards(work, SAMPLE_SHARDS), classes)
+    sample_stats, sample_grid = look(sample_shards(work), classes)
     out_dir = grids_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = name + (f"-{tag}" if tag else "")
@@ -569,7 +588,7 @@ def report_row(name: str, r: dict[str, Any], seen: dict[str, Any], image_size: i
     """One set's figures: eval.json's (the label-free keys None where evaluate does not write them
     yet), the colour ratios and the goal."""
     ev, ae = r["eval"], r["autoencoder"]
-    ok = ev["class_accuracy"] >= 0.9 and ev["fid"] <= ev["fid_untrained"] / 4 and r["seconds"] <= 900
+    ok = ev["class_accuracy"] >= 0.9 and ev["fid"] <= ev["fid_untrained"] / 4 and (r["seconds"] or 0) <= 900
     ratio = seen["colour_ratio_samples"]
     ae_bright, ae_dark = _pair(ae.get("colour_ratio"))
     ev_bright, ev_dark = _pair(ev.get("colour_ratio"))
@@ -581,7 +600,7 @@ def report_row(name: str, r: dict[str, Any], seen: dict[str, Any], image_size: i
             "sat_bright_ratio": ratio["saturation_bright"], "sat_dark_ratio": ratio["saturation_dark"],
             "eval_colour_ratio": ev.get("colour_ratio"), "eval_sat_bright_ratio": ev_bright, "eval_sat_dark_ratio": ev_dark,
             "ae_colour_ratio": ae.get("colour_ratio"), "ae_sat_bright_ratio": ae_bright, "ae_sat_dark_ratio": ae_dark,
-            "minutes": r["seconds"] / 60, "goal_met": ok, "stages": r["stages"], "autoencoder": ae, **seen}
+            "minutes": None if r["seconds"] is None else r["seconds"] / 60, "goal_met": ok, "stages": r["stages"], "autoencoder": ae, **seen}
 
 
 def _slash(a: Any, b: Any) -> str:
@@ -610,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-images", type=int, default=None, help="cut each set to about this many images, class ratios kept (a smoke run)")
     p.add_argument("--seed", type=int, default=0, help="the image sets' seed")
     p.add_argument("--make-only", action="store_true", help="write the image folders and stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="make no run: report on the runs already in --work (their times unknown: minutes empty)")
     p.add_argument("--tag", default=None)
     a = p.parse_args(argv)
     names = [s for s in a.sets.split(",") if s]
@@ -619,12 +640,15 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work)
     rows = []
     for name in names:
-        folder = make_set(name, work / "images", seed=a.seed, max_images=a.max_images)
-        print(f"{name}: {folder}", flush=True)
-        if a.make_only:
-            continue
         project = work / f"project-{name}"
-        r = run_pipeline(folder, project, a.image_size, a.extra)
+        if a.report_only:
+            r = finished_run(project)
+        else:
+            folder = make_set(name, work / "images", seed=a.seed, max_images=a.max_images)
+            print(f"{name}: {folder}", flush=True)
+            if a.make_only:
+                continue
+            r = run_pipeline(folder, project, a.image_size, a.extra)
         seen = what_a_person_sees(project, name, a.tag)
         rows.append(report_row(name, r, seen, a.image_size, scaled_counts(SETS[name].counts, a.max_images)))
         print(json.dumps(rows[-1], indent=1, default=str), flush=True)

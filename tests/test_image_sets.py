@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from benchmarks import image_sets
 from benchmarks.image_sets import SETS, make_set, scaled_counts
 from dit_core.data import png_bytes, prepare_image
+from ray_jobs.storage import VERSION_KEY
 
 NEW_SETS = {  # name: (class folders, images per class, PIL mode, format)
     "shapes-dark": (("circle", "square", "triangle"), (300, 300, 300), "RGB", "JPEG"),
@@ -109,12 +111,21 @@ def test_dark_shapes_are_light_on_dark(tmp_path):
         assert corner < 130 and centre_lum > 200, path
 
 
-def _write_shards(folder: Path, images: np.ndarray, labels: np.ndarray, per_shard: int) -> None:
+def _write_shards(folder: Path, images: np.ndarray, labels: np.ndarray, per_shard: int) -> list[str]:
     folder.mkdir(parents=True)
+    names = []
     for k, start in enumerate(range(0, len(images), per_shard)):
         part = slice(start, start + per_shard)
         pq.write_table(pa.table({"image": [png_bytes(x) for x in images[part]], "label": labels[part].tolist()}),
                        folder / f"part-{k:05d}.parquet")
+        names.append(f"part-{k:05d}.parquet")
+    return names
+
+
+def _write_prepared_val(prepared: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The prepare stage's layout: manifest.json naming its version folder and each split's shards."""
+    names = _write_shards(prepared / "v-7" / "val", images, labels, per_shard=7)
+    (prepared / "manifest.json").write_text(json.dumps({VERSION_KEY: "v-7", "splits": {"val": {"shards": [f"val/{n}" for n in names]}}}))
 
 
 def test_what_a_person_sees_reports_colour_ratios_and_writes_aligned_grids(tmp_path, monkeypatch):
@@ -128,7 +139,7 @@ def test_what_a_person_sees_reports_colour_ratios_and_writes_aligned_grids(tmp_p
     samples = real.copy()
     samples[..., 1:] = 128 + real[..., 1:] // 2      # half way to grey: half the saturation of the red
     work = tmp_path / "project"
-    _write_shards(work / image_sets.VAL_SHARDS, real, labels, per_shard=7)
+    _write_prepared_val(work / image_sets.PREPARED, real, labels)
     _write_shards(work / image_sets.SAMPLE_SHARDS, samples, labels[::-1].copy(), per_shard=11)
     monkeypatch.setenv("BENCH_RESULTS", str(tmp_path / "results"))
     seen = image_sets.what_a_person_sees(work, "toy", "t")
@@ -157,3 +168,10 @@ def test_report_row_handles_eval_json_without_the_label_free_keys():
     assert (row["fd_label_free"], row["ae_sat_bright_ratio"], row["ae_sat_dark_ratio"], row["eval_sat_dark_ratio"]) == (3.0, 0.7, 0.6, 0.8)
     text = image_sets.printed([row])
     assert "3 / 1" in text and "0.5 / 0.25" in text and "0.7 / 0.6" in text
+
+
+def test_missing_outputs_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="data/prepared/manifest.json not found"):
+        image_sets.val_shards(tmp_path)
+    with pytest.raises(SystemExit, match="no parquet shards in .*samples/parquet"):
+        image_sets.sample_shards(tmp_path)
