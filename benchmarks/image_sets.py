@@ -508,6 +508,13 @@ def val_shards(work: Path) -> list[Path]:
     return [folder / shard for shard in manifest["splits"]["val"]["shards"]]
 
 
+def prepared_counts(work: Path) -> tuple[int, ...]:
+    """Images per class the run prepared (train + val, after any skipped), from its manifest."""
+    manifest = json.loads((work / PREPARED / "manifest.json").read_text())
+    per_class = [manifest["splits"][split]["per_class"] for split in ("train", "val")]
+    return tuple(sum(int(p.get(str(c), 0)) for p in per_class) for c in range(manifest["num_classes"]))
+
+
 def sample_shards(work: Path) -> list[Path]:
     shards = sorted((work / SAMPLE_SHARDS).glob("*.parquet"))
     if not shards:
@@ -650,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             r = run_pipeline(folder, project, a.image_size, a.extra)
         seen = what_a_person_sees(project, name, a.tag)
-        rows.append(report_row(name, r, seen, a.image_size, scaled_counts(SETS[name].counts, a.max_images)))
+        rows.append(report_row(name, r, seen, a.image_size, prepared_counts(project)))
         print(json.dumps(rows[-1], indent=1, default=str), flush=True)
     if rows:
         print(machine())
