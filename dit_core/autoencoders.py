@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from .data import to_uint8
+from .image_stats import ColourStats, colour_ratios
+
 RECORD = "autoencoder.json"
 
 
@@ -50,6 +53,18 @@ class SmallAutoencoderConfig:
     latent_channels: int
     block_channels: tuple[int, ...]  # one encoder level per entry; downsample = 2 ** (len - 1)
     layers_per_block: int
+    # GroupNorm groups in every block. As many groups as channels is per-channel instance norm: it
+    # removes each image's per-channel mean, i.e. its global colour (docs/data.md: colour)
+    norm_num_groups: int
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.block_channels if self.norm_num_groups < 1 or c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"train_autoencoder.norm_num_groups={self.norm_num_groups} does not divide block_channels "
+                f"{list(self.block_channels)} (GroupNorm splits each level's channels into equal groups); "
+                f"use a positive divisor of every entry, e.g. 1"
+            )
 
     @property
     def downsample(self) -> int:
@@ -135,7 +150,7 @@ def build_small_autoencoder(config: SmallAutoencoderConfig, image_size: int) -> 
         block_out_channels=tuple(config.block_channels),
         layers_per_block=config.layers_per_block,
         latent_channels=config.latent_channels,
-        norm_num_groups=min(32, min(config.block_channels)),  # GroupNorm needs groups | channels
+        norm_num_groups=config.norm_num_groups,
         sample_size=image_size,
     )
 
@@ -225,12 +240,33 @@ def data_scale_factor(ae: Autoencoder, images: torch.Tensor, batch_size: int) ->
 
 
 @torch.no_grad()
+def reconstruction_quality(ae: Autoencoder, images: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """One pass over ``images`` (N, 3, H, W) in [-1, 1], decoding the posterior means: the mean squared
+    error, and the colour statistics (``image_stats``) of the inputs, of the reconstructions, and
+    the reconstructions' saturation figures as shares of the inputs' (1.0: as colourful)."""
+    total = 0.0
+    want, got = ColourStats(), ColourStats()
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(ae.device)
+        y = ae.decode(ae.encode(x)[0])
+        total += float((y - x).pow(2).sum())
+        want, got = want.merge(ColourStats.of(to_uint8(x))), got.merge(ColourStats.of(to_uint8(y)))
+    colour_input, colour_reconstruction = want.means(), got.means()
+    return {
+        "mse": total / images.numel(),
+        "colour_input": colour_input,
+        "colour_reconstruction": colour_reconstruction,
+        "colour_ratio": colour_ratios(colour_reconstruction, colour_input),
+    }
+
+
 def reconstruction_mse(ae: Autoencoder, images: torch.Tensor, batch_size: int) -> float:
     """Mean squared error (images in [-1, 1]) of decoding the posterior means."""
     total = 0.0
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        total += float((ae.decode(ae.encode(x)[0]) - x.to(ae.device)).pow(2).sum())
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            total += float((ae.decode(ae.encode(x)[0]) - x.to(ae.device)).pow(2).sum())
     return total / images.numel()
 
 

@@ -18,6 +18,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Modes PIL uses for more than 8 bits per sample (16-bit PNG/TIFF greyscale, 32-bit int/float).
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
+# Where an image is transparent, a training image shows this colour (what a viewer shows; one place).
+BACKGROUND = (255, 255, 255)
+
 
 class BadImage(ValueError):
     """An input that cannot become a training image; ``reason`` goes to the manifest."""
@@ -27,26 +30,31 @@ class BadImage(ValueError):
         self.reason = reason
 
 
-def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> tuple[Image.Image, str | None]:
     """RGB version of any PIL mode, and a note of the conversion (None when it was RGB already).
 
-    Transparency is composited on white (the usual background of cut-out product/web images);
-    wide greyscale is rescaled to 8 bits rather than clipped, which would saturate it to white.
+    Transparency is composited on ``background`` (white: the usual background of cut-out product
+    and web images, and what a viewer shows), semi-transparent pixels blended: an alpha channel
+    (RGBA, LA, PA), a palette's transparent entries (P), and a PNG's tRNS colour key on RGB or
+    greyscale (the keyed colour, often black, would otherwise show). Wide greyscale is rescaled to 8
+    bits rather than clipped, which would saturate it to white.
     """
     mode = img.mode
-    if mode == "RGB":
+    keyed = "transparency" in img.info
+    if mode == "RGB" and not keyed:
         return img, None
     if mode in _WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB"), f"{mode} to RGB"
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if keyed and mode in ("P", "RGB", "L", "1"):
+        img = img.convert("RGBA")        # PIL turns the palette's or the key's transparency into alpha
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} composited on white"
+        ground = Image.new("RGBA", rgba.size, (*background, 255))
+        where = "white" if tuple(background) == (255, 255, 255) else f"background {tuple(background)}"
+        return Image.alpha_composite(ground, rgba).convert("RGB"), f"{mode} composited on {where}"
     return img.convert("RGB"), f"{mode} to RGB"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from dit_core.autoencoders import (
     TrainConfig,
     data_scale_factor,
     load_autoencoder,
-    reconstruction_mse,
+    reconstruction_quality,
     save_autoencoder,
     train_small_autoencoder,
 )
@@ -39,6 +40,9 @@ from pipelines.common import PARAMS_FILE, StageIO, load_images, read_manifest, r
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
+# Inputs whose bright (or dark) pixels have a mean saturation below this are about grey (JPEG noise
+# on grey line art is ~0.01): a ratio of two such small figures says nothing, so it never warns.
+GREY_SATURATION = 0.03
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class AutoencoderSettings:
     latent_channels: int = 4
     block_channels: list[int] = field(default_factory=lambda: [16, 32])  # downsample factor 2 ** (levels - 1)
     layers_per_block: int = 1
+    norm_num_groups: int = 1             # GroupNorm groups; as many as channels is per-channel instance norm, which drops each image's colour
     steps: int = 400
     batch_size: int = 64
     lr: float = 0.002
@@ -58,6 +63,14 @@ class AutoencoderSettings:
     max_images: int = 20000              # training subset (seeded) on large data sets
     eval_batch_size: int = 256
     eval_max_images: int = 2000          # val subset for the reconstruction metric
+    warn_saturation_ratio: float = 0.8   # warn when val reconstructions keep less of the inputs' saturation (bright or dark pixels)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warn_saturation_ratio <= 1:
+            raise ValueError(
+                f"train_autoencoder.warn_saturation_ratio={self.warn_saturation_ratio} is not a share: use a number "
+                f"in [0, 1] (0 never warns; 0.8 warns when reconstructions keep under 80% of the inputs' saturation)"
+            )
 
 
 def resolve_scale(ae: Autoencoder, setting: str | float, images: torch.Tensor | None, batch_size: int) -> float:
@@ -91,6 +104,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
             latent_channels=int(params["latent_channels"]),
             block_channels=tuple(int(c) for c in params["block_channels"]),
             layers_per_block=int(params["layers_per_block"]),
+            norm_num_groups=int(params["norm_num_groups"]),
         )
         train = TrainConfig(
             steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
@@ -111,9 +125,31 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
     ae.record.image_size = image_size
     if manifest["splits"]["val"]["count"]:
         val = load_images(prepared, manifest, "val", eval_images, seed)
-        metrics["val_reconstruction_mse"] = reconstruction_mse(ae, val, eval_batch)
+        quality = reconstruction_quality(ae, val, eval_batch)
+        metrics["val_reconstruction_mse"] = quality.pop("mse")
+        quality["colour_ratio"] = {k: v if math.isfinite(v) else None for k, v in quality["colour_ratio"].items()}
+        metrics.update(quality)
+        for line in colour_warnings(quality, float(params["warn_saturation_ratio"])):
+            log(line)
     metrics.update(scale_factor=ae.scale_factor, latent_shape=list(ae.latent_shape(image_size)), id=ae.id)
     return ae, metrics
+
+
+def colour_warnings(quality: dict[str, Any], threshold: float) -> list[str]:
+    """A line per saturation figure (bright, dark pixels) whose reconstruction keeps less than
+    ``threshold`` of the inputs'; none where the inputs are about grey there (the ratio means nothing)."""
+    lines = []
+    for figure in ("saturation_bright", "saturation_dark"):
+        want, ratio = quality["colour_input"][figure], quality["colour_ratio"][figure]
+        if want >= GREY_SATURATION and ratio is not None and ratio < threshold:
+            lines.append(
+                f"train_autoencoder: WARNING the autoencoder loses colour: val reconstructions' {figure} is "
+                f"{quality['colour_reconstruction'][figure]:.3f} against the inputs' {want:.3f} (ratio {ratio:.2f} < "
+                f"warn_saturation_ratio {threshold}); the DiT's samples cannot be more colourful than this. Train it "
+                f"longer (train_autoencoder.steps), keep norm_num_groups small (1; as many groups as channels drops "
+                f"each image's colour), or use a pretrained autoencoder (train_autoencoder.pretrained)"
+            )
+    return lines
 
 
 def write_version(ae: Autoencoder, staging: str) -> None:

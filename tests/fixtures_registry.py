@@ -35,7 +35,7 @@ def register_tiny_model(root: Path) -> dict[str, Any]:
 
     from ray_jobs import tracking
 
-    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1)
+    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
     torch.manual_seed(0)
     ae = Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", 0.7, 4, cfg.downsample, IMAGE_SIZE))
     save_autoencoder(ae, root / "autoencoder")

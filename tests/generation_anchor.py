@@ -57,7 +57,7 @@ def tiny_dit(learn_sigma: bool) -> DiT:
 
 
 def tiny_autoencoder() -> Autoencoder:
-    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1)
+    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)  # the groups the builder chose before norm_num_groups was a setting
     torch.manual_seed(0)
     return Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", SCALE, 4, cfg.downsample, IMAGE_SIZE))
 

@@ -124,7 +124,7 @@ def prepared_small(prepared_digits, tmp_path_factory) -> str:
 
 def tiny_autoencoder(seed: int) -> Autoencoder:
     p = repo_params()["train_autoencoder"]
-    cfg = SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"])
+    cfg = SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"], p["norm_num_groups"])
     torch.manual_seed(seed)
     return Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE),
                        AutoencoderRecord(f"tiny-{seed}", 0.5, cfg.latent_channels, cfg.downsample, IMAGE_SIZE))

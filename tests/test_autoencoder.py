@@ -1,5 +1,6 @@
 """Autoencoders: the small trained one (shape, scale factor = 1/std, save/load), a pretrained
-folder keeping its own scale factor, the train_autoencoder stage, and a clear error offline."""
+folder keeping its own scale factor, the train_autoencoder stage, its colour figures and warning,
+and a clear error offline."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from dit_core.autoencoders import (
     build_small_autoencoder,
     load_autoencoder,
     posterior_means,
+    reconstruction_quality,
     save_autoencoder,
     train_small_autoencoder,
 )
+from dit_core.data import to_uint8
+from dit_core.image_stats import ColourStats, colour_ratios
 from pipelines.prepare import PrepareConfig, prepare
-from pipelines.train_autoencoder import build_autoencoder
+from pipelines.train_autoencoder import AutoencoderSettings, build_autoencoder, colour_warnings
 from tests.fixtures_latents import publish_autoencoder as publish
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, prepare_params, repo_params
@@ -30,7 +34,7 @@ SD_SCALE = 0.18215  # the SD VAE's config value: what a pretrained folder must k
 
 def small_config() -> SmallAutoencoderConfig:
     p = repo_params()["train_autoencoder"]
-    return SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"])
+    return SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"], p["norm_num_groups"])
 
 
 def quick_params(**overrides) -> dict:
@@ -102,9 +106,16 @@ def test_missing_pretrained_is_a_clear_offline_error(tmp_path, monkeypatch):
 
 
 def test_stage_trains_and_publishes_to_s3(prepared, s3_bucket, tmp_path):
-    ae, metrics = build_autoencoder(prepared, quick_params(), log=lambda _: None)
+    lines: list[str] = []
+    ae, metrics = build_autoencoder(prepared, quick_params(), log=lines.append)
     assert ae.id == "small-kl-f2c4" and metrics["latent_shape"] == [4, 8, 8]
     assert metrics["val_reconstruction_mse"] > 0
+    # the val reconstructions' colour beside the inputs': digits are grey, so a 5-step autoencoder
+    # that has not learnt them still never warns (a ratio of grey figures means nothing)
+    assert metrics["colour_input"]["saturation_bright"] == 0 and metrics["colour_input"]["luminance"] > 0
+    assert set(metrics["colour_ratio"]) >= {"saturation_bright", "saturation_dark"}
+    assert metrics["colour_reconstruction"].keys() == metrics["colour_input"].keys()
+    assert not [line for line in lines if "WARNING" in line]
     out = f"s3://{s3_bucket}/models/autoencoder"
     publish(ae, out)
     record = storage.read_json(f"{out}/autoencoder.json")
@@ -112,3 +123,58 @@ def test_stage_trains_and_publishes_to_s3(prepared, s3_bucket, tmp_path):
     local = storage.download_folder(out, tmp_path / "fetched")
     assert json.loads((tmp_path / "fetched/autoencoder.json").read_text()) == record
     assert load_autoencoder(local).record == ae.record
+
+
+def colour_images(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Issue 22's kind of image, tiny: a light-coloured square on a dark-coloured ground, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ground = torch.rand(n, 3, 1, 1, generator=g) * 0.4                   # dark, in colour
+    light = 0.6 + torch.rand(n, 3, 1, 1, generator=g) * 0.4              # light, in colour
+    x = ground.expand(n, 3, size, size).clone()
+    for i, (r, c) in enumerate(torch.randint(0, size // 2, (n, 2), generator=g).tolist()):
+        x[i, :, r:r + size // 2, c:c + size // 2] = light[i]
+    return x * 2 - 1
+
+
+def test_colour_warning_fires_on_a_grey_autoencoder_and_not_on_a_good_one():
+    images = colour_images(96)
+    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=1)
+    threshold = AutoencoderSettings().warn_saturation_ratio
+    bad, _ = train_small_autoencoder(images, cfg, TrainConfig(steps=1, batch_size=16, lr=2e-3, kl_weight=1e-6, seed=0), "bad")
+    quality = reconstruction_quality(bad, images, 64)
+    assert quality["colour_ratio"]["saturation_bright"] < threshold
+    warnings = colour_warnings(quality, threshold)
+    assert warnings and all(w.startswith("train_autoencoder: WARNING") and "warn_saturation_ratio" in w for w in warnings)
+    # Reconstructions a twentieth of the way to their own grey keep ~95% of the saturation (a good
+    # autoencoder; a trained one takes minutes, see benchmarks/autoencoder_colour.py); halfway, half.
+    grey = images.mean(1, keepdim=True).expand_as(images)
+    for share, warns in ((0.05, False), (0.5, True)):
+        got = ColourStats.of(to_uint8(images + share * (grey - images))).means()
+        want = ColourStats.of(to_uint8(images)).means()
+        figures = {"colour_input": want, "colour_reconstruction": got, "colour_ratio": colour_ratios(got, want)}
+        assert bool(colour_warnings(figures, threshold)) is warns, figures
+
+
+def test_bad_autoencoder_settings_are_clear_errors():
+    with pytest.raises(ValueError, match=r"norm_num_groups=3 does not divide block_channels \[8, 16\].*e\.g\. 1"):
+        SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=3)
+    with pytest.raises(ValueError, match=r"norm_num_groups=0"):
+        SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=0)
+    with pytest.raises(ValueError, match=r"warn_saturation_ratio=1.5.*\[0, 1\]"):
+        AutoencoderSettings(warn_saturation_ratio=1.5)
+
+
+def test_autoencoder_saved_before_norm_num_groups_loads_with_its_own(tmp_path):
+    """A folder saved before the setting existed holds diffusers' config.json with the groups it was
+    built with (16 at [16, 32]): loading takes them from there, whatever the setting says now."""
+    from diffusers import AutoencoderKL
+
+    old = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                        sample_size=IMAGE_SIZE)
+    record = AutoencoderRecord("old", 0.5, 4, 2, IMAGE_SIZE)
+    save_autoencoder(Autoencoder(old, record), tmp_path / "old")
+    loaded = load_autoencoder(tmp_path / "old")
+    assert loaded.vae.config.norm_num_groups == 16 and loaded.record == record
+    x = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    assert torch.allclose(loaded.decode(loaded.encode(x)[0]), Autoencoder(old, record).decode(Autoencoder(old, record).encode(x)[0]), atol=1e-5)

@@ -26,7 +26,7 @@ from tests.test_sample import IMAGE_SIZE, config, sample_model  # noqa: F401,F81
 
 def autoencoder(path: Path, latent_channels: int = 4, image_size: int | None = IMAGE_SIZE, in_channels: int = 3) -> str:
     """A tiny autoencoder of ours (with its record), downsample 2."""
-    cfg = SmallAutoencoderConfig(latent_channels=latent_channels, block_channels=(8, 16), layers_per_block=1)
+    cfg = SmallAutoencoderConfig(latent_channels=latent_channels, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
     torch.manual_seed(0)
     vae = build_small_autoencoder(cfg, image_size or IMAGE_SIZE)
     if in_channels != 3:

@@ -27,7 +27,7 @@ ALL_COLUMNS = ("mean", "std", "mean_flip", "std_flip")  # both views (flip_views
 
 def tiny_autoencoder() -> Autoencoder:
     p = repo_params()["train_autoencoder"]
-    cfg = SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"])
+    cfg = SmallAutoencoderConfig(p["latent_channels"], tuple(p["block_channels"]), p["layers_per_block"], p["norm_num_groups"])
     torch.manual_seed(0)
     return Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", SCALE, cfg.latent_channels, cfg.downsample))
 

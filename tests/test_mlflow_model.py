@@ -260,7 +260,7 @@ def test_broken_bundles_fail_at_load_naming_the_part(registry, tmp_path):
     shutil.rmtree(bundle / AUTOENCODER_DIR)  # replaced by a consistent 3-channel autoencoder
     from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
 
-    cfg = SmallAutoencoderConfig(latent_channels=3, block_channels=(8, 16), layers_per_block=1)
+    cfg = SmallAutoencoderConfig(latent_channels=3, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
     save_autoencoder(Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("three", 1.0, 3, 2, IMAGE_SIZE)),
                      bundle / AUTOENCODER_DIR)
     config = json.loads((bundle / CONFIG_FILE).read_text())

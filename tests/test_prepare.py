@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dit_core.data import BadImage, center_crop, prepare_image
+from dit_core.data import BACKGROUND, BadImage, center_crop, prepare_image, to_rgb
 from pipelines.common import read_manifest, read_split
 from pipelines.prepare import PrepareConfig, _reason_kind, assign_splits, list_imagefolder, prepare
 from ray_jobs import storage
@@ -110,6 +110,58 @@ def test_rgba_is_composited_on_white():
     img = Image.new("RGBA", (IMAGE_SIZE, IMAGE_SIZE), (255, 0, 0, 0))  # fully transparent red
     png, _ = prepare_image(encode_image(img), IMAGE_SIZE)
     assert np.all(np.asarray(decode_png(png)) == 255)
+
+
+def _halves(png: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The centre pixel of the left and of the right half of a prepared IMAGE_SIZE square."""
+    arr = np.asarray(decode_png(png)).astype(int)
+    mid = IMAGE_SIZE // 2
+    return arr[mid, IMAGE_SIZE // 4], arr[mid, 3 * IMAGE_SIZE // 4]
+
+
+def test_transparent_png_shows_the_background_and_blends_semi_transparent_pixels():
+    # left half fully transparent over black (what convert("RGB") would show), right half red at
+    # alpha 128: a viewer shows the background on the left and pink on the right
+    arr = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 4), np.uint8)
+    arr[:, IMAGE_SIZE // 2:] = (255, 0, 0, 128)
+    png, note = prepare_image(encode_image(Image.fromarray(arr, "RGBA")), IMAGE_SIZE)
+    left, right = _halves(png)
+    a = 128 / 255
+    blend = np.round(np.array([255, 0, 0]) * a + np.array(BACKGROUND) * (1 - a))
+    assert note == "RGBA composited on white"
+    assert left.tolist() == list(BACKGROUND)
+    assert np.abs(right - blend).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["LA", "P", "RGB", "L"])
+def test_every_kind_of_png_transparency_shows_the_background(mode):
+    # LA: an alpha channel; P: a transparent palette entry; RGB and L: a tRNS colour key (black),
+    # which PIL's convert("RGB") ignores, so the keyed black would show
+    arr = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    arr[:, IMAGE_SIZE // 2:] = 200
+    if mode == "LA":
+        img, extra = Image.fromarray(np.stack([arr, (arr > 0).astype(np.uint8) * 255], -1), "LA"), {}
+    elif mode == "P":
+        img = Image.fromarray(arr, "L").convert("P")
+        extra = {"transparency": 0}
+    elif mode == "RGB":
+        img, extra = Image.fromarray(np.stack([arr] * 3, -1), "RGB"), {"transparency": (0, 0, 0)}
+    else:
+        img, extra = Image.fromarray(arr, "L"), {"transparency": 0}
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **extra)
+    png, note = prepare_image(buf.getvalue(), IMAGE_SIZE)
+    left, right = _halves(png)
+    assert note == f"{mode} composited on white"
+    assert left.tolist() == list(BACKGROUND)
+    assert right.tolist() == [200, 200, 200]
+
+
+def test_background_colour_is_a_parameter():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    out, note = to_rgb(img, background=(10, 20, 30))
+    assert np.asarray(out)[0, 0].tolist() == [10, 20, 30]
+    assert note == "RGBA composited on background (10, 20, 30)"
 
 
 def test_centre_crop_keeps_the_middle_square():

@@ -55,7 +55,7 @@ def kill_once_a_shard_exists(cmd: list[str], env: dict[str, str], parquet: str, 
 def sample_model(tmp_path_factory) -> dict[str, str]:
     """One of our checkpoints (a random tiny DiT) and the small autoencoder it names."""
     root = tmp_path_factory.mktemp("sample_model")
-    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1)
+    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
     torch.manual_seed(0)
     ae = Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", 0.7, 4, cfg.downsample, IMAGE_SIZE))
     save_autoencoder(ae, root / "autoencoder")
