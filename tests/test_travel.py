@@ -46,10 +46,10 @@ def ran_stages(output: str) -> set[str]:
 
 
 def user_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = stage_env({"PYTHONPATH": str(root), **(extra or {})})
+    env = stage_env({"PYTHONPATH": str(root)})
     for name in ISOLATE:
         env.pop(name, None)
-    return env
+    return {**env, **(extra or {})}
 
 
 def registry(root: Path):
