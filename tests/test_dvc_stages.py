@@ -25,7 +25,9 @@ import yaml
 
 from tests.fixtures_data import VENV_BIN, clone_project, run, stage_env
 
-pytestmark = pytest.mark.slow
+# the module fixture runs the whole default `dvc repro` inside the first test: its subprocess timeouts
+# (4 x 300 s, 3 x 900 s) bound it, not the suite-wide 900 s (a loaded machine exceeded that)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 300 + 3 * 900 + 300)]
 
 DEFAULT_BUDGET_S = 300  # issue 3: `dvc repro encode` on the defaults within 5 minutes on 2 cores
 PIPELINE_BUDGET_S = 900  # issue 5: the whole `dvc repro` from a clean clone within 15 minutes
