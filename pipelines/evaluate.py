@@ -170,10 +170,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     if params.get("inception_weights"):
         read_by_actors["evaluate.inception_weights"] = params["inception_weights"]
     runtime.require_shared(read_by_actors, runtime.cluster_hosts(), "the Ray cluster")
-    pass_settings = PassSettings(network=params["features"], inception_weights=params.get("inception_weights"),
-                                 pr_max_images=int(params["pr_max_images"]), seed=int(params["pr_seed"]),
-                                 pixel_pool=int(params["pixel_pool"]), histogram_levels=int(params["histogram_levels"]))
-    found = feature_pass(items + ref.items, classifier, pass_settings, autoencoder,
+    found = feature_pass(items + ref.items, classifier, pass_settings(params), autoencoder,
                          num_actors=params.get("num_actors"), actor_num_cpus=params.get("actor_num_cpus"))
     for name, expected in (("samples", num_images), ("baseline", num_baseline)):
         got = found[name].moments.count if name in found else 0
@@ -184,14 +181,7 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     ref_stats = ref.stats or r.moments.stats()
     ref_spatial = ref.spatial_stats or (r.spatial.stats() if r is not None else None)
     fid = fid_from_stats(s.moments.stats(), ref_stats)
-    unavailable: dict[str, str] = {}
-    if r is None:
-        why = f"the reference {ref.name} holds statistics only (mu, sigma), no arr_0 images"
-        unavailable.update({k: why for k in ("precision", "recall", "fd_label_free", "colour_reference", "floor")})
-    if ref_spatial is None:
-        unavailable["sfid"] = f"the reference {ref.name} holds neither mu_s/sigma_s nor arr_0 images"
-    if r is not None and not params["floor"]:
-        unavailable["floor"] = "evaluate.floor is false"
+    unavailable = unavailable_figures(ref.name, r is not None, ref_spatial is not None, bool(params["floor"]))
     precision = recall = None
     if r is not None:
         precision, recall = precision_recall(r.sample.features, s.sample.features, PR_NEIGHBOURS)
@@ -220,31 +210,53 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
         "reference_id": ref.id,
         "reference_count": int(ref_stats.count),
         "classifier_val_accuracy": (record.get("metrics") or {}).get("val_accuracy"),
-        "sampler": sample_cfg["sampler"],
-        "num_steps": sample_cfg["num_steps"],
-        "eta": sample_cfg["eta"],
-        "guidance_scale": sample_cfg["guidance_scale"],
-        "guided_channels": sample_cfg["guided_channels"],
-        "cache_interval": sample_cfg.get("cache_interval", 1),
-        "seed": sample_cfg["seed"],
-        "model": sample_cfg["model"],
+        **sampling_record(sample_cfg),
     }
     if floor is not None:
-        metrics["fd_label_free_floor"] = fd(floor, r, "pixels")
-        metrics["fd_label_free_ratio_to_floor"] = fd_label_free / metrics["fd_label_free_floor"] if metrics["fd_label_free_floor"] else None
-        metrics["fid_floor"] = fd(floor, r, "moments")
-        metrics["colour_floor"] = floor.colour.means()
-        metrics["floor_autoencoder"] = autoencoder_path
+        metrics.update(floor_figures(floor, r, fd_label_free), floor_autoencoder=autoencoder_path)
     metrics.update(sampled_model(samples))
     if num_baseline:
         b = found["baseline"]
         metrics["fid_untrained"] = fid_from_stats(b.moments.stats(), ref_stats)
-        metrics["fid_ratio_to_untrained"] = fid / metrics["fid_untrained"]
-        metrics["fd_label_free_untrained"] = fd(b, r, "pixels")
-        metrics["baseline_images"] = num_baseline
+        metrics.update(fid_ratio_to_untrained=fid / metrics["fid_untrained"], fd_label_free_untrained=fd(b, r, "pixels"),
+                       baseline_images=num_baseline)
     if unavailable:
         metrics["not_available"] = unavailable
     return metrics
+
+
+def pass_settings(params: dict[str, Any]) -> PassSettings:
+    """What the feature pass computes, from the ``evaluate`` settings."""
+    return PassSettings(network=params["features"], inception_weights=params.get("inception_weights"),
+                        pr_max_images=int(params["pr_max_images"]), seed=int(params["pr_seed"]),
+                        pixel_pool=int(params["pixel_pool"]), histogram_levels=int(params["histogram_levels"]))
+
+
+def unavailable_figures(reference: str, has_images: bool, has_spatial: bool, floor: bool) -> dict[str, str]:
+    """Why each figure eval.json leaves null is null (its ``not_available``)."""
+    unavailable: dict[str, str] = {}
+    if not has_images:
+        why = f"the reference {reference} holds statistics only (mu, sigma), no arr_0 images"
+        unavailable.update({k: why for k in ("precision", "recall", "fd_label_free", "colour_reference", "floor")})
+    if not has_spatial:
+        unavailable["sfid"] = f"the reference {reference} holds neither mu_s/sigma_s nor arr_0 images"
+    if has_images and not floor:
+        unavailable["floor"] = "evaluate.floor is false"
+    return unavailable
+
+
+def floor_figures(floor: Any, reference: Any, fd_label_free: float | None) -> dict[str, Any]:
+    """The autoencoder's reconstructions of the reference against it: the floor the DiT cannot beat."""
+    floor_fd = fd(floor, reference, "pixels")
+    return {"fd_label_free_floor": floor_fd,
+            "fd_label_free_ratio_to_floor": fd_label_free / floor_fd if floor_fd and fd_label_free is not None else None,
+            "fid_floor": fd(floor, reference, "moments"), "colour_floor": floor.colour.means()}
+
+
+def sampling_record(sample_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings the samples were made with, as eval.json and the registry record them."""
+    keys = ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "seed", "model")
+    return {**{k: sample_cfg[k] for k in keys}, "cache_interval": sample_cfg.get("cache_interval", 1)}
 
 
 def sampled_model(samples: str) -> dict[str, str]:
