@@ -21,6 +21,7 @@ from dit_core.diffusion import (
 from dit_core.diffusion.meanflow import adaptive_weighted_loss
 from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict
 from dit_core.pipeline import ImagePipeline, SamplingSettings, make_model_fn
+from tests.test_objectives import _Identity   # latents are the images: the pipeline without an autoencoder
 
 # Gaussian data x_0 ~ N(MU, S^2 I). On z_t = (1 - t) x_0 + t eps, z_t ~ N(m_t, sigma_t^2 I) with
 # m_t = (1 - t) MU, sigma_t^2 = (1 - t)^2 S^2 + t^2. The flow ODE is the monotone transport between
@@ -335,16 +336,6 @@ def test_learned_guidance_without_label_dropout_is_refused():
     x = torch.zeros(2, 2, 4, 4)
     with pytest.raises(ValueError, match="class_dropout_prob > 0"):
         obj.losses(lambda z, r, t, y: z, x, (torch.zeros(2), torch.ones(2)), torch.tensor([0, 1]), 3, 0.0)
-
-
-class _Identity:
-    downsample = 1
-
-    def to(self, device):
-        return self
-
-    def decode(self, z):
-        return z.clamp(-1, 1)
 
 
 def test_sampling_guidance_is_refused_for_a_meanflow_model():
