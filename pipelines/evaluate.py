@@ -278,6 +278,10 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
     """Log the evaluation to the scored version's training run, tag the version, move the alias."""
     # the version that was sampled (resolved once, by the sample job), never the alias as it is now
     uri = str(metrics.get("model_version") or metrics["model"])
+    elsewhere = tracking.version_not_here(uri) if uri.startswith("models:/") else None
+    if elsewhere:
+        print(f"evaluate: not registered: {elsewhere}", file=sys.stderr)
+        return {"registered": False, "reason": elsewhere}
     bundle = load_bundle(uri) if uri.startswith("models:/") else None
     if bundle is None or not bundle.registered_model:
         return {"registered": False, "reason": f"{uri} is not a registered model version"}

@@ -330,6 +330,27 @@ def log_evaluation(
         client.log_artifact(run_id, path, artifact_path="eval")
 
 
+def version_not_here(uri: str) -> str | None:
+    """Why ``models:/<name>/<version>`` cannot be scored in this tracking store, or None when it is
+    there. A teammate's `dvc pull` brings the model folder, not the MLflow database that registered
+    it: evaluating there writes metrics/eval.json and leaves the registry alone."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"models:/([^/@]+)/(\d+)", uri)
+    if match is None:
+        return None   # an alias or a run: resolved (and its errors raised) where it is loaded
+    try:
+        MlflowClient().get_model_version(match[1], match[2])
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return (f"{uri} is not in this tracking store ({tracking_uri()}): the model came from elsewhere (dvc pull); "
+                "its evaluation is in metrics/eval.json only (set evaluate.register=false to say so, or point "
+                "MLFLOW_TRACKING_URI at the store that registered it)")
+    return None
+
+
 def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
     from mlflow import MlflowClient
 

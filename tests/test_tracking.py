@@ -94,6 +94,17 @@ def test_log_model_registers_once_per_step(mlflow_sqlite):
         mlflow.pyfunc.load_model(f"models:/reg-model/{v1}")
 
 
+def test_a_pulled_models_evaluation_skips_a_registry_that_never_saw_it(mlflow_sqlite, capsys):
+    """A teammate's clone: `dvc pull` brought models/dit (its record names models:/dit-digits/3),
+    not the MLflow database. Evaluate keeps its figures and says why nothing was registered."""
+    from pipelines.evaluate import register
+
+    tracking.configure_tracking()
+    outcome = register("samples", {"model": "models/dit", "model_version": "models:/dit-digits/3", "fid": 1.0}, "champion")
+    assert outcome["registered"] is False and "models:/dit-digits/3 is not in this tracking store" in outcome["reason"]
+    assert "evaluate.register=false" in capsys.readouterr().err
+
+
 def test_recorded_sampling_defaults_are_the_sample_settings_defaults():
     from dit_core import settings
     from dit_core.pipeline import SamplingSettings
