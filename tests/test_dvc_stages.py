@@ -1,11 +1,19 @@
 """End to end through DVC, in a `git clone` of the repository under test, as a user runs it (the
 clone's own .gitignore, dvc.yaml and params.yaml; the README's `make run` is `dvc repro` with the
-venv on PATH): the digits default `dvc repro encode` (time budget, outputs, a classifier still
-recognising reconstructions), then the rest of the pipeline (`dvc repro`: train, classifier,
-sample, evaluate) with the quality bar and time budget and the model version's records in MLflow,
-a second repro doing nothing, DVC experiments (`dvc exp run -S`, `exp show`, `metrics diff`,
-`plots show` / `plots diff`), param changes re-running exactly the stages after them, and
-`dvc push`/`pull` through an S3 remote on the session's moto server."""
+venv on PATH). One default `dvc repro` (the module's fixture, its result committed as the README
+says) is shared by every test that reads its outputs (issue 23: one end-to-end run):
+- `dvc repro encode` within its budget, outputs complete, a classifier still recognising the
+  autoencoder's reconstructions; then the rest (train, classifier, sample, evaluate) with the
+  quality bar, the time budget and the model version's records in MLflow; a second repro does nothing;
+- the trained model travels (issue 24): a cached DVC output; `dvc push` to a local remote and to the
+  session's S3 server, a second clone's `dvc pull` gets every output byte for byte, `dvc status` has
+  nothing to run and `dit generate --model models/dit` there (no mlflow.db) writes the first clone's image;
+- `dit export --model models/dit` of the default flow model samples with plain diffusers, its images
+  at guidance 2 read as their class by the project's classifier at the bulk sampler's rate;
+- experiments: `dvc exp run --temp` of a sample-only change re-runs only sample and evaluate; two
+  experiments queued and run with `dvc queue start -j 2` keep their MLflow runs, versions and
+  checkpoints in the workspace's store; `dvc exp show`, `metrics diff`, `plots show` / `plots diff`;
+- last (it edits the workspace's params): param changes re-run exactly the stages after them."""
 
 from __future__ import annotations
 
@@ -32,7 +40,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 300 + 3 * 900 + 300)]
 DEFAULT_BUDGET_S = 300  # issue 3: `dvc repro encode` on the defaults within 5 minutes on 2 cores
 PIPELINE_BUDGET_S = 900  # issue 5: the whole `dvc repro` from a clean clone within 15 minutes
 DVC = str(VENV_BIN / "dvc")
+DIT = str(VENV_BIN / "dit")
+OUTPUTS = ("data/prepared", "models/autoencoder", "data/latents", "models/dit", "models/classifier", "samples")
 STAGES = ("prepare", "train_autoencoder", "encode")
+
+
+ISOLATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "RAY_ADDRESS")  # the workspace's defaults, as a user has them
+
+
+def user_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = stage_env({"PYTHONPATH": str(root)})
+    for name in ISOLATE:
+        env.pop(name, None)
+    return {**env, **(extra or {})}
+
+
+def registry(root: Path):
+    from mlflow import MlflowClient
+
+    db = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=db, registry_uri=db)
 
 
 def ran_stages(output: str) -> set[str]:
@@ -49,7 +76,7 @@ def project(tmp_path_factory):
     how long each took. (It fails, as a new user's `make run` did, if the clone's .gitignore
     ignores dvc.lock or anything else keeps the committed tree from running.)"""
     root = clone_project(tmp_path_factory.mktemp("dvcproj") / "project")
-    env = stage_env({"PYTHONPATH": str(root)})
+    env = user_env(root)
     start = time.time()
     proc = run([DVC, "repro", "encode"], root, env, timeout=4 * DEFAULT_BUDGET_S)
     seconds = time.time() - start
@@ -58,6 +85,8 @@ def project(tmp_path_factory):
     rest = run([DVC, "repro"], root, env, timeout=3 * PIPELINE_BUDGET_S)
     total = time.time() - start
     print(f"default dvc repro (all stages): {total:.0f}s, 5-min load average {os.getloadavg()[1]:.1f}")
+    run(["git", "add", "dvc.lock", "metrics", "params.yaml"], root, env)   # the user records the result, as the README says
+    run(["git", "commit", "-qm", "default run"], root, env)
     return {"root": root, "env": env, "seconds": seconds, "output": proc.stdout + proc.stderr, "load": load,
             "total_seconds": total, "rest_output": rest.stdout + rest.stderr}
 
@@ -178,20 +207,6 @@ def test_second_repro_does_nothing(project):
     assert "changed" not in status.stdout, status.stdout
 
 
-def test_push_empty_cache_pull_same_data(project, s3_bucket, s3_server):
-    root, env = project["root"], {**project["env"], **s3_server}  # the module env predates the server
-    before = {d: tree_digest(root / d) for d in ("data/prepared", "models/autoencoder", "data/latents", "models/dit", "models/classifier",
-                                                "samples")}
-    run([DVC, "remote", "add", "--local", "-d", "store", f"s3://{s3_bucket}/dvcstore"], root, env)
-    run([DVC, "remote", "modify", "--local", "store", "endpointurl", s3_server["AWS_ENDPOINT_URL"]], root, env)
-    run([DVC, "push"], root, env)
-    shutil.rmtree(root / ".dvc/cache")
-    for d in before:
-        shutil.rmtree(root / d)
-    run([DVC, "pull"], root, env)
-    assert {d: tree_digest(root / d) for d in before} == before
-
-
 def test_loss_history_is_a_dvc_plot(project):
     """The train stage writes the loss of every logged step; `dvc plots show` draws it."""
     root, env = project["root"], project["env"]
@@ -211,55 +226,189 @@ def test_loss_history_is_a_dvc_plot(project):
     assert loss_plot["content"]["encoding"]["x"]["field"] == "step" and '"y": {"field": "loss"' in spec
 
 
-def exp_row(shown: list, name: str) -> dict:
-    """The metrics and params of experiment ``name`` in `dvc exp show --json`."""
+def generate(root: Path, env: dict[str, str], out: Path) -> bytes:
+    run([DIT, "generate", "--model", "models/dit", "--labels", "3", "--seeds", "0", "--out", str(out)], root, env)
+    return out.read_bytes()
+
+
+def test_model_is_a_cached_output_and_travels_with_push_and_pull(project, tmp_path, s3_server, s3_bucket):
+    root, env = project["root"], {**project["env"], **s3_server}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    outs = {o["path"]: o for o in lock["stages"]["train"]["outs"]}
+    assert "models/dit" in outs and outs["models/dit"]["md5"].endswith(".dir")   # cached, a folder
+    trained = json.loads((root / "models/dit/trained.json").read_text())
+    assert trained["registered_model"] == "dit-digits" and trained["model_uri"] == f"models:/dit-digits/{trained['version']}"
+    first = generate(root, env, tmp_path / "first.png")
+    before = {d: tree_digest(root / d) for d in OUTPUTS}
+
+    remote = tmp_path / "dvc-remote"
+    run([DVC, "remote", "add", "--local", "-d", "here", str(remote)], root, env)
+    run([DVC, "remote", "add", "--local", "s3", f"s3://{s3_bucket}/dvcstore"], root, env)
+    run([DVC, "remote", "modify", "--local", "s3", "endpointurl", s3_server["AWS_ENDPOINT_URL"]], root, env)
+    run([DVC, "push"], root, env)
+    run([DVC, "push", "-r", "s3"], root, env)
+
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(root), str(second)], tmp_path, env)
+    env2 = user_env(second, s3_server)
+    run([DVC, "remote", "add", "--local", "-d", "here", str(remote)], second, env2)
+    run([DVC, "pull"], second, env2)
+    status = run([DVC, "status"], second, env2)
+    assert "up to date" in status.stdout and "changed" not in status.stdout, status.stdout
+    assert generate(second, env2, tmp_path / "second.png") == first
+    assert not (second / "mlflow.db").exists() and not (second / "checkpoints").exists()
+
+    # the same from the S3 remote, with an empty cache
+    shutil.rmtree(second / ".dvc/cache")
+    shutil.rmtree(second / "models/dit")
+    run([DVC, "remote", "add", "--local", "s3", f"s3://{s3_bucket}/dvcstore"], second, env2)
+    run([DVC, "remote", "modify", "--local", "s3", "endpointurl", s3_server["AWS_ENDPOINT_URL"]], second, env2)
+    for d in OUTPUTS:
+        shutil.rmtree(second / d, ignore_errors=True)
+    run([DVC, "pull", "-r", "s3"], second, env2)
+    assert {d: tree_digest(second / d) for d in OUTPUTS} == before   # every output, byte for byte
+    assert generate(second, env2, tmp_path / "third.png") == first
+    assert "up to date" in run([DVC, "status"], second, env2).stdout
+
+
+PLAIN_DIFFUSERS = """
+import sys
+for name in ("dit_core", "ray_jobs", "pipelines"):   # a Python without this project
+    sys.modules[name] = None
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+folder, inputs, out = sys.argv[1:]
+given = torch.load(inputs)
+pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True, local_files_only=True)
+images = pipe(class_labels=given["labels"], guidance_scale=2.0, num_inference_steps=given["steps"], latents=given["noise"],
+              output_type="np").images
+np.save(out, (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
+"""
+
+
+def test_exported_flow_model_reads_as_its_class_with_plain_diffusers(project, tmp_path):
+    """(c): `dit export --model models/dit`, loaded by plain diffusers in a Python without this
+    project, fed the bulk sampler's noise for the sampled (label, seed) rows at guidance 2: the
+    project's classifier reads its images as their class at the bulk sampler's rate, within 0.05."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from dit_core.classifier import CONFIG_FILE, load_classifier, predict
+    from dit_core.data import pngs_to_batch
+    from dit_core.diffusion import randn
+    from ray_jobs import storage
+
+    root, env = project["root"], project["env"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["objective"] == "flow" and params["sample"]["guidance_scale"] == 2.0
+    run([DIT, "export", "--model", "models/dit", str(tmp_path / "pipe")], root, env)
+    import pyarrow as pa
+
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((root / "samples/parquet").glob("shard-*.parquet"))])
+    labels, seeds = rows.column("label").to_pylist(), rows.column("seed").to_pylist()
+    assert len(labels) == params["sample"]["num_images"]
+    config = json.loads((root / "models/dit/dit.json").read_text())["model_config"]
+    shape = (len(seeds), config["in_channels"], config["input_size"], config["input_size"])
+    noise = randn(shape, [torch.Generator().manual_seed(int(s)) for s in seeds])
+    torch.save({"labels": labels, "noise": noise, "steps": params["sample"]["num_steps"]}, tmp_path / "inputs.pt")
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-I", "-c", PLAIN_DIFFUSERS, str(tmp_path / "pipe"), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "images.npy")], cwd=tmp_path / "empty", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = torch.from_numpy(np.load(tmp_path / "images.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with storage.local_copy(str(root / "models/classifier"), CONFIG_FILE) as folder:
+        classifier, _ = load_classifier(folder)
+    bulk = pngs_to_batch(rows.column("image").to_pylist())
+    truth = np.asarray(labels)
+    rate_exported = float((predict(classifier, exported) == truth).mean())
+    rate_bulk = float((predict(classifier, bulk) == truth).mean())
+    print(f"class accuracy at guidance 2: exported {rate_exported:.3f}, bulk sampler {rate_bulk:.3f}")
+    assert abs(rate_exported - rate_bulk) <= 0.05
+
+
+def test_sample_only_experiment_in_a_temporary_copy_reruns_only_sample_and_evaluate(project):
+    root, env = project["root"], project["env"]
+    trained = json.loads((root / "models/dit/trained.json").read_text())
+    client = registry(root)
+    before = len(client.get_metric_history(trained["mlflow_run_id"], "eval.fid"))
+    proc = run([DVC, "exp", "run", "--temp", "-n", "nocfg", "-S", "sample.guidance_scale=1.0"], root, env, timeout=900)
+    assert ran_stages(proc.stdout + proc.stderr) == {"sample", "evaluate"}
+    # its evaluation went to the workspace's store (the version it sampled), not to the copy's
+    assert len(client.get_metric_history(trained["mlflow_run_id"], "eval.fid")) == before + 1
+
+
+def exp_rows(shown: list) -> dict[str, dict]:
+    rows = {}
     for baseline in shown:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs", []):
-                if rev.get("name") == name:
-                    return rev
-    raise AssertionError(f"experiment {name!r} not in `dvc exp show`: {json.dumps(shown)[:3000]}")
+                if rev.get("name"):
+                    rows[rev["name"]] = rev
+    return rows
 
 
-def test_experiments_run_show_and_compare(project):
-    """`dvc exp run -S` runs exactly the stages a change touches; `dvc exp show` lists fid and
-    class_accuracy per experiment; `dvc metrics diff` compares two; `dvc plots diff` draws the FID
-    by guidance scale across them."""
+def test_two_queued_experiments_side_by_side_keep_everything(project):
     root, env = project["root"], project["env"]
-    # the user records the default run's result, as the README says
-    run(["git", "add", "dvc.lock", "metrics", "params.yaml"], root, env)
-    run(["git", "commit", "-qm", "default run"], root, env)
-    short = run([DVC, "exp", "run", "-n", "short", "-S", "train.steps=200", "-S", "sample.num_images=200",
-                 "-S", "sample.baseline_images=100"], root, env, timeout=1200)
-    assert ran_stages(short.stdout + short.stderr) == {"train", "sample", "evaluate"}
-    nocfg = run([DVC, "exp", "run", "-n", "nocfg", "-S", "sample.guidance_scale=1.0"], root, env, timeout=1200)
-    assert ran_stages(nocfg.stdout + nocfg.stderr) == {"sample", "evaluate"}
+    client = registry(root)
+    for name, steps in (("q30", 30), ("q50", 50)):
+        run([DVC, "exp", "run", "--queue", "-n", name, "-S", f"train.steps={steps}", "-S", "train.checkpoint_every=10",
+             "-S", "sample.num_images=200", "-S", "sample.baseline_images=100"], root, env)
+    run([DVC, "queue", "start", "-j", "2"], root, env)
+    deadline = time.time() + 1800
+    try:
+        while True:
+            status = run([DVC, "queue", "status"], root, env).stdout
+            if not re.search(r"\b(Running|Queued)\b", status):
+                break
+            assert time.time() < deadline, status
+            time.sleep(10)
+    finally:
+        run([DVC, "queue", "stop"], root, env)
+    assert "Failed" not in status, status + "".join(
+        run([DVC, "queue", "logs", n], root, env).stdout[-4000:] for n in ("q30", "q50"))
 
-    shown = json.loads(run([DVC, "exp", "show", "--json"], root, env).stdout)
-    evals = {}
-    for name in ("short", "nocfg"):
-        data = exp_row(shown, name)["data"]
+    rows = exp_rows(json.loads(run([DVC, "exp", "show", "--json"], root, env).stdout))
+    for name, steps in (("q30", 30), ("q50", 50)):
+        data = rows[name]["data"]
         ev = data["metrics"]["metrics/eval.json"]["data"]
-        assert 0 <= ev["class_accuracy"] <= 1 and ev["fid"] > 0
+        assert ev["fid"] > 0 and 0 <= ev["class_accuracy"] <= 1 and ev["num_samples"] == 200
         assert ev["fd_label_free"] > 0 and ev["fd_label_free_floor"] > 0 and ev["colour_samples"]["luminance"] > 0
-        evals[name] = ev
-        assert data["params"]["params.yaml"]["data"]["train"]["steps"] == 200
-    assert evals["short"]["guidance_scale"] == 2.0 and evals["nocfg"]["guidance_scale"] == 1.0
-    assert evals["short"]["num_samples"] == 200
-    baseline = json.loads((root / "metrics/eval.json").read_text())  # the workspace holds the last experiment
-    assert baseline["fid"] == pytest.approx(evals["nocfg"]["fid"])
+        assert data["params"]["params.yaml"]["data"]["train"]["steps"] == steps
+        train = data["metrics"]["metrics/train.json"]["data"]
+        assert train["steps"] == steps
+        # its run, its registered version and its checkpoints are the workspace's
+        versions = [v for v in client.search_model_versions("name = 'dit-digits'") if v.tags.get("run_name") == train["run_name"]]
+        assert len(versions) == 1, versions
+        version = versions[0]
+        assert float(version.tags["fid"]) == pytest.approx(ev["fid"], rel=1e-4)
+        assert client.get_run(version.run_id).info.status == "FINISHED"
+        kept = sorted(p.name for p in (root / "checkpoints" / train["run_name"]).glob("checkpoint_[0-9]*"))
+        assert kept[-1] == f"checkpoint_{steps:08d}", kept
+    assert not list((root / ".dvc/tmp/exps").glob("*/mlflow.db"))
 
-    diff = json.loads(run([DVC, "metrics", "diff", "HEAD", "short", "--json"], root, env).stdout)
+    # the sample-only experiment (the test before) is listed too, and experiments compare
+    nocfg = rows["nocfg"]["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert nocfg["guidance_scale"] == 1.0 and rows["q30"]["data"]["metrics"]["metrics/eval.json"]["data"]["guidance_scale"] == 2.0
+    diff = json.loads(run([DVC, "metrics", "diff", "HEAD", "q30", "--json"], root, env).stdout)
     fid = diff["metrics/eval.json"]["fid"]
     committed = json.loads(run(["git", "show", "HEAD:metrics/eval.json"], root, env).stdout)
-    assert fid["old"] == pytest.approx(committed["fid"]) and fid["new"] == pytest.approx(evals["short"]["fid"])
+    q30 = rows["q30"]["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert fid["old"] == pytest.approx(committed["fid"]) and fid["new"] == pytest.approx(q30["fid"])
     assert "class_accuracy" in diff["metrics/eval.json"]
-
-    plots = json.loads(run([DVC, "plots", "diff", "short", "nocfg", "--json"], root, env).stdout)["data"]
+    plots = json.loads(run([DVC, "plots", "diff", "q30", "nocfg", "--json"], root, env).stdout)["data"]
     fid_plot = json.dumps(plots["metrics/fid.json"])
-    for name in ("short", "nocfg"):
-        assert name in fid_plot
-    assert str(evals["short"]["fid"])[:6] in fid_plot and str(evals["nocfg"]["fid"])[:6] in fid_plot
+    for name, ev in (("q30", q30), ("nocfg", nocfg)):
+        assert name in fid_plot and str(ev["fid"])[:6] in fid_plot
+
+    # `dvc exp apply` brings an experiment's model back into the workspace
+    run([DVC, "exp", "apply", "q30"], root, env)
+    trained = json.loads((root / "models/dit/trained.json").read_text())
+    assert trained["step"] == 30 and trained["name"] == rows["q30"]["data"]["metrics"]["metrics/train.json"]["data"]["run_name"]
+    run(["git", "checkout", "--", "."], root, env)
+    run([DVC, "checkout"], root, env)
 
 
 def test_param_changes_rerun_exactly_the_stages_after(project):
