@@ -112,7 +112,7 @@ SETS: dict[str, Callable[[int], np.ndarray]] = {  # each takes the image size of
 
 # Each variant: overrides of the train_autoencoder settings. "today" is the default before issue 22.
 TODAY = {"norm_num_groups": 16, "block_channels": [16, 32], "layers_per_block": 1, "steps": 400, "lr": 0.002,
-         "kl_weight": 1e-6, "batch_size": 64, "latent_channels": 4}
+         "kl_weight": 1e-6, "batch_size": 64, "latent_channels": 4, "deterministic": False}
 VARIANTS: dict[str, dict[str, Any]] = {
     "today": TODAY,
     "kl0": {**TODAY, "kl_weight": 0.0},
@@ -124,6 +124,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "groups8": {**TODAY, "norm_num_groups": 8},
     "groups4": {**TODAY, "norm_num_groups": 4},
     "groups1": {**TODAY, "norm_num_groups": 1},
+    "groups1-mean": {**TODAY, "norm_num_groups": 1, "deterministic": True},
     "default": {},  # whatever AutoencoderSettings holds now
 }
 
@@ -135,7 +136,8 @@ def _tensor(images: np.ndarray) -> torch.Tensor:
 def run_variant(name: str, overrides: dict[str, Any], images: np.ndarray, seed: int = 0) -> dict[str, Any]:
     s = replace(AutoencoderSettings(), **overrides)
     model = SmallAutoencoderConfig(s.latent_channels, tuple(s.block_channels), s.layers_per_block, s.norm_num_groups)
-    train = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, kl_weight=s.kl_weight, seed=seed)
+    train = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, kl_weight=s.kl_weight, seed=seed,
+                        deterministic=s.deterministic)
     n_val = max(1, round(VAL_FRACTION * len(images)))
     order = np.random.default_rng(seed).permutation(len(images))
     val, tr = _tensor(images[order[:n_val]]), _tensor(images[order[n_val:]])

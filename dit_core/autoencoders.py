@@ -39,6 +39,9 @@ class AutoencoderRecord:
     latent_channels: int
     downsample: int
     image_size: int | None = None
+    # a plain autoencoder (trained on its posterior means): its code is the mean, its std is 0.
+    # False: a KL autoencoder whose latents are drawn from N(mean, std) (the SD VAE; old folders)
+    deterministic: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderRecord":
@@ -78,6 +81,9 @@ class TrainConfig:
     lr: float
     kl_weight: float  # small: we want a near-deterministic code, the KL only keeps it bounded
     seed: int
+    # decode the posterior mean in training (a plain autoencoder, as DC-AE): a sampled code's noise
+    # (std about 1 at the start, shrunk only by the tiny KL) makes the decoder average colours away
+    deterministic: bool = True
 
 
 class Autoencoder:
@@ -129,6 +135,8 @@ class Autoencoder:
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, H, W) in [-1, 1] -> posterior mean, std (N, C, H/f, W/f), float32."""
         dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        if self.record.deterministic:
+            return dist.mean.float(), torch.zeros_like(dist.mean, dtype=torch.float32)
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
@@ -279,9 +287,9 @@ def train_small_autoencoder(
 ) -> tuple[Autoencoder, dict[str, float]]:
     """Train a small KL autoencoder on images (N, 3, H, W) in [-1, 1].
 
-    Loss: pixel MSE of the decoded posterior sample + ``kl_weight`` * KL (the SD recipe without
-    its perceptual and GAN terms, which matter little at digit scale). The record's scale factor
-    is 1/std of the posterior means on ``images``.
+    Loss: pixel MSE of the decoded posterior mean (``deterministic``; else a posterior sample) +
+    ``kl_weight`` * KL (the SD recipe without its perceptual and GAN terms, which matter little at
+    this scale). The record's scale factor is 1/std of the posterior means on ``images``.
     """
     torch.manual_seed(train.seed)
     g = torch.Generator().manual_seed(train.seed)
@@ -293,7 +301,7 @@ def train_small_autoencoder(
     for step in range(train.steps):
         x = images[torch.randint(0, images.shape[0], (train.batch_size,), generator=g)]
         dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        z = dist.mean if train.deterministic else dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
         loss = (vae.decode(z).sample - x).pow(2).mean() + train.kl_weight * kl_loss(dist.mean, dist.logvar).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +312,7 @@ def train_small_autoencoder(
     vae.eval()
     record = AutoencoderRecord(
         id=ae_id, scale_factor=1.0, latent_channels=model.latent_channels, downsample=model.downsample,
-        image_size=int(images.shape[-1]),
+        image_size=int(images.shape[-1]), deterministic=train.deterministic,
     )
     ae = Autoencoder(vae, record)
     eval_batch = train.batch_size * 4

@@ -59,6 +59,7 @@ class AutoencoderSettings:
     batch_size: int = 64
     lr: float = 0.002
     kl_weight: float = 1e-6
+    deterministic: bool = True           # decode the posterior mean in training, latents with std 0 (false: sample it, the SD VAE's way)
     seed: int = 0
     max_images: int = 20000              # training subset (seeded) on large data sets
     eval_batch_size: int = 256
@@ -108,7 +109,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
         )
         train = TrainConfig(
             steps=int(params["steps"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
-            kl_weight=float(params["kl_weight"]), seed=seed,
+            kl_weight=float(params["kl_weight"]), seed=seed, deterministic=bool(params["deterministic"]),
         )
         every = max(1, train.steps // 10)
 
