@@ -30,14 +30,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
+from dit_core.contract import IMAGE_COLUMN, LOCATION_FILE, MANIFEST_FILE
 from dit_core.data import pngs_to_batch
 
 from ray_jobs import runtime, storage
 
 PARAMS_FILE = "params.yaml"
-LOCATION_FILE = storage.LOCATION_FILE
 JOBS_DIR = "jobs"                 # under store.root: each submitted stage's small outputs
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
@@ -164,7 +163,7 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 def read_manifest(prepared: str) -> dict[str, Any]:
     """The prepared data's published manifest (its ``version`` names the folder of the shards:
     ``read_split`` resolves it); its presence is what marks the output complete."""
-    uri = storage.join(prepared, MANIFEST)
+    uri = storage.join(prepared, MANIFEST_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: {prepared} is not a complete prepared data set; run the prepare stage")
     return storage.read_json(uri)
@@ -183,7 +182,7 @@ def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: lis
 def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int, seed: int) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images`` (all in memory: the
     caps keep large data sets, e.g. ImageNet at 256, within RAM)."""
-    pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
+    pngs = read_split(prepared, manifest, split, [IMAGE_COLUMN]).column(IMAGE_COLUMN).to_pylist()
     if len(pngs) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
         pngs = [pngs[i] for i in keep]

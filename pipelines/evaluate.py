@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from dit_core import settings
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
-from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
+from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.classifier import load_classifier
+from dit_core.contract import (AUTOENCODER_RECORD_FILE, CLASSIFIER_CONFIG_FILE, SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE,
+                               SAMPLE_PARQUET_DIR, SAMPLE_SUMMARY_FILE)
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
 from dit_core.metrics import FID_INCEPTION_DIMS, PR_MAX_IMAGES, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
 from pipelines.common import PARAMS_FILE, StageIO, read_manifest, run_stage
@@ -38,7 +40,6 @@ from ray_jobs.features import (
     reconstruction_items,
 )
 from ray_jobs.model_source import load_bundle, state_digest
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, baseline_output
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class EvaluateSettings:
 
 
 def shard_uris(folder: str) -> list[str]:
-    return storage.list_files(storage.join(folder, "parquet"), suffix=".parquet")
+    return storage.list_files(storage.join(folder, SAMPLE_PARQUET_DIR), suffix=".parquet")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def floor_autoencoder(samples: str, sample_cfg: dict[str, Any], override: str | 
             raise ValueError(f"the sampled model {model!r} does not record its autoencoder (an official checkpoint?), so the "
                              "floor (its reconstructions of the reference) cannot be computed; set evaluate.autoencoder to "
                              "the one it was trained with, or evaluate.floor: false")
-    with storage.local_copy(path, AUTOENCODER_RECORD) as local:
+    with storage.local_copy(path, AUTOENCODER_RECORD_FILE) as local:
         return load_autoencoder(local), str(path)
 
 
@@ -148,15 +149,15 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     reference and the autoencoder's reconstructions of it) goes through one Ray Data actor pool;
     this process holds only their summaries and each set's capped subsample of features."""
     params = {**asdict(EvaluateSettings()), **params}                       # a caller's partial settings: the defaults
-    with storage.local_copy(classifier_dir, CLASSIFIER_RECORD) as folder:   # the published version
+    with storage.local_copy(classifier_dir, CLASSIFIER_CONFIG_FILE) as folder:   # the published version
         classifier, record = load_classifier(folder)
-    sample_cfg = storage.read_json(storage.join(samples, CONFIG_FILE))
+    sample_cfg = storage.read_json(storage.join(samples, SAMPLE_CONFIG_FILE))
     num_images, num_baseline = int(sample_cfg["num_images"]), int(sample_cfg.get("baseline_images") or 0)
     items = parquet_items("samples", shard_uris(samples))
     if not items:
         raise FileNotFoundError(f"no parquet sample shards under {samples}/parquet; sample with formats including parquet or npz")
     if num_baseline:
-        items += parquet_items("baseline", shard_uris(baseline_output(samples)))
+        items += parquet_items("baseline", shard_uris(storage.join(samples, SAMPLE_BASELINE_DIR)))
     ref = reference_source(str(params["reference"]), prepared,
                            FID_INCEPTION_DIMS if params["features"] == "inception" else classifier.config.feature_dim)
     autoencoder = autoencoder_path = None
@@ -262,7 +263,7 @@ def sampling_record(sample_cfg: dict[str, Any]) -> dict[str, Any]:
 def sampled_model(samples: str) -> dict[str, str]:
     """The exact version the sample job resolved (an alias resolved once, when sampling) and the
     sha256 of its weights, from the samples' summary.json."""
-    uri = storage.join(samples, SUMMARY_FILE)
+    uri = storage.join(samples, SAMPLE_SUMMARY_FILE)
     summary = storage.read_json(uri) if storage.exists(uri) else {}
     return {k: summary[k] for k in ("model_version", "weights_sha256") if summary.get(k)}
 
@@ -290,8 +291,8 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
                                       "fd_label_free", "fd_label_free_floor", "fd_label_free_untrained")
               if metrics.get(k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
-        grid = Path(tmp, GRID_FILE)
-        grid_uri = storage.join(samples, GRID_FILE)
+        grid = Path(tmp, SAMPLE_GRID_FILE)
+        grid_uri = storage.join(samples, SAMPLE_GRID_FILE)
         artifacts = {}
         if storage.exists(grid_uri):
             grid.write_bytes(storage.read_bytes(grid_uri))

@@ -42,12 +42,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dit_core import settings
+from dit_core.contract import IMAGE_COLUMN, KEY_COLUMN, LABEL_COLUMN, MANIFEST_FILE
 from dit_core.data import BadImage, png_bytes, prepare_image
-from pipelines.common import MANIFEST, PARAMS_FILE, SPLITS, StageIO, run_stage, write_parquet
+from pipelines.common import PARAMS_FILE, SPLITS, StageIO, run_stage, write_parquet
 from ray_jobs import runtime, storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("key", pa.string())])
+SCHEMA = pa.schema([(IMAGE_COLUMN, pa.binary()), (LABEL_COLUMN, pa.int32()), (KEY_COLUMN, pa.string())])
 IMAGEFOLDER_LAYOUT = "<path>/<class name>/<image files>"
 
 
@@ -416,7 +417,7 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         runtime.require_shared({"prepare.path": cfg.path, "prepare output": out}, runtime.cluster_hosts(),
                                "the Ray cluster")
 
-    staging = storage.begin_output(out, MANIFEST)
+    staging = storage.begin_output(out, MANIFEST_FILE)
     try:
         job = ShardJob(cfg.source, cfg.path and storage.absolute(cfg.path), storage.absolute(staging), cfg.image_size,
                        cfg.read_threads, cfg.image_column, storage.aws_env())
@@ -425,8 +426,8 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         _check_skipped(manifest["skipped"], num_inputs, cfg)
         if manifest["splits"]["train"]["count"] == 0:
             raise ValueError(f"no usable training images from {cfg.source} {cfg.path or ''}")
-        storage.write_json(storage.join(staging, MANIFEST), manifest)  # last: completes the version
-        manifest = storage.commit_output(staging, out, MANIFEST)  # publishes it
+        storage.write_json(storage.join(staging, MANIFEST_FILE), manifest)  # last: completes the version
+        manifest = storage.commit_output(staging, out, MANIFEST_FILE)  # publishes it
     except BaseException:
         storage.abort_output(staging, out)
         raise

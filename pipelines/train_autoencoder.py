@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from dit_core.autoencoders import (
-    RECORD,
     Autoencoder,
     SmallAutoencoderConfig,
     TrainConfig,
@@ -36,6 +35,7 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from dit_core import settings
+from dit_core.contract import AUTOENCODER_RECORD_FILE
 from pipelines.common import PARAMS_FILE, StageIO, load_images, read_manifest, run_stage
 from ray_jobs import storage
 
@@ -157,10 +157,10 @@ def write_version(ae: Autoencoder, staging: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "autoencoder")
         save_autoencoder(ae, local)
-        record = (local / RECORD).read_bytes()
-        (local / RECORD).unlink()
+        record = (local / AUTOENCODER_RECORD_FILE).read_bytes()
+        (local / AUTOENCODER_RECORD_FILE).unlink()
         storage.upload_folder(local, staging)
-        storage.write_bytes(storage.join(staging, RECORD), record)
+        storage.write_bytes(storage.join(staging, AUTOENCODER_RECORD_FILE), record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
 
     def core(job: argparse.Namespace) -> None:
-        with storage.publishing(job.out, RECORD) as staging:  # before training: a killed run leaves only this
+        with storage.publishing(job.out, AUTOENCODER_RECORD_FILE) as staging:  # before training: a killed run leaves only this
             ae, metrics = build_autoencoder(job.prepared, params)
             write_version(ae, staging)
         if job.metrics:

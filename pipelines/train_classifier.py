@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from dit_core import settings
-from dit_core.classifier import CONFIG_FILE, ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.contract import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, IMAGE_COLUMN, LABEL_COLUMN
 from dit_core.data import pngs_to_batch
 from pipelines.common import PARAMS_FILE, StageIO, read_manifest, read_split, run_stage
 from ray_jobs import storage
@@ -41,8 +42,9 @@ class ClassifierSettings:
 
 def load_labelled(prepared: str, manifest: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) images in [-1, 1] and their int64 labels."""
-    table = read_split(prepared, manifest, split, ["image", "label"])
-    return pngs_to_batch(table.column("image").to_pylist()), torch.from_numpy(table.column("label").to_numpy().astype("int64"))
+    table = read_split(prepared, manifest, split, [IMAGE_COLUMN, LABEL_COLUMN])
+    labels = table.column(LABEL_COLUMN).to_numpy().astype("int64")
+    return pngs_to_batch(table.column(IMAGE_COLUMN).to_pylist()), torch.from_numpy(labels)
 
 
 def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -76,8 +78,8 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "classifier")
         save_classifier(model, local, extra={"metrics": metrics})
-        with storage.publishing(out, CONFIG_FILE) as staging:
-            for name in ("classifier.pt", CONFIG_FILE):  # the record last
+        with storage.publishing(out, CLASSIFIER_CONFIG_FILE) as staging:
+            for name in (CLASSIFIER_WEIGHTS_FILE, CLASSIFIER_CONFIG_FILE):  # the record last
                 storage.write_bytes(storage.join(staging, name), (local / name).read_bytes())
 
 

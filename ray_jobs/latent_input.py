@@ -34,11 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dit_core.training import LATENT_VIEWS, derive_seed
+from dit_core.contract import LABEL_COLUMN, LATENT_STATS_FILE, LATENT_VIEWS
+from dit_core.training import derive_seed
 
 from . import runtime, storage
 
-STATS = "stats.json"                         # the latents' record (docs/CONTRACTS.md)
 # stats.json without "views" was written before encode.flip_views existed, always with both views
 VIEWS_BEFORE_FLIP_VIEWS = ("image", "flip")
 # seeds of the two generators of an epoch (distinct streams of derive_seed)
@@ -261,7 +261,7 @@ class LatentStream:
             keep = np.flatnonzero(d >= 0)
             if not keep.size:
                 continue
-            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, "label"], use_threads=False)
+            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, LABEL_COLUMN], use_threads=False)
             if table.num_rows != unit.rows:
                 table = table.slice(unit.offset, unit.rows)
             where, to, flip = unit.file, d[keep], flips[d[keep]]
@@ -271,7 +271,7 @@ class LatentStream:
                     mirror = _column(table, f"{name}_flip", self.shape, where)[keep]
                     values = np.where(flip[:, None, None, None], mirror, values)
                 out[to] = values
-            labels[to] = table.column("label").to_numpy()[keep]
+            labels[to] = table.column(LABEL_COLUMN).to_numpy()[keep]
             ids[to] = unit.first_row + keep
         return Batch(mean, std, labels, ids, flips)
 
@@ -377,11 +377,11 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
-            missing = [c for c in [*columns, "label"] if c not in names]
+            missing = [c for c in [*columns, LABEL_COLUMN] if c not in names]
             if missing:
                 raise ValueError(f"latents shard {uri} has no column {missing}; stats.json lists views {list(views)} "
                                  "(docs/CONTRACTS.md); re-run the encode stage")
-            labels = pf.read(columns=["label"]).column("label").to_numpy()
+            labels = pf.read(columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy()
             bad = labels[(labels < 0) | (labels >= num_classes)]
             if bad.size:
                 raise ValueError(f"latents shard {uri} has labels {sorted(set(bad.tolist()))[:5]} outside [0, {num_classes}) "
@@ -402,7 +402,7 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
 
 def read_stats(latents: str) -> dict[str, Any]:
     """The latents' ``stats.json``, refused (naming the fix) when missing or not of docs/CONTRACTS.md."""
-    uri = storage.join(latents, STATS)
+    uri = storage.join(latents, LATENT_STATS_FILE)
     if not storage.exists(uri):
         shipped = runtime.job_working_dir()
         hint = (f"; a Ray job gets a copy of the code ({shipped}), not the project's git-ignored data: pass the "
@@ -444,5 +444,5 @@ def check_data(latents: str, stats: dict[str, Any]) -> list[Any]:
     return units
 
 
-__all__ = ["Batch", "LatentStream", "STATS", "StreamPlan", "Unit", "check_data", "check_latents", "plan_stream", "read_stats",
+__all__ = ["Batch", "LatentStream", "StreamPlan", "Unit", "check_data", "check_latents", "plan_stream", "read_stats",
            "scan_units", "split_units", "stored_views", "train_shards"]

@@ -28,9 +28,8 @@ from typing import Any
 from dit_core import settings
 
 from . import runtime, storage, tracking
-from .checkpoints import (ATTEMPTS_FILE, HISTORY_FILE, IDENTITY_FILE, STATE_FILE, check_identity, checkpoint_uri,
-                          default_name, layout_digest, run_records)
-from .latent_input import STATS, VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
+from .checkpoints import check_identity, checkpoint_uri, default_name, layout_digest, run_records
+from .latent_input import VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
 from .train_config import (DATA_FIELDS, RESUMABLE_CHANGES, STRATEGIES, TrainConfig, config_from, diffusion_settings,
                            load_train_params, model_config, registered_name)
 from .train_loop import LossWindow, input_stream, micro_step, optimizer_step, param_groups, save, set_learning_rate, setup
@@ -186,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [  # the names other modules and users import from here (most now live beside it)
-    "ATTEMPTS_FILE", "DATA_FIELDS", "HISTORY_FILE", "IDENTITY_FILE", "RESULT_PREFIX", "RESUMABLE_CHANGES", "STATE_FILE",
-    "STATS", "STRATEGIES", "VIEWS_BEFORE_FLIP_VIEWS", "TrainConfig", "TrainResult", "check_batch", "check_data",
-    "check_identity", "config_from", "default_name", "diffusion_settings", "layout_digest", "load_train_params", "main",
-    "model_config", "param_groups", "read_stats", "stored_views", "train", "train_loop_per_worker", "train_shards",
+    "DATA_FIELDS", "RESULT_PREFIX", "RESUMABLE_CHANGES", "STRATEGIES", "VIEWS_BEFORE_FLIP_VIEWS", "TrainConfig", "TrainResult",
+    "check_batch", "check_data", "check_identity", "config_from", "default_name", "diffusion_settings", "layout_digest",
+    "load_train_params", "main", "model_config", "param_groups", "read_stats", "stored_views", "train", "train_loop_per_worker",
+    "train_shards",
 ]
 
 

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dit_core import settings
+from dit_core.contract import LATENT_STATS_FILE
 from dit_core.diffusion import make_objective
 from dit_core.models import DiTConfig, preset_config
 
-from .latent_input import STATS, stored_views
+from .latent_input import stored_views
 
 STRATEGIES = ("ddp", "fsdp")
 # DiTConfig fields that the data decides; a preset or `model` overrides may not contradict them.
@@ -144,7 +145,7 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
     Also refuses settings the latents cannot serve (it runs on the driver before any work)."""
     if cfg.random_flip and "flip" not in stored_views(stats):
         raise ValueError(
-            f"train.random_flip is true but the latents in {cfg.latents} hold no flipped view ({STATS} views: "
+            f"train.random_flip is true but the latents in {cfg.latents} hold no flipped view ({LATENT_STATS_FILE} views: "
             f"{list(stored_views(stats))}); set encode.flip_views: true and re-run the encode stage, "
             "or set train.random_flip: false"
         )
@@ -156,7 +157,7 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
     if clash:
         raise ValueError(
             f"train.model {', '.join(f'{k}={a}' for k, (a, _) in clash.items())} contradicts the latents "
-            f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{STATS}); remove those keys"
+            f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{LATENT_STATS_FILE}); remove those keys"
         )
     fields_ = {"class_dropout_prob": cfg.class_dropout_prob, "learn_sigma": cfg.learn_sigma,
                "grad_checkpointing": cfg.grad_checkpointing, **{k: v for k, v in cfg.model.items() if k not in data}, **data}
