@@ -28,7 +28,7 @@ from dit_core.contract import (AUTOENCODER_RECORD_FILE, CLASSIFIER_CONFIG_FILE, 
                                SAMPLE_PARQUET_DIR, SAMPLE_SUMMARY_FILE)
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
 from dit_core.metrics import FID_INCEPTION_DIMS, PR_MAX_IMAGES, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
-from pipelines.common import PARAMS_FILE, StageIO, read_manifest, run_stage
+from pipelines.common import StageIO, read_manifest, run_stage, stage_arguments
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import (
     NETWORKS as FEATURES,
@@ -329,15 +329,13 @@ def check_settings(params: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--samples", required=True, help="the sample stage's output (folder or s3://)")
-    p.add_argument("--prepared", required=True, help="prepared data (its val split is the default reference)")
-    p.add_argument("--classifier", required=True, help="the train_classifier stage's output")
-    p.add_argument("--metrics", required=True, help="eval.json (local)")
-    p.add_argument("--plots", default=None, help="this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)")
-    settings.add_settings_arguments(p, EvaluateSettings, "evaluate", PARAMS_FILE, example="register=false")
-    a = p.parse_args(argv)
-    params = asdict(settings.build(EvaluateSettings, settings.read_settings(a, EvaluateSettings, "evaluate"), "evaluate"))
+    flags = {"--samples": "the sample stage's output (folder or s3://)",
+             "--prepared": "prepared data (its val split is the default reference)",
+             "--classifier": "the train_classifier stage's output",
+             "--metrics": "eval.json (local)",
+             "--plots": "this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)"}
+    a, given = stage_arguments(argv, __doc__, flags, EvaluateSettings, "evaluate", "register=false", optional=("--plots",))
+    params = asdict(settings.build(EvaluateSettings, given, "evaluate"))
     check_settings(params)
 
     def core(job: argparse.Namespace) -> None:

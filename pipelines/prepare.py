@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from dit_core import settings
 from dit_core.contract import IMAGE_COLUMN, KEY_COLUMN, LABEL_COLUMN, MANIFEST_FILE
 from dit_core.data import BadImage, png_bytes, prepare_image
-from pipelines.common import PARAMS_FILE, SPLITS, StageIO, run_stage, write_parquet
+from pipelines.common import SPLITS, StageIO, run_stage, stage_arguments, write_parquet
 from ray_jobs import runtime, storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
@@ -518,11 +518,9 @@ def _check_skipped(skipped: list[dict[str, str]], num_inputs: int, cfg: PrepareC
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--out", required=True, help="output folder or s3:// URI (from dvc.yaml)")
-    settings.add_settings_arguments(p, PrepareConfig, "prepare", PARAMS_FILE, example="source=imagefolder path=s3://b/images")
-    a = p.parse_args(argv)
-    cfg = PrepareConfig.from_params(settings.read_settings(a, PrepareConfig, "prepare"))
+    flags = {"--out": "output folder or s3:// URI (from dvc.yaml)"}
+    a, params = stage_arguments(argv, __doc__, flags, PrepareConfig, "prepare", "source=imagefolder path=s3://b/images")
+    cfg = PrepareConfig.from_params(params)
     run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
               lambda job: prepare(cfg, job.out))
     return 0

@@ -36,7 +36,7 @@ from dit_core.autoencoders import (
 )
 from dit_core import settings
 from dit_core.contract import AUTOENCODER_RECORD_FILE
-from pipelines.common import PARAMS_FILE, StageIO, load_images, read_manifest, run_stage
+from pipelines.common import StageIO, load_images, read_manifest, run_stage, stage_arguments
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
@@ -164,13 +164,9 @@ def write_version(ae: Autoencoder, staging: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
-    p.add_argument("--out", required=True, help="autoencoder folder or s3:// URI")
-    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    settings.add_settings_arguments(p, AutoencoderSettings, "train_autoencoder", PARAMS_FILE, example="steps=200")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
+    flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "autoencoder folder or s3:// URI",
+             "--metrics": "JSON metrics file (local)"}
+    a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200", optional=("--metrics",))
 
     def core(job: argparse.Namespace) -> None:
         with storage.publishing(job.out, AUTOENCODER_RECORD_FILE) as staging:  # before training: a killed run leaves only this

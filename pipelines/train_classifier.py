@@ -21,7 +21,7 @@ from dit_core import settings
 from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
 from dit_core.contract import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, IMAGE_COLUMN, LABEL_COLUMN
 from dit_core.data import pngs_to_batch
-from pipelines.common import PARAMS_FILE, StageIO, read_manifest, read_split, run_stage
+from pipelines.common import StageIO, read_manifest, read_split, run_stage, stage_arguments
 from ray_jobs import storage
 
 
@@ -84,13 +84,9 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
-    p.add_argument("--out", required=True, help="classifier folder or s3:// URI")
-    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    settings.add_settings_arguments(p, ClassifierSettings, "train_classifier", PARAMS_FILE, example="epochs=5")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, ClassifierSettings, "train_classifier")
+    flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "classifier folder or s3:// URI",
+             "--metrics": "JSON metrics file (local)"}
+    a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5", optional=("--metrics",))
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)
