@@ -1,5 +1,5 @@
 """The contract between the stages: the names one stage writes and another reads (files, folders,
-columns, the keys every reader looks up), defined once and imported by the writer and every reader.
+columns, the record keys a later stage looks up), defined once and imported by the writer and every reader.
 docs/CONTRACTS.md describes what the files hold; this module is the source of their names.
 
 Why here: the lowest layer (``dit_core`` <- ``ray_jobs`` <- ``pipelines``, imports point down) has
@@ -30,6 +30,26 @@ MANIFEST_FILE = "manifest.json"         # its record: splits, shards, classes, f
 IMAGE_COLUMN = "image"                  # PNG bytes, RGB (also the sample shards' and the pyfunc model's output)
 LABEL_COLUMN = "label"                  # int32 class id (also the latent and sample shards')
 KEY_COLUMN = "key"                      # the source's name for the item (also the latent shards')
+
+# ---------------------------------------------------------------------------------------------
+# The keys of the records a later stage reads: manifest.json (prepare), stats.json (encode; a
+# model carries it as its ``latents``), summary.json (sample). docs/CONTRACTS.md lists the rest.
+# ---------------------------------------------------------------------------------------------
+SPLITS_KEY = "splits"                   # manifest.json: split -> {COUNT_KEY, "per_class", SHARDS_KEY}
+SHARDS_KEY = "shards"                   # a split's shard files (manifest.json); split -> shard files (stats.json)
+COUNT_KEY = "count"                     # a split's rows (manifest.json)
+IMAGE_SIZE_KEY = "image_size"           # manifest.json: the images' side in pixels
+NUM_CLASSES_KEY = "num_classes"         # manifest.json, stats.json
+CLASS_NAMES_KEY = "class_names"         # manifest.json, stats.json: class id -> name
+DATASET_KEY = "dataset"                 # manifest.json, stats.json: the registered model's default name follows it
+FINGERPRINT_KEY = "fingerprint"         # manifest.json (of the images), stats.json (of the latents)
+AUTOENCODER_PATH_KEY = "autoencoder_path"   # stats.json: the autoencoder the latents decode with
+SCALE_FACTOR_KEY = "scale_factor"       # stats.json: the latent scale
+LATENT_SHAPE_KEY = "latent_shape"       # stats.json: [C, H, W]
+VIEWS_KEY = "views"                     # stats.json: the stored views (LATENT_VIEWS' keys)
+COUNTS_KEY = "counts"                   # stats.json: split -> rows
+MODEL_VERSION_KEY = "model_version"     # summary.json: the exact models:/name/<version> sampled
+WEIGHTS_SHA256_KEY = "weights_sha256"   # summary.json: the digest of the weights sampled
 
 # ---------------------------------------------------------------------------------------------
 # An autoencoder folder (models/autoencoder/ or a pretrained one)

@@ -65,8 +65,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_core.contract import (DIFFUSERS_PIPELINE_FILE, DIFFUSERS_SCHEDULER_DIR, DIFFUSERS_TRANSFORMER_DIR, DIFFUSERS_VAE_DIR,
-                              DIFFUSERS_WEIGHTS_NAME)
+from dit_core.contract import (AUTOENCODER_PATH_KEY, CLASS_NAMES_KEY, DIFFUSERS_PIPELINE_FILE, DIFFUSERS_SCHEDULER_DIR,
+                               DIFFUSERS_TRANSFORMER_DIR, DIFFUSERS_VAE_DIR, DIFFUSERS_WEIGHTS_NAME, SCALE_FACTOR_KEY)
 from dit_core.diffusion import DDIMSampler, GaussianDiffusion, make_betas, objective_name, respace
 from dit_core.models import DiT, DiTConfig, load_checkpoint
 
@@ -613,7 +613,7 @@ def _export_command(args: argparse.Namespace) -> Path:
     extras = _checkpoint_extras(ckpt)
     diffusion = extras.get("diffusion", {})
     stats = json.loads(Path(args.stats).read_text()) if args.stats else extras.get("latents", {})
-    vae_path = args.vae or stats.get("autoencoder_path")
+    vae_path = args.vae or stats.get(AUTOENCODER_PATH_KEY)
     if not vae_path:
         raise ValueError(
             f"no autoencoder for {ckpt}: pass --vae FOLDER (a diffusers AutoencoderKL folder, e.g. models/autoencoder "
@@ -623,8 +623,8 @@ def _export_command(args: argparse.Namespace) -> Path:
         model,
         args.out,
         load_autoencoder(vae_path),
-        class_names=stats.get("class_names"),
-        scale_factor=stats.get("scale_factor"),
+        class_names=stats.get(CLASS_NAMES_KEY),
+        scale_factor=stats.get(SCALE_FACTOR_KEY),
         overwrite=args.overwrite,
         diffusion=diffusion,
     )

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 
 from dit_core import settings
-from dit_core.contract import CHECKPOINT_STATE_FILE
+from dit_core.contract import CHECKPOINT_STATE_FILE, CLASS_NAMES_KEY
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         bundle = load_bundle(a.model)
         sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
-        names = [str(n) for n in bundle.latents.get("class_names") or []]
+        names = [str(n) for n in bundle.latents.get(CLASS_NAMES_KEY) or []]
         nc = bundle.config.num_classes
         labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
         if not labels or not seeds:

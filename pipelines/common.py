@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
-from dit_core.contract import IMAGE_COLUMN, LOCATION_FILE, MANIFEST_FILE
+from dit_core.contract import IMAGE_COLUMN, LOCATION_FILE, MANIFEST_FILE, SHARDS_KEY, SPLITS_KEY
 from dit_core.data import pngs_to_batch
 
 from ray_jobs import runtime, storage
@@ -185,7 +185,7 @@ def read_manifest(prepared: str) -> dict[str, Any]:
 
 def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: list[str] | None = None) -> pa.Table:
     """All shards of one split, in manifest order, from the version the manifest names."""
-    shards = manifest["splits"][split]["shards"]
+    shards = manifest[SPLITS_KEY][split][SHARDS_KEY]
     folder = storage.version_folder(prepared, manifest)
     tables = [read_parquet(storage.join(folder, s), columns) for s in shards]
     if not tables:

@@ -24,8 +24,9 @@ import numpy as np
 from dit_core import settings
 from dit_core.autoencoders import Autoencoder, load_autoencoder
 from dit_core.classifier import load_classifier
-from dit_core.contract import (AUTOENCODER_RECORD_FILE, CLASSIFIER_CONFIG_FILE, SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE,
-                               SAMPLE_PARQUET_DIR, SAMPLE_SUMMARY_FILE)
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CLASSIFIER_CONFIG_FILE, MODEL_VERSION_KEY,
+                               SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_PARQUET_DIR, SAMPLE_SUMMARY_FILE,
+                               SHARDS_KEY, SPLITS_KEY, WEIGHTS_SHA256_KEY)
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
 from dit_core.metrics import FID_INCEPTION_DIMS, PR_MAX_IMAGES, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
 from pipelines.common import StageIO, read_manifest, run_stage, stage_arguments
@@ -89,7 +90,7 @@ def reference_source(reference: str, prepared: str, feature_dim: int) -> Referen
     another network's features)."""
     if reference == "val":
         manifest = read_manifest(prepared)
-        shards, folder = manifest["splits"]["val"]["shards"], storage.version_folder(prepared, manifest)
+        shards, folder = manifest[SPLITS_KEY]["val"][SHARDS_KEY], storage.version_folder(prepared, manifest)
         if not shards:
             raise ValueError(f"split 'val' of {prepared} is empty; lower prepare.val_fraction or set evaluate.reference to an ADM .npz")
         items = parquet_items("reference", [storage.join(folder, s) for s in shards])
@@ -123,8 +124,8 @@ def floor_autoencoder(samples: str, sample_cfg: dict[str, Any], override: str | 
     job's ``autoencoder`` setting, else the one the model records (its bundle's latent record)."""
     path = override or sample_cfg.get("autoencoder")
     if not path:
-        model = sampled_model(samples).get("model_version") or sample_cfg["model"]
-        path = load_bundle(str(model)).latents.get("autoencoder_path")
+        model = sampled_model(samples).get(MODEL_VERSION_KEY) or sample_cfg["model"]
+        path = load_bundle(str(model)).latents.get(AUTOENCODER_PATH_KEY)
         if not path:
             raise ValueError(f"the sampled model {model!r} does not record its autoencoder (an official checkpoint?), so the "
                              "floor (its reconstructions of the reference) cannot be computed; set evaluate.autoencoder to "
@@ -265,7 +266,7 @@ def sampled_model(samples: str) -> dict[str, str]:
     sha256 of its weights, from the samples' summary.json."""
     uri = storage.join(samples, SAMPLE_SUMMARY_FILE)
     summary = storage.read_json(uri) if storage.exists(uri) else {}
-    return {k: summary[k] for k in ("model_version", "weights_sha256") if summary.get(k)}
+    return {k: summary[k] for k in (MODEL_VERSION_KEY, WEIGHTS_SHA256_KEY) if summary.get(k)}
 
 
 def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -278,11 +279,11 @@ def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
 def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any]:
     """Log the evaluation to the scored version's training run, tag the version, move the alias."""
     # the version that was sampled (resolved once, by the sample job), never the alias as it is now
-    uri = str(metrics.get("model_version") or metrics["model"])
+    uri = str(metrics.get(MODEL_VERSION_KEY) or metrics["model"])
     bundle = load_bundle(uri) if uri.startswith("models:/") else None
     if bundle is None or not bundle.registered_model:
         return {"registered": False, "reason": f"{uri} is not a registered model version"}
-    if metrics.get("weights_sha256") and bundle.weights_digest() != metrics["weights_sha256"]:
+    if metrics.get(WEIGHTS_SHA256_KEY) and bundle.weights_digest() != metrics[WEIGHTS_SHA256_KEY]:
         raise ValueError(f"{uri} holds other weights than the ones sampled into {samples} (sha256 "
                          f"{bundle.weights_digest()[:12]} vs {metrics['weights_sha256'][:12]}); re-run the sample stage")
     settings = {k: metrics[k] for k in ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "cache_interval", "seed",

@@ -42,7 +42,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dit_core import settings
-from dit_core.contract import IMAGE_COLUMN, KEY_COLUMN, LABEL_COLUMN, MANIFEST_FILE
+from dit_core.contract import (CLASS_NAMES_KEY, COUNT_KEY, DATASET_KEY, FINGERPRINT_KEY, IMAGE_COLUMN, IMAGE_SIZE_KEY, KEY_COLUMN,
+                               LABEL_COLUMN, MANIFEST_FILE, NUM_CLASSES_KEY, SHARDS_KEY, SPLITS_KEY)
 from dit_core.data import BadImage, png_bytes, prepare_image
 from pipelines.common import SPLITS, StageIO, run_stage, stage_arguments, write_parquet
 from ray_jobs import runtime, storage
@@ -424,7 +425,7 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         results = run_shards_ray(shards, job, cfg.num_workers) if on_ray else [run_shard(s, job) for s in shards]
         manifest = _manifest(cfg, listing, items, splits, results, num_inputs)
         _check_skipped(manifest["skipped"], num_inputs, cfg)
-        if manifest["splits"]["train"]["count"] == 0:
+        if manifest[SPLITS_KEY]["train"][COUNT_KEY] == 0:
             raise ValueError(f"no usable training images from {cfg.source} {cfg.path or ''}")
         storage.write_json(storage.join(staging, MANIFEST_FILE), manifest)  # last: completes the version
         manifest = storage.commit_output(staging, out, MANIFEST_FILE)  # publishes it
@@ -471,21 +472,21 @@ def _manifest(cfg: PrepareConfig, listing: Listing, items: list[Item], splits: d
     digest.update(f"image_size={cfg.image_size}\n".encode())
     return {
         "source": {"type": cfg.source, "path": cfg.path},
-        "dataset": dataset_name(cfg),
-        "image_size": cfg.image_size,
-        "num_classes": len(listing.class_names),
-        "class_names": listing.class_names,
+        DATASET_KEY: dataset_name(cfg),
+        IMAGE_SIZE_KEY: cfg.image_size,
+        NUM_CLASSES_KEY: len(listing.class_names),
+        CLASS_NAMES_KEY: listing.class_names,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "num_inputs": num_inputs,
-        "splits": {
-            s: {"count": sum(c.values()), "per_class": {str(k): c[k] for k in sorted(c)}, "shards": sorted(written[s])}
+        SPLITS_KEY: {
+            s: {COUNT_KEY: sum(c.values()), "per_class": {str(k): c[k] for k in sorted(c)}, SHARDS_KEY: sorted(written[s])}
             for s, c in per_class.items()
         },
         "skipped": skipped,
         "skipped_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
         "converted": {"count": sum(converted.values()), "by_reason": dict(converted)},
-        "fingerprint": digest.hexdigest(),
+        FINGERPRINT_KEY: digest.hexdigest(),
     }
 
 

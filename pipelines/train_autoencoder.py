@@ -35,7 +35,7 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from dit_core import settings
-from dit_core.contract import AUTOENCODER_RECORD_FILE
+from dit_core.contract import AUTOENCODER_RECORD_FILE, COUNT_KEY, IMAGE_SIZE_KEY, SPLITS_KEY
 from pipelines.common import StageIO, load_images, read_manifest, run_stage, stage_arguments
 from ray_jobs import storage
 
@@ -92,7 +92,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
     """The pure core of the stage: train or import, then measure on (a subset of) the val split."""
     params = asdict(settings.build(AutoencoderSettings, params, "train_autoencoder"))
     manifest = read_manifest(prepared)
-    image_size = int(manifest["image_size"])
+    image_size = int(manifest[IMAGE_SIZE_KEY])
     seed, eval_batch, eval_images = int(params["seed"]), int(params["eval_batch_size"]), int(params["eval_max_images"])
     train_images: torch.Tensor | None = None
     if params["pretrained"]:
@@ -123,7 +123,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
         train_images = load_images(prepared, manifest, "train", int(params["max_images"]), seed)
     ae.record.scale_factor = resolve_scale(ae, params["scale_factor"], train_images, eval_batch)
     ae.record.image_size = image_size
-    if manifest["splits"]["val"]["count"]:
+    if manifest[SPLITS_KEY]["val"][COUNT_KEY]:
         val = load_images(prepared, manifest, "val", eval_images, seed)
         quality = reconstruction_quality(ae, val, eval_batch)
         metrics["val_reconstruction_mse"] = quality.pop("mse")

@@ -19,7 +19,8 @@ import torch
 
 from dit_core import settings
 from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
-from dit_core.contract import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, IMAGE_COLUMN, LABEL_COLUMN
+from dit_core.contract import (CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, COUNT_KEY, FINGERPRINT_KEY, IMAGE_COLUMN,
+                               IMAGE_SIZE_KEY, LABEL_COLUMN, NUM_CLASSES_KEY, SPLITS_KEY)
 from dit_core.data import pngs_to_batch
 from pipelines.common import StageIO, read_manifest, read_split, run_stage, stage_arguments
 from ray_jobs import storage
@@ -51,9 +52,9 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
     """The stage's core: train on the train split, measure on the val split."""
     params = asdict(settings.build(ClassifierSettings, params, "train_classifier"))
     manifest = read_manifest(prepared)
-    if not manifest["splits"]["val"]["count"]:
+    if not manifest[SPLITS_KEY]["val"][COUNT_KEY]:
         raise ValueError(f"{prepared} has no val split: the classifier's accuracy needs one; set prepare.val_fraction > 0")
-    config = ClassifierConfig(num_classes=int(manifest["num_classes"]), image_size=int(manifest["image_size"]),
+    config = ClassifierConfig(num_classes=int(manifest[NUM_CLASSES_KEY]), image_size=int(manifest[IMAGE_SIZE_KEY]),
                               width=int(params["width"]), feature_dim=int(params["feature_dim"]),
                               architecture=str(params["architecture"]))   # refused here, before the data is read
     x_train, y_train = load_labelled(prepared, manifest, "train")
@@ -67,7 +68,7 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
         "val_accuracy": accuracy(model, x_val, y_val),
         "num_train": len(y_train),
         "num_val": len(y_val),
-        "input_fingerprint": manifest["fingerprint"],
+        "input_fingerprint": manifest[FINGERPRINT_KEY],
     }
     return model, metrics
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from dit_core.contract import CHECKPOINT_STATE_FILE, TRAIN_ATTEMPTS_FILE, TRAIN_HISTORY_FILE, TRAIN_IDENTITY_FILE
+from dit_core.contract import CHECKPOINT_STATE_FILE, FINGERPRINT_KEY, TRAIN_ATTEMPTS_FILE, TRAIN_HISTORY_FILE, TRAIN_IDENTITY_FILE
 
 from . import storage
 
@@ -51,7 +51,7 @@ def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
     """``<registered_model>-<hash>`` of the run's identity, its data and its step count."""
     # the step count too: `dvc exp run -S train.steps=300` is a run of its own, not a resume of the
     # 1,500-step one (an explicit train.name continues a run with more steps)
-    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"], cfg.steps], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps([cfg.identity(), stats[FINGERPRINT_KEY], cfg.steps], sort_keys=True, default=str).encode())
     return f"{cfg.registered_model}-{digest.hexdigest()[:10]}"
 
 

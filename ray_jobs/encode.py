@@ -33,7 +33,10 @@ import torch
 
 from dit_core import settings
 from dit_core.autoencoders import Autoencoder, load_autoencoder
-from dit_core.contract import AUTOENCODER_RECORD_FILE, IMAGE_COLUMN, KEY_COLUMN, LABEL_COLUMN, LATENT_STATS_FILE, LATENT_VIEWS, MANIFEST_FILE
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CLASS_NAMES_KEY, COUNTS_KEY, COUNT_KEY, DATASET_KEY,
+                               FINGERPRINT_KEY, IMAGE_COLUMN, IMAGE_SIZE_KEY, KEY_COLUMN, LABEL_COLUMN, LATENT_SHAPE_KEY,
+                               LATENT_STATS_FILE, LATENT_VIEWS, MANIFEST_FILE, NUM_CLASSES_KEY, SCALE_FACTOR_KEY, SHARDS_KEY,
+                               SPLITS_KEY, VIEWS_KEY)
 from dit_core.data import pngs_to_batch
 
 from . import runtime, storage
@@ -235,7 +238,7 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 0))
     content = hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
-    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "counts": counts, "content_sha256": content}
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), COUNTS_KEY: counts, "content_sha256": content}
 
 
 def latents_fingerprint(input_fingerprint: str, ae: Autoencoder, cfg: EncodeConfig) -> str:
@@ -279,35 +282,35 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     with storage.local_copy(cfg.autoencoder, AUTOENCODER_RECORD_FILE) as path:
         ae = load_autoencoder(path)  # on the driver: the actors get it through the object store
         ours = os.path.isfile(os.path.join(path, AUTOENCODER_RECORD_FILE))  # trained here, for one image size
-    check_autoencoder(ae, cfg.autoencoder, int(manifest["image_size"]), ours)
-    latent_shape = ae.latent_shape(int(manifest["image_size"]))
+    check_autoencoder(ae, cfg.autoencoder, int(manifest[IMAGE_SIZE_KEY]), ours)
+    latent_shape = ae.latent_shape(int(manifest[IMAGE_SIZE_KEY]))
     init_ray()
     runtime.require_shared({"encode input": cfg.prepared, "encode output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
     runtime.require_persistent({"encode output": cfg.output})
     ae_ref = ray.put(ae.to("cpu"))
     staging = storage.begin_output(cfg.output, LATENT_STATS_FILE)
     try:
-        shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+        shards = [s for split in SPLITS for s in manifest[SPLITS_KEY][split][SHARDS_KEY]]
         encode_splits(cfg, ae_ref, storage.version_folder(cfg.prepared, manifest), shards, staging,
-                      sum(int(manifest["splits"][s]["count"]) for s in SPLITS))
+                      sum(int(manifest[SPLITS_KEY][s][COUNT_KEY]) for s in SPLITS))
         written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
-            "autoencoder_path": storage.absolute(cfg.autoencoder) if os.path.exists(cfg.autoencoder) else cfg.autoencoder,
-            "scale_factor": ae.scale_factor,
-            "latent_shape": list(latent_shape),
-            "num_classes": manifest["num_classes"],
-            "class_names": manifest["class_names"],
-            "dataset": manifest.get("dataset"),
-            "input_fingerprint": manifest["fingerprint"],
+            AUTOENCODER_PATH_KEY: storage.absolute(cfg.autoencoder) if os.path.exists(cfg.autoencoder) else cfg.autoencoder,
+            SCALE_FACTOR_KEY: ae.scale_factor,
+            LATENT_SHAPE_KEY: list(latent_shape),
+            NUM_CLASSES_KEY: manifest[NUM_CLASSES_KEY],
+            CLASS_NAMES_KEY: manifest[CLASS_NAMES_KEY],
+            DATASET_KEY: manifest.get(DATASET_KEY),
+            "input_fingerprint": manifest[FINGERPRINT_KEY],
             "mode": cfg.mode,
-            "views": list(cfg.views),
-            "shards": {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
-            "fingerprint": latents_fingerprint(manifest["fingerprint"], ae, cfg),
+            VIEWS_KEY: list(cfg.views),
+            SHARDS_KEY: {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
+            FINGERPRINT_KEY: latents_fingerprint(manifest[FINGERPRINT_KEY], ae, cfg),
             **latent_stats(written, latent_shape, cfg.columns),
         }
-        expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
-        if stats["counts"] != expected:
+        expected = {s: manifest[SPLITS_KEY][s][COUNT_KEY] for s in SPLITS}
+        if stats[COUNTS_KEY] != expected:
             raise RuntimeError(f"encoded {stats['counts']} rows but {cfg.prepared} holds {expected}")
         storage.write_json(storage.join(staging, LATENT_STATS_FILE), stats)  # last: completes the version
         stats = storage.commit_output(staging, cfg.output, LATENT_STATS_FILE)  # publishes it
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     else EncodeConfig's defaults) and ``--set`` overrides."""
     a = command_parser(__doc__, None).parse_args(argv)
     stats = encode(config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode")))
-    print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "views", "counts")}))
+    print(json.dumps({k: stats[k] for k in ("autoencoder_id", SCALE_FACTOR_KEY, LATENT_SHAPE_KEY, VIEWS_KEY, COUNTS_KEY)}))
     return 0
 
 

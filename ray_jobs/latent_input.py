@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dit_core.contract import LABEL_COLUMN, LATENT_STATS_FILE, LATENT_VIEWS
+from dit_core.contract import (FINGERPRINT_KEY, LABEL_COLUMN, LATENT_SHAPE_KEY, LATENT_STATS_FILE, LATENT_VIEWS, NUM_CLASSES_KEY,
+                               SCALE_FACTOR_KEY, SHARDS_KEY, VIEWS_KEY)
 from dit_core.training import derive_seed
 
 from . import runtime, storage
@@ -409,7 +410,7 @@ def read_stats(latents: str) -> dict[str, Any]:
                 "latents as an s3:// URI (store.root) or an absolute path every node reads") if shipped else ""
         raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first{hint}")
     stats = storage.read_json(uri)
-    for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
+    for key in (LATENT_SHAPE_KEY, SCALE_FACTOR_KEY, NUM_CLASSES_KEY, FINGERPRINT_KEY):
         if key not in stats:
             raise ValueError(f"{uri} has no {key!r}; it does not follow docs/CONTRACTS.md (re-run encode)")
     views = stored_views(stats)
@@ -420,12 +421,12 @@ def read_stats(latents: str) -> dict[str, Any]:
 
 def stored_views(stats: dict[str, Any]) -> tuple[str, ...]:
     """The views the latents hold: stats.json's ``views``, or both for latents written before it existed."""
-    return tuple(stats.get("views", VIEWS_BEFORE_FLIP_VIEWS))
+    return tuple(stats.get(VIEWS_KEY, VIEWS_BEFORE_FLIP_VIEWS))
 
 
 def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
     """The URIs of the train split's shards, in the order of the published version stats.json names."""
-    names = (stats.get("shards") or {}).get("train")
+    names = (stats.get(SHARDS_KEY) or {}).get("train")
     folder = storage.version_folder(latents, stats)  # the published version stats.json names
     files = [storage.join(folder, n) for n in names] if names else storage.list_files(storage.join(folder, "train"), ".parquet")
     if not files:
@@ -440,7 +441,7 @@ def check_data(latents: str, stats: dict[str, Any]) -> list[Any]:
     units = scan_units(files)
     if not units:
         raise ValueError(f"the train shards under {latents} hold no rows; re-run the encode stage")
-    check_latents(files, units, stats["latent_shape"], int(stats["num_classes"]), stored_views(stats))
+    check_latents(files, units, stats[LATENT_SHAPE_KEY], int(stats[NUM_CLASSES_KEY]), stored_views(stats))
     return units
 
 

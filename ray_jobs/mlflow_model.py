@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dit_core.contract import (CLASS_LABEL_COLUMN, IMAGE_COLUMN, MODEL_AUTOENCODER_DIR, MODEL_BUNDLE_ARTIFACT, MODEL_CONFIG_FILE,
-                               MODEL_WEIGHTS_FILE, SEED_COLUMN)
+from dit_core.contract import (CLASS_LABEL_COLUMN, CLASS_NAMES_KEY, IMAGE_COLUMN, MODEL_AUTOENCODER_DIR, MODEL_BUNDLE_ARTIFACT,
+                               MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, SCALE_FACTOR_KEY, SEED_COLUMN)
 from dit_core.models import DiT, DiTConfig, check_state_dict
 
 FORMAT = 1                             # dit.json's "format"; a reader refuses others
@@ -161,7 +161,7 @@ def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
             f"{contents.latents.get('autoencoder_path')!r}, which was not found when the model was registered), so it "
             "cannot decode images; sample it with --autoencoder FOLDER, or register it again where the autoencoder is found")
     try:
-        return load_fitting_autoencoder(folder, DiTConfig(**contents.model_config), contents.latents.get("scale_factor"),
+        return load_fitting_autoencoder(folder, DiTConfig(**contents.model_config), contents.latents.get(SCALE_FACTOR_KEY),
                                         name=f"{MODEL_AUTOENCODER_DIR}/")
     except FileNotFoundError as e:
         raise BrokenBundle(f"model bundle {contents.folder}: the autoencoder ({MODEL_AUTOENCODER_DIR}/) does not load: {e}") from e
@@ -250,7 +250,7 @@ class DiTImageGenerator(mlflow.pyfunc.PythonModel):
         contents = read_bundle(context.artifacts[MODEL_BUNDLE_ARTIFACT])
         autoencoder, scale = load_bundle_autoencoder(contents)
         self.sampling = contents.sampling
-        self.class_names = [str(n) for n in contents.latents.get("class_names") or []]
+        self.class_names = [str(n) for n in contents.latents.get(CLASS_NAMES_KEY) or []]
         self.pipeline = ImagePipeline(contents.build_model(), autoencoder, scale, contents.config.get("diffusion"))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

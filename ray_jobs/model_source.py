@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from dit_core.contract import (AUTOENCODER_RECORD_FILE, CHECKPOINT_STATE_FILE, MODEL_BUNDLE_ARTIFACT, MODEL_CONFIG_FILE,
-                               MODEL_INFO_ARTIFACT, TRAINED_RECORD_FILE)
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CHECKPOINT_STATE_FILE, MODEL_BUNDLE_ARTIFACT,
+                               MODEL_CONFIG_FILE, MODEL_INFO_ARTIFACT, SCALE_FACTOR_KEY, TRAINED_RECORD_FILE)
 from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict, extract_state_dict, preset_name
 from dit_core.pipeline import load_fitting_autoencoder
 
@@ -172,7 +172,7 @@ def _from_mlflow(uri: str) -> ModelBundle:
     contents = read_bundle(folder)
     latents = contents.latents
     if contents.autoencoder_dir is not None:
-        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+        latents[AUTOENCODER_PATH_KEY] = str(contents.autoencoder_dir)
     return ModelBundle(
         model_config=contents.model_config,
         state_dict=contents.state_dict,
@@ -226,7 +226,7 @@ def save_trained_model(checkpoint: str, out: str, record: dict[str, Any]) -> str
     bundle = _from_checkpoint(checkpoint)
     info = {"model_config": bundle.model_config, "diffusion": bundle.diffusion, "latents": bundle.latents}
     with tempfile.TemporaryDirectory(prefix="dit-model-") as tmp, \
-            tracking.autoencoder_folder(bundle.latents.get("autoencoder_path")) as ae_dir:
+            tracking.autoencoder_folder(bundle.latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
         folder = write_bundle(os.path.join(tmp, "model"), bundle.build_model(), info, tracking.sampling_defaults(), ae_dir)
         storage.write_json(str(folder / TRAINED_RECORD_FILE), record)
         storage.publish_folder(folder, out, last=MODEL_CONFIG_FILE)
@@ -246,7 +246,7 @@ def _from_model_folder(uri: str) -> ModelBundle:
     record = storage.read_json(record_path) if os.path.isfile(record_path) else {}
     latents = contents.latents
     if contents.autoencoder_dir is not None:
-        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+        latents[AUTOENCODER_PATH_KEY] = str(contents.autoencoder_dir)
     return ModelBundle(
         model_config=contents.model_config, state_dict=contents.state_dict,
         diffusion=dict(contents.config.get("diffusion") or {}), latents=latents, sampling=contents.sampling,
@@ -281,11 +281,11 @@ def load_autoencoder_for(bundle: ModelBundle, autoencoder: str | None = None, sc
     and the latent scale (``scale_factor``, else the model's latent record, else the autoencoder's);
     refused when it does not fit the model (``dit_core.pipeline.load_fitting_autoencoder``). The
     sample job, ``dit generate`` and the benchmarks load a model's autoencoder through it."""
-    path = autoencoder or bundle.latents.get("autoencoder_path")
+    path = autoencoder or bundle.latents.get(AUTOENCODER_PATH_KEY)
     if not path:
         raise ValueError(
             f"model {bundle.source!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
             "with a diffusers AutoencoderKL folder, e.g. a local copy of stabilityai/sd-vae-ft-ema"
         )
     with storage.local_copy(path, AUTOENCODER_RECORD_FILE) as local:
-        return load_fitting_autoencoder(local, bundle.config, scale_factor or bundle.latents.get("scale_factor"), name=path)
+        return load_fitting_autoencoder(local, bundle.config, scale_factor or bundle.latents.get(SCALE_FACTOR_KEY), name=path)

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from dit_core import settings
-from dit_core.contract import (IMAGE_COLUMN, INDEX_COLUMN, LABEL_COLUMN, SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE,
-                               SAMPLE_PARQUET_DIR, SAMPLE_PNG_DIR, SAMPLE_SUMMARY_FILE, SAMPLES_NPZ_FILE, SEED_COLUMN)
+from dit_core.contract import (IMAGE_COLUMN, INDEX_COLUMN, LABEL_COLUMN, MODEL_VERSION_KEY, SAMPLES_NPZ_FILE, SAMPLE_BASELINE_DIR,
+                               SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_PARQUET_DIR, SAMPLE_PNG_DIR, SAMPLE_SUMMARY_FILE,
+                               SEED_COLUMN, WEIGHTS_SHA256_KEY)
 from dit_core.data import image_grid, png_bytes, pngs_to_uint8
 from dit_core.diffusion import check_sampler, make_objective
 from dit_core.metrics import AdmNpzWriter
@@ -416,8 +417,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         "model": bundle.source,
         "registered_model": bundle.registered_model,
         "version": bundle.version,
-        "model_version": bundle.pinned_uri,        # what was sampled: evaluate credits this, not the alias
-        "weights_sha256": bundle.weights_digest(),
+        MODEL_VERSION_KEY: bundle.pinned_uri,      # what was sampled: evaluate credits this, not the alias
+        WEIGHTS_SHA256_KEY: bundle.weights_digest(),
         "mlflow_run_id": bundle.mlflow_run_id,
         "sampler": cfg.sampler,
         "num_steps": cfg.num_steps,

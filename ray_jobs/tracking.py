@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from dit_core.contract import AUTOENCODER_RECORD_FILE, MODEL_BUNDLE_ARTIFACT, MODEL_INFO_ARTIFACT, TRACKING_ARTIFACTS_DIR, TRACKING_DB_FILE
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, MODEL_BUNDLE_ARTIFACT, MODEL_INFO_ARTIFACT,
+                               TRACKING_ARTIFACTS_DIR, TRACKING_DB_FILE)
 from dit_core.training import flatten
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def log_model(
     if existing is not None:
         return existing
     latents = dict(model_info.get("latents") or {})
-    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get("autoencoder_path")) as ae_dir:
+    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
         bundle = mlflow_model.write_bundle(Path(tmp, MODEL_BUNDLE_ARTIFACT), model.cpu().eval(), model_info,
                                            sampling_defaults(model_info.get("sampling")), ae_dir)
         num_classes = int(model_info["model_config"]["num_classes"])

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dit_core import settings
+from dit_core.contract import FINGERPRINT_KEY
 
 from . import runtime, storage, tracking
 from .checkpoints import check_identity, checkpoint_uri, default_name, layout_digest, run_records
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
-    check_identity(cfg, name, stats["fingerprint"], layout_digest(units))
+    check_identity(cfg, name, stats[FINGERPRINT_KEY], layout_digest(units))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "

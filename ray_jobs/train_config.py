@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dit_core import settings
-from dit_core.contract import LATENT_STATS_FILE
+from dit_core.contract import DATASET_KEY, LATENT_SHAPE_KEY, LATENT_STATS_FILE, NUM_CLASSES_KEY
 from dit_core.diffusion import make_objective
 from dit_core.models import DiTConfig, preset_config
 
@@ -136,7 +136,7 @@ def registered_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
     the name was recorded: ``dit-data-<first 8 of their input fingerprint>``."""
     if cfg.registered_model:
         return cfg.registered_model
-    dataset = stats.get("dataset")
+    dataset = stats.get(DATASET_KEY)
     return MODEL_NAME_PREFIX + (str(dataset) if dataset else f"data-{str(stats.get('input_fingerprint', ''))[:8]}")
 
 
@@ -149,10 +149,10 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
             f"{list(stored_views(stats))}); set encode.flip_views: true and re-run the encode stage, "
             "or set train.random_flip: false"
         )
-    c, h, w = stats["latent_shape"]
+    c, h, w = stats[LATENT_SHAPE_KEY]
     if h != w:
         raise ValueError(f"latents are {h}x{w}; DiT needs square latents")
-    data = {"input_size": h, "in_channels": c, "num_classes": int(stats["num_classes"])}
+    data = {"input_size": h, "in_channels": c, "num_classes": int(stats[NUM_CLASSES_KEY])}
     clash = {k: (cfg.model[k], v) for k, v in data.items() if k in cfg.model and cfg.model[k] != v}
     if clash:
         raise ValueError(
