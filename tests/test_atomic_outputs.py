@@ -147,11 +147,11 @@ def test_killed_prepare_keeps_the_previous_output(kind, tmp_path, request):
     slow = params_file(tmp_path, prepare={"seed": 1, "rows_per_shard": 2})
     kill_while_writing([sys.executable, "-m", "pipelines.prepare", "--out", out, "--params", slow], stage_env(), root,
                        suffix=".parquet")
-    assert read_manifest(out) == good and published(out, MANIFEST_FILE) == before   # (a) whole and unchanged
+    assert read_manifest(out) == good and published(out, MANIFEST_FILE) == before    # (a) whole and unchanged
     assert split_keys(out) == keys
 
     again = prepare(PrepareConfig.from_params(prepare_params(seed=1, rows_per_shard=200)), out, log=lambda _: None)
-    assert leftovers(out, MANIFEST_FILE) == []                                        # (b) cleaned and published
+    assert leftovers(out, MANIFEST_FILE) == []                                       # (b) cleaned and published
     assert read_manifest(out) == again and again["fingerprint"] != good["fingerprint"]
     assert len(split_keys(out)) == again["splits"]["train"]["count"]
 
@@ -173,13 +173,13 @@ def test_killed_train_autoencoder_keeps_the_previous_output(kind, prepared_digit
     slow = params_file(tmp_path, train_autoencoder={"steps": 100000, "batch_size": 16, "max_images": 64})
     kill_while_writing([sys.executable, "-m", "pipelines.train_autoencoder", "--prepared", prepared_digits, "--out", out,
                         "--params", slow], stage_env(), root, settle=1.0)
-    assert published(out, AUTOENCODER_RECORD_FILE) == before                                      # (a)
+    assert published(out, AUTOENCODER_RECORD_FILE) == before                         # (a)
     with storage.local_copy(out, AUTOENCODER_RECORD_FILE) as folder:
         assert load_autoencoder(folder).id == "tiny-0"
 
     quick = params_file(tmp_path, train_autoencoder={"steps": 2, "batch_size": 16, "max_images": 64, "eval_max_images": 32})
     main(["--prepared", prepared_digits, "--out", out, "--params", quick])
-    assert leftovers(out, AUTOENCODER_RECORD_FILE) == []                                          # (b)
+    assert leftovers(out, AUTOENCODER_RECORD_FILE) == []                             # (b)
     with storage.local_copy(out, AUTOENCODER_RECORD_FILE) as folder:
         assert load_autoencoder(folder).id == "small-kl-f2c4"
 
@@ -208,11 +208,11 @@ def test_killed_encode_keeps_the_previous_output(kind, ray_cluster, prepared_sma
     kill_while_writing([sys.executable, "-m", "ray_jobs.encode", "--prepared", prepared_small, "--autoencoder", ae_b,
                         "--out", out, "--set", "batch_size=4", "cpu_actors=1"], env, root, settle=0.5)
     time.sleep(2)  # the cluster reaps the dead driver's actors
-    assert read_stats(out) == good and published(out, LATENT_STATS_FILE) == before          # (a)
+    assert read_stats(out) == good and published(out, LATENT_STATS_FILE) == before   # (a)
     assert len(train_shards(out, good)) == len(good["shards"]["train"])
 
     again = encode(config_from(prepared_small, ae_b, out, params))
-    assert leftovers(out, LATENT_STATS_FILE) == []                                           # (b)
+    assert leftovers(out, LATENT_STATS_FILE) == []                                   # (b)
     assert read_stats(out) == again and again["autoencoder_id"] == "tiny-1"
     assert again["counts"] == good["counts"] and again["fingerprint"] != good["fingerprint"]
 
