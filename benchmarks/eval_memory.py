@@ -77,7 +77,8 @@ def make_samples(root: Path, count: int, size: int, num_classes: int, per_shard:
     from dit_core.data import png_bytes
     from pipelines.common import write_parquet
     from ray_jobs import storage
-    from ray_jobs.sample import CONFIG_FILE, SampleConfig, shard_files
+    from dit_core.contract import SAMPLE_CONFIG_FILE
+    from ray_jobs.sample import SampleConfig, shard_files
 
     cfg = SampleConfig(model="random", output=str(root), num_images=count, images_per_shard=per_shard,
                        formats=["parquet", "npz"], grid_per_class=8, baseline_images=0)
@@ -88,7 +89,7 @@ def make_samples(root: Path, count: int, size: int, num_classes: int, per_shard:
         write_parquet(shard_files(cfg.output, shard, ["parquet"])["parquet"], pa.table({
             "index": pa.array(idx, pa.int64()), "label": pa.array(idx % num_classes, pa.int32()),
             "seed": pa.array(idx.astype(np.uint64), pa.uint64()), "image": pa.array([png_bytes(im) for im in images], pa.binary())}))
-    storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
+    storage.write_json(storage.join(cfg.output, SAMPLE_CONFIG_FILE), cfg.identity())
     from dataclasses import asdict
 
     return asdict(cfg)

@@ -90,13 +90,14 @@ class Scorer:
     """The evaluate stage's FID and class accuracy of generated images (classifier features, val split)."""
 
     def __init__(self, prepared: str, classifier_dir: str):
-        from dit_core.classifier import CONFIG_FILE, load_classifier
+        from dit_core.classifier import load_classifier
+        from dit_core.contract import CLASSIFIER_CONFIG_FILE
         from dit_core.data import pngs_to_batch, to_uint8
         from dit_core.metrics import batched_features, feature_stats
         from pipelines.common import read_manifest, read_split
         from ray_jobs import storage
 
-        with storage.local_copy(classifier_dir, CONFIG_FILE) as folder:
+        with storage.local_copy(classifier_dir, CLASSIFIER_CONFIG_FILE) as folder:
             self.classifier, _ = load_classifier(folder)
         val = read_split(prepared, read_manifest(prepared), "val", ["image"])
         self.reference = feature_stats(batched_features(self.classifier.features, to_uint8(pngs_to_batch(val.column("image").to_pylist()))))
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     from dit_core.autoencoders import load_autoencoder
     from dit_core.settings import read_yaml
     from ray_jobs import storage
-    from ray_jobs.sample import AUTOENCODER_RECORD
+    from dit_core.contract import AUTOENCODER_RECORD_FILE
 
     params_all = read_yaml(a.params)
     params = {k: v for k, v in params_all["train"].items()}
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     num_images = a.num_images or int(sample_params["num_images"])
     data = load_train_split(a.latents)
     stats = data[0]
-    with storage.local_copy(stats["autoencoder_path"], AUTOENCODER_RECORD) as ae_dir:
+    with storage.local_copy(stats["autoencoder_path"], AUTOENCODER_RECORD_FILE) as ae_dir:
         autoencoder = load_autoencoder(ae_dir)
     scorer = Scorer(a.prepared, a.classifier)
     results: dict[str, list[list[dict[str, Any]]]] = {}

@@ -54,21 +54,23 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier, predict
+    from dit_core.classifier import load_classifier, predict
+    from dit_core.contract import CLASSIFIER_CONFIG_FILE
     from dit_core.data import pngs_to_batch, to_uint8
     from dit_core.metrics import batched_features, feature_stats, fid_from_stats, uint8_to_float
     from pipelines.common import load_params, read_manifest, read_split
     from ray_jobs import storage
     from ray_jobs.model_source import load_bundle
     from dit_core.pipeline import ImagePipeline, image_seed
-    from ray_jobs.sample import SampleConfig, load_autoencoder_for
+    from ray_jobs.model_source import load_autoencoder_for
+    from ray_jobs.sample import SampleConfig
 
     guidance = a.guidance_scale if a.guidance_scale is not None else float(load_params("sample", REPO / "params.yaml")["guidance_scale"])
     model = a.model or default_model()
     specs = [parse_sampler(s) for s in a.samplers.split(",") if s.strip()]
     if a.reference_sampler not in a.samplers.split(","):
         raise SystemExit(f"--reference-sampler {a.reference_sampler} is not in --samplers")
-    with storage.local_copy(a.classifier, CLASSIFIER_RECORD) as folder:   # its published version
+    with storage.local_copy(a.classifier, CLASSIFIER_CONFIG_FILE) as folder:   # its published version
         classifier, _ = load_classifier(folder)
     val = read_split(a.prepared, read_manifest(a.prepared), "val", ["image"])   # the evaluate stage's default reference
     ref = feature_stats(batched_features(classifier.features, to_uint8(pngs_to_batch(val.column("image").to_pylist()))))

@@ -24,10 +24,10 @@ from typing import Any, Callable
 
 import torch
 
+from .contract import AUTOENCODER_RECORD_FILE
 from .data import to_uint8
 from .image_stats import ColourStats, colour_ratios
 
-RECORD = "autoencoder.json"
 
 
 @dataclass
@@ -175,7 +175,7 @@ def save_autoencoder(ae: Autoencoder, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         ae.vae.save_pretrained(tmp)
-        (tmp / RECORD).write_text(json.dumps(asdict(ae.record), indent=2) + "\n")
+        (tmp / AUTOENCODER_RECORD_FILE).write_text(json.dumps(asdict(ae.record), indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -187,7 +187,7 @@ def save_autoencoder(ae: Autoencoder, path: str | os.PathLike) -> None:
 def _published_folder(folder: Path) -> Path:
     """The version folder a published output's record names (``ray_jobs.storage.begin_output``'s
     layout), else ``folder`` itself (a plain diffusers folder, or one written before versions)."""
-    record_path = folder / RECORD
+    record_path = folder / AUTOENCODER_RECORD_FILE
     if record_path.is_file():
         version = json.loads(record_path.read_text()).get("version")
         if version:
@@ -215,7 +215,7 @@ def load_autoencoder(path_or_id: str | os.PathLike, scale_factor: float | None =
             f"e.g. `hf download {ref}`, and copy ~/.cache/huggingface here). Nothing is downloaded at run time. "
             f"({type(e).__name__}: {e})"
         ) from e
-    record_path = local / RECORD
+    record_path = local / AUTOENCODER_RECORD_FILE
     if record_path.is_file():
         record = AutoencoderRecord.from_dict(json.loads(record_path.read_text()))
     else:

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHTS_FILE = "classifier.pt"
-CONFIG_FILE = "classifier.json"
+from .contract import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
 
 
 ARCHITECTURES = ("pyramid", "two-stage")
@@ -158,17 +157,17 @@ def save_classifier(model: Classifier, path: str | os.PathLike, extra: dict[str,
     """``path/classifier.pt`` (state dict) and ``path/classifier.json`` (config and ``extra``)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), root / WEIGHTS_FILE)
-    (root / CONFIG_FILE).write_text(json.dumps({"config": asdict(model.config), **(extra or {})}, indent=2, sort_keys=True) + "\n")
+    torch.save(model.state_dict(), root / CLASSIFIER_WEIGHTS_FILE)
+    (root / CLASSIFIER_CONFIG_FILE).write_text(json.dumps({"config": asdict(model.config), **(extra or {})}, indent=2, sort_keys=True) + "\n")
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
     root = Path(path)
-    if not (root / WEIGHTS_FILE).is_file() or not (root / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{root} holds no classifier ({WEIGHTS_FILE} + {CONFIG_FILE}); run the train_classifier stage")
-    record = json.loads((root / CONFIG_FILE).read_text())
+    if not (root / CLASSIFIER_WEIGHTS_FILE).is_file() or not (root / CLASSIFIER_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{root} holds no classifier ({CLASSIFIER_WEIGHTS_FILE} + {CLASSIFIER_CONFIG_FILE}); run the train_classifier stage")
+    record = json.loads((root / CLASSIFIER_CONFIG_FILE).read_text())
     model = Classifier(ClassifierConfig(**{"architecture": "two-stage", **record["config"]}))  # older records: two-stage
-    model.load_state_dict(torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(torch.load(root / CLASSIFIER_WEIGHTS_FILE, map_location="cpu", weights_only=True), strict=True)
     return model.eval(), record
 
 

@@ -65,6 +65,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dit_core.contract import (AUTOENCODER_PATH_KEY, CLASS_NAMES_KEY, DIFFUSERS_PIPELINE_FILE, DIFFUSERS_SCHEDULER_DIR,
+                               DIFFUSERS_TRANSFORMER_DIR, DIFFUSERS_VAE_DIR, DIFFUSERS_WEIGHTS_NAME, SCALE_FACTOR_KEY)
 from dit_core.diffusion import DDIMSampler, GaussianDiffusion, make_betas, objective_name, respace
 from dit_core.models import DiT, DiTConfig, load_checkpoint
 
@@ -73,11 +75,8 @@ if TYPE_CHECKING:  # diffusers is imported where it is used: importing this modu
 
     from dit_core.autoencoders import Autoencoder
 
-TRANSFORMER, VAE, SCHEDULER = "transformer", "vae", "scheduler"   # a DiTPipeline folder's parts
-WEIGHTS_NAME = "diffusion_pytorch_model"                          # diffusers' weight file stem
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's folder says the latter
 PIPELINE_NULL_CLASS = 1000   # DiTPipeline.__call__ hard-codes this label as the null class
-CUSTOM_PIPELINE_FILE = "pipeline.py"   # in an exported folder: diffusers' custom_pipeline=<folder> loads it
 LAYER_NORM_EPS = 1e-6        # every LayerNorm of our (and the official) DiT
 MLP_RATIO = 4.0              # diffusers' DiT fixes the MLP width at 4 x hidden
 
@@ -511,10 +510,10 @@ def export_pipeline(
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        vae_config = tmp / VAE / "config.json"
+        vae_config = tmp / DIFFUSERS_VAE_DIR / "config.json"
         # Edited in the saved file: the caller's autoencoder object is left as it was.
         vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": scale}, indent=2) + "\n")
-        shutil.copyfile(diffusers_pipeline.__file__, tmp / CUSTOM_PIPELINE_FILE)
+        shutil.copyfile(diffusers_pipeline.__file__, tmp / DIFFUSERS_PIPELINE_FILE)
         _replace_dir(tmp, out, overwrite)
     finally:
         if tmp.exists():
@@ -525,17 +524,17 @@ def export_pipeline(
 def transformer_folder(folder: str | os.PathLike) -> Path:
     """The transformer folder of a ``DiTPipeline`` folder, or ``folder`` itself if it is one."""
     folder = Path(folder)
-    for candidate in (folder / TRANSFORMER, folder):
+    for candidate in (folder / DIFFUSERS_TRANSFORMER_DIR, folder):
         if (candidate / "config.json").is_file():
             return candidate
     raise FileNotFoundError(
-        f"no diffusers DiT transformer at {folder}: expected {folder / TRANSFORMER / 'config.json'} (a DiTPipeline "
+        f"no diffusers DiT transformer at {folder}: expected {folder / DIFFUSERS_TRANSFORMER_DIR / 'config.json'} (a DiTPipeline "
         f"folder, as facebook/DiT-XL-2-256) or {folder / 'config.json'} (a transformer folder)"
     )
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    stem = f"{WEIGHTS_NAME}.{variant}" if variant else WEIGHTS_NAME
+    stem = f"{DIFFUSERS_WEIGHTS_NAME}.{variant}" if variant else DIFFUSERS_WEIGHTS_NAME
     for ext in ("safetensors", "bin"):
         single = folder / f"{stem}.{ext}"
         if single.is_file():
@@ -614,7 +613,7 @@ def _export_command(args: argparse.Namespace) -> Path:
     extras = _checkpoint_extras(ckpt)
     diffusion = extras.get("diffusion", {})
     stats = json.loads(Path(args.stats).read_text()) if args.stats else extras.get("latents", {})
-    vae_path = args.vae or stats.get("autoencoder_path")
+    vae_path = args.vae or stats.get(AUTOENCODER_PATH_KEY)
     if not vae_path:
         raise ValueError(
             f"no autoencoder for {ckpt}: pass --vae FOLDER (a diffusers AutoencoderKL folder, e.g. models/autoencoder "
@@ -624,8 +623,8 @@ def _export_command(args: argparse.Namespace) -> Path:
         model,
         args.out,
         load_autoencoder(vae_path),
-        class_names=stats.get("class_names"),
-        scale_factor=stats.get("scale_factor"),
+        class_names=stats.get(CLASS_NAMES_KEY),
+        scale_factor=stats.get(SCALE_FACTOR_KEY),
         overwrite=args.overwrite,
         diffusion=diffusion,
     )
@@ -634,7 +633,7 @@ def _export_command(args: argparse.Namespace) -> Path:
 def _import_command(args: argparse.Namespace) -> Path:
     model = import_transformer(args.folder, variant=args.variant)
     checkpoint: dict[str, Any] = {"ema": model.state_dict(), "model_config": model.config.to_dict()}
-    scheduler = Path(args.folder) / SCHEDULER / "scheduler_config.json"
+    scheduler = Path(args.folder) / DIFFUSERS_SCHEDULER_DIR / "scheduler_config.json"
     if scheduler.is_file():
         diffusion = diffusion_settings(json.loads(scheduler.read_text()), model.config.learn_sigma)
         if diffusion is not None:

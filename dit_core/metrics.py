@@ -30,6 +30,8 @@ from typing import IO, Any, Callable, Iterable
 import numpy as np
 import torch
 
+from .contract import NPZ_IMAGES, NPZ_LABELS
+
 # pytorch-fid's FID Inception weights, as the torch hub cache names them.
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_INCEPTION_DIMS = 2048
@@ -128,8 +130,8 @@ def load_reference_npz(data: bytes, features: Callable[[np.ndarray], np.ndarray]
     with np.load(io.BytesIO(data)) as z:
         if "mu" in z and "sigma" in z:
             return FeatureStats(mu=z["mu"], sigma=z["sigma"], count=int(z["count"]) if "count" in z else 0)
-        if "arr_0" in z and features is not None:
-            return feature_stats(features(z["arr_0"]))
+        if NPZ_IMAGES in z and features is not None:
+            return feature_stats(features(z[NPZ_IMAGES]))
         raise ValueError(f"reference .npz has {sorted(z.files)}; expected mu and sigma, or arr_0 images")
 
 
@@ -145,7 +147,7 @@ class AdmNpzWriter:
     def __init__(self, f: IO[bytes], num_images: int, image_shape: tuple[int, int, int]):
         self.zip = zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.num_images, self.shape, self.written, self.labels = num_images, tuple(image_shape), 0, []
-        self.member = self.zip.open("arr_0.npy", "w", force_zip64=True)   # size unknown to zipfile up front
+        self.member = self.zip.open(f"{NPZ_IMAGES}.npy", "w", force_zip64=True)   # size unknown to zipfile up front
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": (num_images, *self.shape)}
         np.lib.format.write_array_header_1_0(self.member, header)
@@ -163,7 +165,7 @@ class AdmNpzWriter:
         self.member.close()
         if self.written != self.num_images:
             raise ValueError(f"{self.written} of the {self.num_images} images declared were written to the npz")
-        with self.zip.open("arr_1.npy", "w", force_zip64=True) as m:
+        with self.zip.open(f"{NPZ_LABELS}.npy", "w", force_zip64=True) as m:
             np.lib.format.write_array(m, np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64))
         self.zip.close()
 
@@ -178,7 +180,7 @@ def _npy_member(z: zipfile.ZipFile, name: str) -> tuple[IO[bytes], tuple[int, ..
     return member, shape, dtype
 
 
-def npz_array_shape(f: IO[bytes], name: str = "arr_0") -> tuple[int, ...]:
+def npz_array_shape(f: IO[bytes], name: str = NPZ_IMAGES) -> tuple[int, ...]:
     """The shape of array ``name`` of an ``.npz`` (a seekable binary file), reading only its header."""
     with zipfile.ZipFile(f) as z:
         if f"{name}.npy" not in z.namelist():
@@ -188,7 +190,7 @@ def npz_array_shape(f: IO[bytes], name: str = "arr_0") -> tuple[int, ...]:
         return shape
 
 
-def read_npz_rows(f: IO[bytes], start: int, stop: int, name: str = "arr_0") -> np.ndarray:
+def read_npz_rows(f: IO[bytes], start: int, stop: int, name: str = NPZ_IMAGES) -> np.ndarray:
     """Rows ``start:stop`` of array ``name`` of an ``.npz`` without reading the others."""
     with zipfile.ZipFile(f) as z:
         member, shape, dtype = _npy_member(z, name)

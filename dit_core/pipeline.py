@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
+from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.contract import AUTOENCODER_RECORD_FILE
 from dit_core.data import to_uint8
 from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, make_objective, randn, sample_loop
 from dit_core.models import BlockCache, DiT, DiTConfig
@@ -128,7 +129,7 @@ def load_fitting_autoencoder(folder: str | os.PathLike, model_config: DiTConfig,
     name the autoencoder as ``name`` (default: the folder)."""
     name = str(folder) if name is None else name
     ae = load_autoencoder(folder)
-    ours = Path(folder, AUTOENCODER_RECORD).is_file()   # trained here, for one image size
+    ours = Path(folder, AUTOENCODER_RECORD_FILE).is_file()   # trained here, for one image size
     scale = scale_factor or getattr(ae, "scale_factor", None)
     if not scale:
         raise ValueError(f"no latent scale factor for autoencoder {name!r}; pass --scale-factor")

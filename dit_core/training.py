@@ -93,12 +93,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
 # Latent data: the stored (mean, std) posterior of each image and, where stored, of its flip
 # ----------------------------------------------------------------------------------------------
 
-# The views of an image the encode stage can store, each with its (posterior mean, posterior std)
-# columns (docs/CONTRACTS.md, ``data/latents/``): "image" always, "flip" (its horizontal mirror)
-# only where training flips.
-LATENT_VIEWS: dict[str, tuple[str, str]] = {"image": ("mean", "std"), "flip": ("mean_flip", "std_flip")}
-
-
 def noisy_latents(mean: np.ndarray, std: np.ndarray, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
     """Training latents ``scale * (mean + std * eps)`` of a batch's posterior (N, C, H, W) float32."""
     mean_t, std_t = torch.from_numpy(np.ascontiguousarray(mean)), torch.from_numpy(np.ascontiguousarray(std))
@@ -108,7 +102,6 @@ def noisy_latents(mean: np.ndarray, std: np.ndarray, scale_factor: float, genera
 
 __all__ = [
     "EMA",
-    "LATENT_VIEWS",
     "derive_seed",
     "flatten",
     "noisy_latents",

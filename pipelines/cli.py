@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 
 from dit_core import settings
+from dit_core.contract import CHECKPOINT_STATE_FILE, CLASS_NAMES_KEY
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     from dit_core.pipeline import ImagePipeline, SamplingSettings
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
-    from ray_jobs.model_source import load_bundle
-    from ray_jobs.sample import load_autoencoder_for
+    from ray_jobs.model_source import load_autoencoder_for, load_bundle
 
     p = generate_parser()
     a = p.parse_args(argv)
@@ -112,7 +112,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         bundle = load_bundle(a.model)
         sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
-        names = [str(n) for n in bundle.latents.get("class_names") or []]
+        names = [str(n) for n in bundle.latents.get(CLASS_NAMES_KEY) or []]
         nc = bundle.config.num_classes
         labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
         if not labels or not seeds:
@@ -164,7 +164,7 @@ def export(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dit-export-") as tmp:
-        checkpoint = os.path.join(tmp, "state.pt")
+        checkpoint = os.path.join(tmp, CHECKPOINT_STATE_FILE)
         torch.save({"ema": bundle.state_dict, "model_config": bundle.model_config, "diffusion": bundle.diffusion,
                     "latents": bundle.latents}, checkpoint)
         return run_module("export", [checkpoint, *rest])

@@ -21,7 +21,7 @@ import shlex
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,14 +30,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
+from dit_core.contract import IMAGE_COLUMN, LOCATION_FILE, MANIFEST_FILE, SHARDS_KEY, SPLITS_KEY
 from dit_core.data import pngs_to_batch
 
 from ray_jobs import runtime, storage
 
 PARAMS_FILE = "params.yaml"
-LOCATION_FILE = storage.LOCATION_FILE
 JOBS_DIR = "jobs"                 # under store.root: each submitted stage's small outputs
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
@@ -93,6 +92,20 @@ def write_location(local: str, uri: str) -> None:
     if os.path.isdir(local):
         shutil.rmtree(local)
     storage.write_json(os.path.join(local, LOCATION_FILE), {"uri": uri, "files": len(listing), "digest": digest})
+
+
+def stage_arguments(argv: Sequence[str] | None, doc: str | None, flags: Mapping[str, str], settings_cls: type, section: str,
+                    example: str, optional: Sequence[str] = (), skip: Sequence[str] = ()) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """A stage's command line: its path flags (``flags``: flag -> help, in order; required but for
+    those in ``optional``), as ``dvc.yaml`` gives them, then ``--params``/``--set`` for its params.yaml
+    ``section`` with the settings list of ``settings_cls`` (``skip``: fields its flags give). Returns
+    the parsed flags and the section's settings (``settings.read_settings``)."""
+    p = settings.command_parser(doc)
+    for flag, text in flags.items():
+        p.add_argument(flag, required=flag not in optional, default=None, help=text)
+    settings.add_settings_arguments(p, settings_cls, section, PARAMS_FILE, skip=skip, example=example)
+    a = p.parse_args(argv)
+    return a, settings.read_settings(a, settings_cls, section)
 
 
 def _argv(args: argparse.Namespace) -> str:
@@ -164,7 +177,7 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 def read_manifest(prepared: str) -> dict[str, Any]:
     """The prepared data's published manifest (its ``version`` names the folder of the shards:
     ``read_split`` resolves it); its presence is what marks the output complete."""
-    uri = storage.join(prepared, MANIFEST)
+    uri = storage.join(prepared, MANIFEST_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: {prepared} is not a complete prepared data set; run the prepare stage")
     return storage.read_json(uri)
@@ -172,7 +185,7 @@ def read_manifest(prepared: str) -> dict[str, Any]:
 
 def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: list[str] | None = None) -> pa.Table:
     """All shards of one split, in manifest order, from the version the manifest names."""
-    shards = manifest["splits"][split]["shards"]
+    shards = manifest[SPLITS_KEY][split][SHARDS_KEY]
     folder = storage.version_folder(prepared, manifest)
     tables = [read_parquet(storage.join(folder, s), columns) for s in shards]
     if not tables:
@@ -183,7 +196,7 @@ def read_split(prepared: str, manifest: dict[str, Any], split: str, columns: lis
 def load_images(prepared: str, manifest: dict[str, Any], split: str, max_images: int, seed: int) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1]; a seeded subset of at most ``max_images`` (all in memory: the
     caps keep large data sets, e.g. ImageNet at 256, within RAM)."""
-    pngs = read_split(prepared, manifest, split, ["image"]).column("image").to_pylist()
+    pngs = read_split(prepared, manifest, split, [IMAGE_COLUMN]).column(IMAGE_COLUMN).to_pylist()
     if len(pngs) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(pngs), max_images, replace=False))
         pngs = [pngs[i] for i in keep]

@@ -12,17 +12,11 @@ import sys
 
 from dit_core import settings
 from pipelines.common import PARAMS_FILE, StageIO, run_stage
-from ray_jobs.encode import EncodeConfig, config_from, encode
+from ray_jobs.encode import EncodeConfig, command_parser, config_from, encode
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
-    p.add_argument("--autoencoder", required=True, help="autoencoder folder, s3:// URI or HF id (local cache)")
-    p.add_argument("--out", required=True, help="latents folder or s3:// URI")
-    settings.add_settings_arguments(p, EncodeConfig, "encode", PARAMS_FILE, skip=("prepared", "autoencoder", "output"),
-                                    example="batch_size=64")
-    a = p.parse_args(argv)
+    a = command_parser(__doc__, PARAMS_FILE).parse_args(argv)
     params = settings.read_settings(a, EncodeConfig, "encode")
 
     def core(job: argparse.Namespace) -> None:

@@ -22,11 +22,14 @@ from typing import Any
 import numpy as np
 
 from dit_core import settings
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
-from dit_core.classifier import CONFIG_FILE as CLASSIFIER_RECORD, load_classifier
+from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.classifier import load_classifier
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CLASSIFIER_CONFIG_FILE, MODEL_VERSION_KEY,
+                               SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_PARQUET_DIR, SAMPLE_SUMMARY_FILE,
+                               SHARDS_KEY, SPLITS_KEY, WEIGHTS_SHA256_KEY)
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, colour_ratios
 from dit_core.metrics import FID_INCEPTION_DIMS, PR_MAX_IMAGES, PR_NEIGHBOURS, FeatureStats, fid_from_stats, precision_recall
-from pipelines.common import PARAMS_FILE, StageIO, read_manifest, run_stage
+from pipelines.common import StageIO, read_manifest, run_stage, stage_arguments
 from ray_jobs import runtime, storage, tracking
 from ray_jobs.features import (
     NETWORKS as FEATURES,
@@ -38,7 +41,6 @@ from ray_jobs.features import (
     reconstruction_items,
 )
 from ray_jobs.model_source import load_bundle, state_digest
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE, SUMMARY_FILE, baseline_output
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class EvaluateSettings:
 
 
 def shard_uris(folder: str) -> list[str]:
-    return storage.list_files(storage.join(folder, "parquet"), suffix=".parquet")
+    return storage.list_files(storage.join(folder, SAMPLE_PARQUET_DIR), suffix=".parquet")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def reference_source(reference: str, prepared: str, feature_dim: int) -> Referen
     another network's features)."""
     if reference == "val":
         manifest = read_manifest(prepared)
-        shards, folder = manifest["splits"]["val"]["shards"], storage.version_folder(prepared, manifest)
+        shards, folder = manifest[SPLITS_KEY]["val"][SHARDS_KEY], storage.version_folder(prepared, manifest)
         if not shards:
             raise ValueError(f"split 'val' of {prepared} is empty; lower prepare.val_fraction or set evaluate.reference to an ADM .npz")
         items = parquet_items("reference", [storage.join(folder, s) for s in shards])
@@ -122,13 +124,13 @@ def floor_autoencoder(samples: str, sample_cfg: dict[str, Any], override: str | 
     job's ``autoencoder`` setting, else the one the model records (its bundle's latent record)."""
     path = override or sample_cfg.get("autoencoder")
     if not path:
-        model = sampled_model(samples).get("model_version") or sample_cfg["model"]
-        path = load_bundle(str(model)).latents.get("autoencoder_path")
+        model = sampled_model(samples).get(MODEL_VERSION_KEY) or sample_cfg["model"]
+        path = load_bundle(str(model)).latents.get(AUTOENCODER_PATH_KEY)
         if not path:
             raise ValueError(f"the sampled model {model!r} does not record its autoencoder (an official checkpoint?), so the "
                              "floor (its reconstructions of the reference) cannot be computed; set evaluate.autoencoder to "
                              "the one it was trained with, or evaluate.floor: false")
-    with storage.local_copy(path, AUTOENCODER_RECORD) as local:
+    with storage.local_copy(path, AUTOENCODER_RECORD_FILE) as local:
         return load_autoencoder(local), str(path)
 
 
@@ -148,15 +150,15 @@ def evaluate(samples: str, prepared: str, classifier_dir: str, params: dict[str,
     reference and the autoencoder's reconstructions of it) goes through one Ray Data actor pool;
     this process holds only their summaries and each set's capped subsample of features."""
     params = {**asdict(EvaluateSettings()), **params}                       # a caller's partial settings: the defaults
-    with storage.local_copy(classifier_dir, CLASSIFIER_RECORD) as folder:   # the published version
+    with storage.local_copy(classifier_dir, CLASSIFIER_CONFIG_FILE) as folder:   # the published version
         classifier, record = load_classifier(folder)
-    sample_cfg = storage.read_json(storage.join(samples, CONFIG_FILE))
+    sample_cfg = storage.read_json(storage.join(samples, SAMPLE_CONFIG_FILE))
     num_images, num_baseline = int(sample_cfg["num_images"]), int(sample_cfg.get("baseline_images") or 0)
     items = parquet_items("samples", shard_uris(samples))
     if not items:
         raise FileNotFoundError(f"no parquet sample shards under {samples}/parquet; sample with formats including parquet or npz")
     if num_baseline:
-        items += parquet_items("baseline", shard_uris(baseline_output(samples)))
+        items += parquet_items("baseline", shard_uris(storage.join(samples, SAMPLE_BASELINE_DIR)))
     ref = reference_source(str(params["reference"]), prepared,
                            FID_INCEPTION_DIMS if params["features"] == "inception" else classifier.config.feature_dim)
     autoencoder = autoencoder_path = None
@@ -262,9 +264,9 @@ def sampling_record(sample_cfg: dict[str, Any]) -> dict[str, Any]:
 def sampled_model(samples: str) -> dict[str, str]:
     """The exact version the sample job resolved (an alias resolved once, when sampling) and the
     sha256 of its weights, from the samples' summary.json."""
-    uri = storage.join(samples, SUMMARY_FILE)
+    uri = storage.join(samples, SAMPLE_SUMMARY_FILE)
     summary = storage.read_json(uri) if storage.exists(uri) else {}
-    return {k: summary[k] for k in ("model_version", "weights_sha256") if summary.get(k)}
+    return {k: summary[k] for k in (MODEL_VERSION_KEY, WEIGHTS_SHA256_KEY) if summary.get(k)}
 
 
 def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +279,7 @@ def plot_point(metrics: dict[str, Any]) -> dict[str, Any]:
 def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any]:
     """Log the evaluation to the scored version's training run, tag the version, move the alias."""
     # the version that was sampled (resolved once, by the sample job), never the alias as it is now
-    uri = str(metrics.get("model_version") or metrics["model"])
+    uri = str(metrics.get(MODEL_VERSION_KEY) or metrics["model"])
     elsewhere = tracking.version_not_here(uri) if uri.startswith("models:/") else None
     if elsewhere:
         print(f"evaluate: not registered: {elsewhere}", file=sys.stderr)
@@ -285,7 +287,7 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
     bundle = load_bundle(uri) if uri.startswith("models:/") else None
     if bundle is None or not bundle.registered_model:
         return {"registered": False, "reason": f"{uri} is not a registered model version"}
-    if metrics.get("weights_sha256") and bundle.weights_digest() != metrics["weights_sha256"]:
+    if metrics.get(WEIGHTS_SHA256_KEY) and bundle.weights_digest() != metrics[WEIGHTS_SHA256_KEY]:
         raise ValueError(f"{uri} holds other weights than the ones sampled into {samples} (sha256 "
                          f"{bundle.weights_digest()[:12]} vs {metrics['weights_sha256'][:12]}); re-run the sample stage")
     settings = {k: metrics[k] for k in ("sampler", "num_steps", "eta", "guidance_scale", "guided_channels", "cache_interval", "seed",
@@ -294,8 +296,8 @@ def register(samples: str, metrics: dict[str, Any], alias: str) -> dict[str, Any
                                       "fd_label_free", "fd_label_free_floor", "fd_label_free_untrained")
               if metrics.get(k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
-        grid = Path(tmp, GRID_FILE)
-        grid_uri = storage.join(samples, GRID_FILE)
+        grid = Path(tmp, SAMPLE_GRID_FILE)
+        grid_uri = storage.join(samples, SAMPLE_GRID_FILE)
         artifacts = {}
         if storage.exists(grid_uri):
             grid.write_bytes(storage.read_bytes(grid_uri))
@@ -332,15 +334,13 @@ def check_settings(params: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--samples", required=True, help="the sample stage's output (folder or s3://)")
-    p.add_argument("--prepared", required=True, help="prepared data (its val split is the default reference)")
-    p.add_argument("--classifier", required=True, help="the train_classifier stage's output")
-    p.add_argument("--metrics", required=True, help="eval.json (local)")
-    p.add_argument("--plots", default=None, help="this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)")
-    settings.add_settings_arguments(p, EvaluateSettings, "evaluate", PARAMS_FILE, example="register=false")
-    a = p.parse_args(argv)
-    params = asdict(settings.build(EvaluateSettings, settings.read_settings(a, EvaluateSettings, "evaluate"), "evaluate"))
+    flags = {"--samples": "the sample stage's output (folder or s3://)",
+             "--prepared": "prepared data (its val split is the default reference)",
+             "--classifier": "the train_classifier stage's output",
+             "--metrics": "eval.json (local)",
+             "--plots": "this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)"}
+    a, given = stage_arguments(argv, __doc__, flags, EvaluateSettings, "evaluate", "register=false", optional=("--plots",))
+    params = asdict(settings.build(EvaluateSettings, given, "evaluate"))
     check_settings(params)
 
     def core(job: argparse.Namespace) -> None:

@@ -42,12 +42,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dit_core import settings
+from dit_core.contract import (CLASS_NAMES_KEY, COUNT_KEY, DATASET_KEY, FINGERPRINT_KEY, IMAGE_COLUMN, IMAGE_SIZE_KEY, KEY_COLUMN,
+                               LABEL_COLUMN, MANIFEST_FILE, NUM_CLASSES_KEY, SHARDS_KEY, SPLITS_KEY)
 from dit_core.data import BadImage, png_bytes, prepare_image
-from pipelines.common import MANIFEST, PARAMS_FILE, SPLITS, StageIO, run_stage, write_parquet
+from pipelines.common import SPLITS, StageIO, run_stage, stage_arguments, write_parquet
 from ray_jobs import runtime, storage
 
 SOURCES = ("digits", "imagefolder", "parquet")
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("key", pa.string())])
+SCHEMA = pa.schema([(IMAGE_COLUMN, pa.binary()), (LABEL_COLUMN, pa.int32()), (KEY_COLUMN, pa.string())])
 IMAGEFOLDER_LAYOUT = "<path>/<class name>/<image files>"
 
 
@@ -416,17 +418,17 @@ def prepare(cfg: PrepareConfig, out: str, log: Callable[[str], None] = print) ->
         runtime.require_shared({"prepare.path": cfg.path, "prepare output": out}, runtime.cluster_hosts(),
                                "the Ray cluster")
 
-    staging = storage.begin_output(out, MANIFEST)
+    staging = storage.begin_output(out, MANIFEST_FILE)
     try:
         job = ShardJob(cfg.source, cfg.path and storage.absolute(cfg.path), storage.absolute(staging), cfg.image_size,
                        cfg.read_threads, cfg.image_column, storage.aws_env())
         results = run_shards_ray(shards, job, cfg.num_workers) if on_ray else [run_shard(s, job) for s in shards]
         manifest = _manifest(cfg, listing, items, splits, results, num_inputs)
         _check_skipped(manifest["skipped"], num_inputs, cfg)
-        if manifest["splits"]["train"]["count"] == 0:
+        if manifest[SPLITS_KEY]["train"][COUNT_KEY] == 0:
             raise ValueError(f"no usable training images from {cfg.source} {cfg.path or ''}")
-        storage.write_json(storage.join(staging, MANIFEST), manifest)  # last: completes the version
-        manifest = storage.commit_output(staging, out, MANIFEST)  # publishes it
+        storage.write_json(storage.join(staging, MANIFEST_FILE), manifest)  # last: completes the version
+        manifest = storage.commit_output(staging, out, MANIFEST_FILE)  # publishes it
     except BaseException:
         storage.abort_output(staging, out)
         raise
@@ -470,21 +472,21 @@ def _manifest(cfg: PrepareConfig, listing: Listing, items: list[Item], splits: d
     digest.update(f"image_size={cfg.image_size}\n".encode())
     return {
         "source": {"type": cfg.source, "path": cfg.path},
-        "dataset": dataset_name(cfg),
-        "image_size": cfg.image_size,
-        "num_classes": len(listing.class_names),
-        "class_names": listing.class_names,
+        DATASET_KEY: dataset_name(cfg),
+        IMAGE_SIZE_KEY: cfg.image_size,
+        NUM_CLASSES_KEY: len(listing.class_names),
+        CLASS_NAMES_KEY: listing.class_names,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "num_inputs": num_inputs,
-        "splits": {
-            s: {"count": sum(c.values()), "per_class": {str(k): c[k] for k in sorted(c)}, "shards": sorted(written[s])}
+        SPLITS_KEY: {
+            s: {COUNT_KEY: sum(c.values()), "per_class": {str(k): c[k] for k in sorted(c)}, SHARDS_KEY: sorted(written[s])}
             for s, c in per_class.items()
         },
         "skipped": skipped,
         "skipped_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
         "converted": {"count": sum(converted.values()), "by_reason": dict(converted)},
-        "fingerprint": digest.hexdigest(),
+        FINGERPRINT_KEY: digest.hexdigest(),
     }
 
 
@@ -517,11 +519,9 @@ def _check_skipped(skipped: list[dict[str, str]], num_inputs: int, cfg: PrepareC
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--out", required=True, help="output folder or s3:// URI (from dvc.yaml)")
-    settings.add_settings_arguments(p, PrepareConfig, "prepare", PARAMS_FILE, example="source=imagefolder path=s3://b/images")
-    a = p.parse_args(argv)
-    cfg = PrepareConfig.from_params(settings.read_settings(a, PrepareConfig, "prepare"))
+    flags = {"--out": "output folder or s3:// URI (from dvc.yaml)"}
+    a, params = stage_arguments(argv, __doc__, flags, PrepareConfig, "prepare", "source=imagefolder path=s3://b/images")
+    cfg = PrepareConfig.from_params(params)
     run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
               lambda job: prepare(cfg, job.out))
     return 0

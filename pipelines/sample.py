@@ -19,7 +19,7 @@ from dit_core import settings
 from ray_jobs import tracking
 from ray_jobs.model_source import is_model_folder
 from ray_jobs.sample import SampleConfig, run
-from pipelines.common import PARAMS_FILE, StageIO, run_stage
+from pipelines.common import StageIO, run_stage, stage_arguments
 
 STAGE_KEYS = ("model",)   # params of this stage that are not SampleConfig fields
 
@@ -39,12 +39,9 @@ def config_from(params: dict[str, Any], model: str, out: str) -> SampleConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--trained", default=None, help="the train stage's model folder (models/dit), sampled when sample.model is null")
-    p.add_argument("--out", required=True, help="samples folder or s3:// prefix")
-    settings.add_settings_arguments(p, SampleConfig, "sample", PARAMS_FILE, skip=("output",), example="num_images=64")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, SampleConfig, "sample")
+    flags = {"--trained": "the train stage's model folder (models/dit), sampled when sample.model is null",
+             "--out": "samples folder or s3:// prefix"}
+    a, params = stage_arguments(argv, __doc__, flags, SampleConfig, "sample", "num_images=64", optional=("--trained",), skip=("output",))
     config_from(params, "unresolved", a.out)  # typed, complete and sound before any work, here and not on a cluster
 
     def core(job: argparse.Namespace) -> None:

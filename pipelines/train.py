@@ -24,8 +24,7 @@ import os
 import sys
 from typing import Any
 
-from dit_core import settings
-from pipelines.common import PARAMS_FILE, StageIO, in_store, run_stage, store_root
+from pipelines.common import StageIO, in_store, run_stage, stage_arguments, store_root
 from ray_jobs import storage, tracking
 from ray_jobs.model_source import save_trained_model
 from ray_jobs.train import TrainConfig, config_from, train
@@ -63,14 +62,11 @@ def train_and_report(latents: str, params: dict[str, Any], metrics_path: str, mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--latents", required=True, help="latents folder or s3:// URI")
-    p.add_argument("--metrics", required=True, help="metrics JSON")
-    p.add_argument("--out", required=True, help="the model folder to write (models/dit), local or s3://")
-    p.add_argument("--plots", default=None, help="per-step CSV (step, loss, lr, ...) for `dvc plots show`")
-    settings.add_settings_arguments(p, TrainConfig, "train", PARAMS_FILE, skip=("latents",), example="steps=100 lr=1e-3")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, TrainConfig, "train")
+    flags = {"--latents": "latents folder or s3:// URI",
+             "--metrics": "metrics JSON",
+             "--out": "the model folder to write (models/dit), local or s3://",
+             "--plots": "per-step CSV (step, loss, lr, ...) for `dvc plots show`"}
+    a, params = stage_arguments(argv, __doc__, flags, TrainConfig, "train", "steps=100 lr=1e-3", optional=("--plots",), skip=("latents",))
     root = store_root(a.params)
     checkpoints = str(params.get("storage_path", "checkpoints"))
     if root:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from dit_core.autoencoders import (
-    RECORD,
     Autoencoder,
     SmallAutoencoderConfig,
     TrainConfig,
@@ -36,7 +35,8 @@ from dit_core.autoencoders import (
     train_small_autoencoder,
 )
 from dit_core import settings
-from pipelines.common import PARAMS_FILE, StageIO, load_images, read_manifest, run_stage
+from dit_core.contract import AUTOENCODER_RECORD_FILE, COUNT_KEY, IMAGE_SIZE_KEY, SPLITS_KEY
+from pipelines.common import StageIO, load_images, read_manifest, run_stage, stage_arguments
 from ray_jobs import storage
 
 SMALL_ID = "small-kl-f{downsample}c{channels}"  # the trained autoencoder's id, e.g. small-kl-f2c4
@@ -93,7 +93,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
     """The pure core of the stage: train or import, then measure on (a subset of) the val split."""
     params = asdict(settings.build(AutoencoderSettings, params, "train_autoencoder"))
     manifest = read_manifest(prepared)
-    image_size = int(manifest["image_size"])
+    image_size = int(manifest[IMAGE_SIZE_KEY])
     seed, eval_batch, eval_images = int(params["seed"]), int(params["eval_batch_size"]), int(params["eval_max_images"])
     train_images: torch.Tensor | None = None
     if params["pretrained"]:
@@ -124,7 +124,7 @@ def build_autoencoder(prepared: str, params: dict[str, Any], log: Callable[[str]
         train_images = load_images(prepared, manifest, "train", int(params["max_images"]), seed)
     ae.record.scale_factor = resolve_scale(ae, params["scale_factor"], train_images, eval_batch)
     ae.record.image_size = image_size
-    if manifest["splits"]["val"]["count"]:
+    if manifest[SPLITS_KEY]["val"][COUNT_KEY]:
         val = load_images(prepared, manifest, "val", eval_images, seed)
         quality = reconstruction_quality(ae, val, eval_batch)
         metrics["val_reconstruction_mse"] = quality.pop("mse")
@@ -158,23 +158,19 @@ def write_version(ae: Autoencoder, staging: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "autoencoder")
         save_autoencoder(ae, local)
-        record = (local / RECORD).read_bytes()
-        (local / RECORD).unlink()
+        record = (local / AUTOENCODER_RECORD_FILE).read_bytes()
+        (local / AUTOENCODER_RECORD_FILE).unlink()
         storage.upload_folder(local, staging)
-        storage.write_bytes(storage.join(staging, RECORD), record)
+        storage.write_bytes(storage.join(staging, AUTOENCODER_RECORD_FILE), record)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
-    p.add_argument("--out", required=True, help="autoencoder folder or s3:// URI")
-    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    settings.add_settings_arguments(p, AutoencoderSettings, "train_autoencoder", PARAMS_FILE, example="steps=200")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
+    flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "autoencoder folder or s3:// URI",
+             "--metrics": "JSON metrics file (local)"}
+    a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200", optional=("--metrics",))
 
     def core(job: argparse.Namespace) -> None:
-        with storage.publishing(job.out, RECORD) as staging:  # before training: a killed run leaves only this
+        with storage.publishing(job.out, AUTOENCODER_RECORD_FILE) as staging:  # before training: a killed run leaves only this
             ae, metrics = build_autoencoder(job.prepared, params)
             write_version(ae, staging)
         if job.metrics:

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from dit_core import settings
-from dit_core.classifier import CONFIG_FILE, ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.classifier import ClassifierConfig, ClassifierTrainConfig, accuracy, save_classifier, train_classifier
+from dit_core.contract import (CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, COUNT_KEY, FINGERPRINT_KEY, IMAGE_COLUMN,
+                               IMAGE_SIZE_KEY, LABEL_COLUMN, NUM_CLASSES_KEY, SPLITS_KEY)
 from dit_core.data import pngs_to_batch
-from pipelines.common import PARAMS_FILE, StageIO, read_manifest, read_split, run_stage
+from pipelines.common import StageIO, read_manifest, read_split, run_stage, stage_arguments
 from ray_jobs import storage
 
 
@@ -41,17 +43,18 @@ class ClassifierSettings:
 
 def load_labelled(prepared: str, manifest: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) images in [-1, 1] and their int64 labels."""
-    table = read_split(prepared, manifest, split, ["image", "label"])
-    return pngs_to_batch(table.column("image").to_pylist()), torch.from_numpy(table.column("label").to_numpy().astype("int64"))
+    table = read_split(prepared, manifest, split, [IMAGE_COLUMN, LABEL_COLUMN])
+    labels = table.column(LABEL_COLUMN).to_numpy().astype("int64")
+    return pngs_to_batch(table.column(IMAGE_COLUMN).to_pylist()), torch.from_numpy(labels)
 
 
 def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The stage's core: train on the train split, measure on the val split."""
     params = asdict(settings.build(ClassifierSettings, params, "train_classifier"))
     manifest = read_manifest(prepared)
-    if not manifest["splits"]["val"]["count"]:
+    if not manifest[SPLITS_KEY]["val"][COUNT_KEY]:
         raise ValueError(f"{prepared} has no val split: the classifier's accuracy needs one; set prepare.val_fraction > 0")
-    config = ClassifierConfig(num_classes=int(manifest["num_classes"]), image_size=int(manifest["image_size"]),
+    config = ClassifierConfig(num_classes=int(manifest[NUM_CLASSES_KEY]), image_size=int(manifest[IMAGE_SIZE_KEY]),
                               width=int(params["width"]), feature_dim=int(params["feature_dim"]),
                               architecture=str(params["architecture"]))   # refused here, before the data is read
     x_train, y_train = load_labelled(prepared, manifest, "train")
@@ -65,7 +68,7 @@ def build_classifier(prepared: str, params: dict[str, Any]) -> tuple[Any, dict[s
         "val_accuracy": accuracy(model, x_val, y_val),
         "num_train": len(y_train),
         "num_val": len(y_val),
-        "input_fingerprint": manifest["fingerprint"],
+        "input_fingerprint": manifest[FINGERPRINT_KEY],
     }
     return model, metrics
 
@@ -76,19 +79,15 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "classifier")
         save_classifier(model, local, extra={"metrics": metrics})
-        with storage.publishing(out, CONFIG_FILE) as staging:
-            for name in ("classifier.pt", CONFIG_FILE):  # the record last
+        with storage.publishing(out, CLASSIFIER_CONFIG_FILE) as staging:
+            for name in (CLASSIFIER_WEIGHTS_FILE, CLASSIFIER_CONFIG_FILE):  # the record last
                 storage.write_bytes(storage.join(staging, name), (local / name).read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = settings.command_parser(__doc__)
-    p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
-    p.add_argument("--out", required=True, help="classifier folder or s3:// URI")
-    p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
-    settings.add_settings_arguments(p, ClassifierSettings, "train_classifier", PARAMS_FILE, example="epochs=5")
-    a = p.parse_args(argv)
-    params = settings.read_settings(a, ClassifierSettings, "train_classifier")
+    flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "classifier folder or s3:// URI",
+             "--metrics": "JSON metrics file (local)"}
+    a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5", optional=("--metrics",))
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)

@@ -19,12 +19,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from . import storage
+from dit_core.contract import CHECKPOINT_STATE_FILE, FINGERPRINT_KEY, TRAIN_ATTEMPTS_FILE, TRAIN_HISTORY_FILE, TRAIN_IDENTITY_FILE
 
-IDENTITY_FILE = "train_identity.json"   # beside a run's checkpoints: the settings it was started with
-STATE_FILE = "state.pt"                 # inside each checkpoint directory
-HISTORY_FILE = "history.json"           # beside it: every logged row so far (step, loss, ...)
-ATTEMPTS_FILE = "attempts.json"         # and the steps each attempt (start, resume, restart) executed
+from . import storage
 
 
 class TrainConfig(Protocol):
@@ -54,7 +51,7 @@ def default_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
     """``<registered_model>-<hash>`` of the run's identity, its data and its step count."""
     # the step count too: `dvc exp run -S train.steps=300` is a run of its own, not a resume of the
     # 1,500-step one (an explicit train.name continues a run with more steps)
-    digest = hashlib.sha256(json.dumps([cfg.identity(), stats["fingerprint"], cfg.steps], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps([cfg.identity(), stats[FINGERPRINT_KEY], cfg.steps], sort_keys=True, default=str).encode())
     return f"{cfg.registered_model}-{digest.hexdigest()[:10]}"
 
 
@@ -81,7 +78,7 @@ def check_identity(cfg: TrainConfig, name: str, fingerprint: str, layout: str) -
     """Record the run's weight-deciding settings, data and data layout at its first start; refuse
     (here, on the driver: the workers would fail the same way on every restart) to resume it with
     other settings, on other data or on the same data laid out otherwise."""
-    uri = storage.join(cfg.storage_path, name, IDENTITY_FILE)
+    uri = storage.join(cfg.storage_path, name, TRAIN_IDENTITY_FILE)
     current = identity_record(cfg) | {"data_fingerprint": fingerprint}
     if not storage.exists(uri):
         storage.write_json(uri, current | {"data_layout": layout})
@@ -100,21 +97,21 @@ def check_identity(cfg: TrainConfig, name: str, fingerprint: str, layout: str) -
 
 def write_checkpoint(folder: str, state: dict[str, Any], history: list[dict[str, Any]], attempts: list[dict[str, int]]) -> None:
     """One checkpoint's files in ``folder`` (a local directory Ray Train then uploads)."""
-    torch.save(state, os.path.join(folder, STATE_FILE))
-    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
+    torch.save(state, os.path.join(folder, CHECKPOINT_STATE_FILE))
+    with open(os.path.join(folder, TRAIN_HISTORY_FILE), "w") as f:
         json.dump(history, f)
-    with open(os.path.join(folder, ATTEMPTS_FILE), "w") as f:
+    with open(os.path.join(folder, TRAIN_ATTEMPTS_FILE), "w") as f:
         json.dump(attempts, f)
 
 
 def read_checkpoint(folder: str) -> dict[str, Any]:
     """``state.pt`` of a local checkpoint directory, with its ``history`` and ``attempts``."""
     try:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(folder, CHECKPOINT_STATE_FILE), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt file: say which, do not start over silently
-        raise ValueError(f"checkpoint {folder}/{STATE_FILE} cannot be read ({type(e).__name__}: {e}); delete that checkpoint "
+        raise ValueError(f"checkpoint {folder}/{CHECKPOINT_STATE_FILE} cannot be read ({type(e).__name__}: {e}); delete that checkpoint "
                          "folder to resume from the one before, or use a new train.name") from e
-    for name, key in ((HISTORY_FILE, "history"), (ATTEMPTS_FILE, "attempts")):
+    for name, key in ((TRAIN_HISTORY_FILE, "history"), (TRAIN_ATTEMPTS_FILE, "attempts")):
         path = os.path.join(folder, name)
         state[key] = json.loads(Path(path).read_text()) if os.path.exists(path) else []
     return state
@@ -135,7 +132,7 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, fingerprint: str, l
 
 def run_records(checkpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
     """(history, attempts) beside a checkpoint (local or s3://); empty where one is missing."""
-    history_uri, attempts_uri = storage.join(checkpoint, HISTORY_FILE), storage.join(checkpoint, ATTEMPTS_FILE)
+    history_uri, attempts_uri = storage.join(checkpoint, TRAIN_HISTORY_FILE), storage.join(checkpoint, TRAIN_ATTEMPTS_FILE)
     return (storage.read_json(history_uri) if storage.exists(history_uri) else [],
             storage.read_json(attempts_uri) if storage.exists(attempts_uri) else [])
 
@@ -145,6 +142,5 @@ def checkpoint_uri(path: str, storage_path: str) -> str:
     return f"s3://{path}" if storage.is_s3(storage_path) and not path.startswith("s3://") else path
 
 
-__all__ = ["ATTEMPTS_FILE", "HISTORY_FILE", "IDENTITY_FILE", "STATE_FILE", "check_identity", "check_resumable",
-           "checkpoint_uri", "default_name", "identity_record", "layout_digest", "read_checkpoint", "run_records",
-           "write_checkpoint"]
+__all__ = ["check_identity", "check_resumable", "checkpoint_uri", "default_name", "identity_record", "layout_digest",
+           "read_checkpoint", "run_records", "write_checkpoint"]

@@ -16,6 +16,7 @@ then ``stats.json``, which names the views it holds. Published atomically
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -31,15 +32,16 @@ import pyarrow.parquet as pq
 import torch
 
 from dit_core import settings
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD, Autoencoder, load_autoencoder
+from dit_core.autoencoders import Autoencoder, load_autoencoder
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CLASS_NAMES_KEY, COUNTS_KEY, COUNT_KEY, DATASET_KEY,
+                               FINGERPRINT_KEY, IMAGE_COLUMN, IMAGE_SIZE_KEY, KEY_COLUMN, LABEL_COLUMN, LATENT_SHAPE_KEY,
+                               LATENT_STATS_FILE, LATENT_VIEWS, MANIFEST_FILE, NUM_CLASSES_KEY, SCALE_FACTOR_KEY, SHARDS_KEY,
+                               SPLITS_KEY, VIEWS_KEY)
 from dit_core.data import pngs_to_batch
-from dit_core.training import LATENT_VIEWS
 
 from . import runtime, storage
 from .runtime import init_ray, use_assigned_cpus
 
-MANIFEST = "manifest.json"
-STATS = "stats.json"
 SPLITS = ("train", "val")
 MODES = ("posterior", "sample")
 
@@ -121,12 +123,12 @@ class EncodeBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Rows of prepared shards (with their file ``path``) -> latent rows with their ``split``."""
-        keys = batch.column("key").to_pylist()
-        x = pngs_to_batch(batch.column("image").to_pylist())
+        keys = batch.column(KEY_COLUMN).to_pylist()
+        x = pngs_to_batch(batch.column(IMAGE_COLUMN).to_pylist())
         arrays = self._views(x, keys)
         columns = {name: _list_array(a) for name, a in zip(latent_columns(self.views), arrays, strict=True)}
-        columns["label"] = batch.column("label").cast(pa.int32())
-        columns["key"] = batch.column("key")
+        columns[LABEL_COLUMN] = batch.column(LABEL_COLUMN).cast(pa.int32())
+        columns[KEY_COLUMN] = batch.column(KEY_COLUMN)
         # prepared shards live at <prepared>/<split>/part-NNNNN.parquet
         columns["split"] = pa.array([p.rsplit("/", 2)[-2] for p in batch.column("path").to_pylist()], pa.string())
         return pa.table(columns)
@@ -172,7 +174,7 @@ def encode_splits(cfg: EncodeConfig, ae_ref: Any, prepared_folder: str, shards: 
     options = ray.data.DataContext.get_current().execution_options
     before, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"], include_paths=True)
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=[IMAGE_COLUMN, LABEL_COLUMN, KEY_COLUMN], include_paths=True)
     finally:
         options.preserve_order = before
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
@@ -216,19 +218,19 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
         counts[split] = 0
         for f in files:
             fs, path = storage.resolve(f)
-            table = pq.read_table(path, filesystem=fs, columns=[*columns, "label", "key"])
+            table = pq.read_table(path, filesystem=fs, columns=[*columns, LABEL_COLUMN, KEY_COLUMN])
             counts[split] += table.num_rows
             flat = {c: table.column(c).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1) for c in columns}
             for c in columns:
                 if flat[c].shape[1] != int(np.prod(latent_shape)):
                     raise ValueError(f"{f}: column {c} has {flat[c].shape[1]} values per row, expected {latent_shape}")
             if split == "train":
-                m = flat["mean"].reshape(table.num_rows, channels, -1).astype(np.float64)
+                m = flat[LATENT_VIEWS["image"][0]].reshape(table.num_rows, channels, -1).astype(np.float64)
                 total += m.sum(axis=(0, 2))
                 total_sq += (m ** 2).sum(axis=(0, 2))
                 n += m.shape[0] * m.shape[2]
-            labels = table.column("label").to_pylist()
-            for i, key in enumerate(table.column("key").to_pylist()):
+            labels = table.column(LABEL_COLUMN).to_pylist()
+            for i, key in enumerate(table.column(KEY_COLUMN).to_pylist()):
                 h = hashlib.sha256(f"{split}\t{key}\t{labels[i]}\t".encode())
                 for c in columns:
                     h.update(flat[c][i].tobytes())
@@ -236,7 +238,7 @@ def latent_stats(splits: dict[str, list[str]], latent_shape: tuple[int, int, int
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 0))
     content = hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
-    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "counts": counts, "content_sha256": content}
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), COUNTS_KEY: counts, "content_sha256": content}
 
 
 def latents_fingerprint(input_fingerprint: str, ae: Autoencoder, cfg: EncodeConfig) -> str:
@@ -273,45 +275,45 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     cfg.validate()
     if storage.is_s3(cfg.output):  # a missing bucket or refused credentials: now, not after the encoding
         storage.check_writable(cfg.output)
-    manifest_uri = storage.join(cfg.prepared, MANIFEST)
+    manifest_uri = storage.join(cfg.prepared, MANIFEST_FILE)
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(f"{manifest_uri} not found: {cfg.prepared} is not a complete prepared data set; run prepare")
     manifest = storage.read_json(manifest_uri)
-    with storage.local_copy(cfg.autoencoder, AUTOENCODER_RECORD) as path:
+    with storage.local_copy(cfg.autoencoder, AUTOENCODER_RECORD_FILE) as path:
         ae = load_autoencoder(path)  # on the driver: the actors get it through the object store
-        ours = os.path.isfile(os.path.join(path, AUTOENCODER_RECORD))  # trained here, for one image size
-    check_autoencoder(ae, cfg.autoencoder, int(manifest["image_size"]), ours)
-    latent_shape = ae.latent_shape(int(manifest["image_size"]))
+        ours = os.path.isfile(os.path.join(path, AUTOENCODER_RECORD_FILE))  # trained here, for one image size
+    check_autoencoder(ae, cfg.autoencoder, int(manifest[IMAGE_SIZE_KEY]), ours)
+    latent_shape = ae.latent_shape(int(manifest[IMAGE_SIZE_KEY]))
     init_ray()
     runtime.require_shared({"encode input": cfg.prepared, "encode output": cfg.output}, runtime.cluster_hosts(), "the Ray cluster")
     runtime.require_persistent({"encode output": cfg.output})
     ae_ref = ray.put(ae.to("cpu"))
-    staging = storage.begin_output(cfg.output, STATS)
+    staging = storage.begin_output(cfg.output, LATENT_STATS_FILE)
     try:
-        shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+        shards = [s for split in SPLITS for s in manifest[SPLITS_KEY][split][SHARDS_KEY]]
         encode_splits(cfg, ae_ref, storage.version_folder(cfg.prepared, manifest), shards, staging,
-                      sum(int(manifest["splits"][s]["count"]) for s in SPLITS))
+                      sum(int(manifest[SPLITS_KEY][s][COUNT_KEY]) for s in SPLITS))
         written = arrange_shards(staging)
         stats = {
             "autoencoder_id": ae.id,
-            "autoencoder_path": storage.absolute(cfg.autoencoder) if os.path.exists(cfg.autoencoder) else cfg.autoencoder,
-            "scale_factor": ae.scale_factor,
-            "latent_shape": list(latent_shape),
-            "num_classes": manifest["num_classes"],
-            "class_names": manifest["class_names"],
-            "dataset": manifest.get("dataset"),
-            "input_fingerprint": manifest["fingerprint"],
+            AUTOENCODER_PATH_KEY: storage.absolute(cfg.autoencoder) if os.path.exists(cfg.autoencoder) else cfg.autoencoder,
+            SCALE_FACTOR_KEY: ae.scale_factor,
+            LATENT_SHAPE_KEY: list(latent_shape),
+            NUM_CLASSES_KEY: manifest[NUM_CLASSES_KEY],
+            CLASS_NAMES_KEY: manifest[CLASS_NAMES_KEY],
+            DATASET_KEY: manifest.get(DATASET_KEY),
+            "input_fingerprint": manifest[FINGERPRINT_KEY],
             "mode": cfg.mode,
-            "views": list(cfg.views),
-            "shards": {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
-            "fingerprint": latents_fingerprint(manifest["fingerprint"], ae, cfg),
+            VIEWS_KEY: list(cfg.views),
+            SHARDS_KEY: {s: [f[len(staging):].lstrip("/") for f in files] for s, files in written.items()},
+            FINGERPRINT_KEY: latents_fingerprint(manifest[FINGERPRINT_KEY], ae, cfg),
             **latent_stats(written, latent_shape, cfg.columns),
         }
-        expected = {s: manifest["splits"][s]["count"] for s in SPLITS}
-        if stats["counts"] != expected:
+        expected = {s: manifest[SPLITS_KEY][s][COUNT_KEY] for s in SPLITS}
+        if stats[COUNTS_KEY] != expected:
             raise RuntimeError(f"encoded {stats['counts']} rows but {cfg.prepared} holds {expected}")
-        storage.write_json(storage.join(staging, STATS), stats)  # last: completes the version
-        stats = storage.commit_output(staging, cfg.output, STATS)  # publishes it
+        storage.write_json(storage.join(staging, LATENT_STATS_FILE), stats)  # last: completes the version
+        stats = storage.commit_output(staging, cfg.output, LATENT_STATS_FILE)  # publishes it
     except BaseException:
         storage.abort_output(staging, cfg.output)
         raise
@@ -322,18 +324,24 @@ def config_from(prepared: str, autoencoder: str, output: str, params: dict[str, 
     return settings.build(EncodeConfig, {**params, "prepared": prepared, "autoencoder": autoencoder, "output": output}, "encode")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``ray job submit`` entry point; settings from ``--params`` (default: ./params.yaml if present,
-    else EncodeConfig's defaults) and ``--set`` overrides."""
-    p = settings.command_parser(__doc__)
+def command_parser(doc: str | None, params_file: str | None) -> argparse.ArgumentParser:
+    """The flags of the job and of its DVC stage (``pipelines/encode.py``, whose ``--params`` defaults
+    to ``params_file``); ``doc`` heads the ``--help``."""
+    p = settings.command_parser(doc)
     p.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI (the prepare stage's output)")
     p.add_argument("--autoencoder", required=True, help="autoencoder folder, s3:// URI or Hugging Face id (local cache)")
     p.add_argument("--out", required=True, help="latents folder or s3:// URI to write")
-    settings.add_settings_arguments(p, EncodeConfig, "encode", None, skip=("prepared", "autoencoder", "output"),
+    settings.add_settings_arguments(p, EncodeConfig, "encode", params_file, skip=("prepared", "autoencoder", "output"),
                                     example="batch_size=64")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ray job submit`` entry point; settings from ``--params`` (default: ./params.yaml if present,
+    else EncodeConfig's defaults) and ``--set`` overrides."""
+    a = command_parser(__doc__, None).parse_args(argv)
     stats = encode(config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode")))
-    print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "views", "counts")}))
+    print(json.dumps({k: stats[k] for k in ("autoencoder_id", SCALE_FACTOR_KEY, LATENT_SHAPE_KEY, VIEWS_KEY, COUNTS_KEY)}))
     return 0
 
 

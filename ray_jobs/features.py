@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dit_core.classifier import Classifier
+from dit_core.contract import IMAGE_COLUMN, LABEL_COLUMN
 from dit_core.data import pngs_to_uint8
 from dit_core.image_stats import HISTOGRAM_LEVELS, PIXEL_POOL, ColourStats, pixel_features
 from dit_core.metrics import (
@@ -83,11 +84,11 @@ def read_item(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
 
     with fs.open_input_file(path) as f:
         columns = pq.read_schema(f).names
-        table = pq.read_table(f, columns=[c for c in ("image", "label") if c in columns])
-    if "image" not in columns:
-        raise ValueError(f"{item['uri']} has no image column (columns {columns}); give sample or prepared parquet shards")
-    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64) if "label" in columns else None
-    return pngs_to_uint8(table.column("image").to_pylist()), labels
+        table = pq.read_table(f, columns=[c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in columns])
+    if IMAGE_COLUMN not in columns:
+        raise ValueError(f"{item['uri']} has no {IMAGE_COLUMN} column (columns {columns}); give sample or prepared parquet shards")
+    labels = np.asarray(table.column(LABEL_COLUMN).to_pylist(), dtype=np.int64) if LABEL_COLUMN in columns else None
+    return pngs_to_uint8(table.column(IMAGE_COLUMN).to_pylist()), labels
 
 
 def inception_cache_path(uri: str) -> Path:

@@ -34,11 +34,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dit_core.training import LATENT_VIEWS, derive_seed
+from dit_core.contract import (FINGERPRINT_KEY, LABEL_COLUMN, LATENT_SHAPE_KEY, LATENT_STATS_FILE, LATENT_VIEWS, NUM_CLASSES_KEY,
+                               SCALE_FACTOR_KEY, SHARDS_KEY, VIEWS_KEY)
+from dit_core.training import derive_seed
 
 from . import runtime, storage
 
-STATS = "stats.json"                         # the latents' record (docs/CONTRACTS.md)
 # stats.json without "views" was written before encode.flip_views existed, always with both views
 VIEWS_BEFORE_FLIP_VIEWS = ("image", "flip")
 # seeds of the two generators of an epoch (distinct streams of derive_seed)
@@ -261,7 +262,7 @@ class LatentStream:
             keep = np.flatnonzero(d >= 0)
             if not keep.size:
                 continue
-            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, "label"], use_threads=False)
+            table = self._file(unit.file).read_row_group(unit.group, columns=[*self.columns, LABEL_COLUMN], use_threads=False)
             if table.num_rows != unit.rows:
                 table = table.slice(unit.offset, unit.rows)
             where, to, flip = unit.file, d[keep], flips[d[keep]]
@@ -271,7 +272,7 @@ class LatentStream:
                     mirror = _column(table, f"{name}_flip", self.shape, where)[keep]
                     values = np.where(flip[:, None, None, None], mirror, values)
                 out[to] = values
-            labels[to] = table.column("label").to_numpy()[keep]
+            labels[to] = table.column(LABEL_COLUMN).to_numpy()[keep]
             ids[to] = unit.first_row + keep
         return Batch(mean, std, labels, ids, flips)
 
@@ -377,11 +378,11 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
-            missing = [c for c in [*columns, "label"] if c not in names]
+            missing = [c for c in [*columns, LABEL_COLUMN] if c not in names]
             if missing:
                 raise ValueError(f"latents shard {uri} has no column {missing}; stats.json lists views {list(views)} "
                                  "(docs/CONTRACTS.md); re-run the encode stage")
-            labels = pf.read(columns=["label"]).column("label").to_numpy()
+            labels = pf.read(columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy()
             bad = labels[(labels < 0) | (labels >= num_classes)]
             if bad.size:
                 raise ValueError(f"latents shard {uri} has labels {sorted(set(bad.tolist()))[:5]} outside [0, {num_classes}) "
@@ -402,14 +403,14 @@ def check_latents(files: Sequence[str], units: Sequence[Unit], shape: Sequence[i
 
 def read_stats(latents: str) -> dict[str, Any]:
     """The latents' ``stats.json``, refused (naming the fix) when missing or not of docs/CONTRACTS.md."""
-    uri = storage.join(latents, STATS)
+    uri = storage.join(latents, LATENT_STATS_FILE)
     if not storage.exists(uri):
         shipped = runtime.job_working_dir()
         hint = (f"; a Ray job gets a copy of the code ({shipped}), not the project's git-ignored data: pass the "
                 "latents as an s3:// URI (store.root) or an absolute path every node reads") if shipped else ""
         raise FileNotFoundError(f"{uri} not found: {latents} is not a complete latents folder; run the encode stage first{hint}")
     stats = storage.read_json(uri)
-    for key in ("latent_shape", "scale_factor", "num_classes", "fingerprint"):
+    for key in (LATENT_SHAPE_KEY, SCALE_FACTOR_KEY, NUM_CLASSES_KEY, FINGERPRINT_KEY):
         if key not in stats:
             raise ValueError(f"{uri} has no {key!r}; it does not follow docs/CONTRACTS.md (re-run encode)")
     views = stored_views(stats)
@@ -420,12 +421,12 @@ def read_stats(latents: str) -> dict[str, Any]:
 
 def stored_views(stats: dict[str, Any]) -> tuple[str, ...]:
     """The views the latents hold: stats.json's ``views``, or both for latents written before it existed."""
-    return tuple(stats.get("views", VIEWS_BEFORE_FLIP_VIEWS))
+    return tuple(stats.get(VIEWS_KEY, VIEWS_BEFORE_FLIP_VIEWS))
 
 
 def train_shards(latents: str, stats: dict[str, Any]) -> list[str]:
     """The URIs of the train split's shards, in the order of the published version stats.json names."""
-    names = (stats.get("shards") or {}).get("train")
+    names = (stats.get(SHARDS_KEY) or {}).get("train")
     folder = storage.version_folder(latents, stats)  # the published version stats.json names
     files = [storage.join(folder, n) for n in names] if names else storage.list_files(storage.join(folder, "train"), ".parquet")
     if not files:
@@ -440,9 +441,9 @@ def check_data(latents: str, stats: dict[str, Any]) -> list[Any]:
     units = scan_units(files)
     if not units:
         raise ValueError(f"the train shards under {latents} hold no rows; re-run the encode stage")
-    check_latents(files, units, stats["latent_shape"], int(stats["num_classes"]), stored_views(stats))
+    check_latents(files, units, stats[LATENT_SHAPE_KEY], int(stats[NUM_CLASSES_KEY]), stored_views(stats))
     return units
 
 
-__all__ = ["Batch", "LatentStream", "STATS", "StreamPlan", "Unit", "check_data", "check_latents", "plan_stream", "read_stats",
+__all__ = ["Batch", "LatentStream", "StreamPlan", "Unit", "check_data", "check_latents", "plan_stream", "read_stats",
            "scan_units", "split_units", "stored_views", "train_shards"]

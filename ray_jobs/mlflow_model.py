@@ -30,12 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dit_core.contract import (CLASS_LABEL_COLUMN, CLASS_NAMES_KEY, IMAGE_COLUMN, MODEL_AUTOENCODER_DIR, MODEL_BUNDLE_ARTIFACT,
+                               MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, SCALE_FACTOR_KEY, SEED_COLUMN)
 from dit_core.models import DiT, DiTConfig, check_state_dict
 
-BUNDLE = "bundle"                      # the pyfunc artifact: the bundle folder
-CONFIG_FILE = "dit.json"
-WEIGHTS_FILE = "dit.safetensors"
-AUTOENCODER_DIR = "autoencoder"
 FORMAT = 1                             # dit.json's "format"; a reader refuses others
 SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "eta", "guided_channels", "cache_interval")
 ROW_SETTINGS = ("num_steps", "guidance_scale", "sampler")  # per-row overrides of the sampling defaults
@@ -67,7 +65,7 @@ class BundleContents:
 
     @property
     def autoencoder_dir(self) -> Path | None:
-        return self.folder / AUTOENCODER_DIR if self.config.get("autoencoder") else None
+        return self.folder / MODEL_AUTOENCODER_DIR if self.config.get("autoencoder") else None
 
     def build_model(self) -> DiT:
         model = DiT(DiTConfig(**self.model_config))
@@ -90,9 +88,9 @@ def write_bundle(folder: str | Path, model: DiT, model_info: Mapping[str, Any], 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
+    save_file(state, str(folder / MODEL_WEIGHTS_FILE))
     if autoencoder_dir is not None:
-        shutil.copytree(autoencoder_dir, folder / AUTOENCODER_DIR)
+        shutil.copytree(autoencoder_dir, folder / MODEL_AUTOENCODER_DIR)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     config = {
         "format": FORMAT,
@@ -100,15 +98,15 @@ def write_bundle(folder: str | Path, model: DiT, model_info: Mapping[str, Any], 
         "diffusion": dict(model_info.get("diffusion") or {}),
         "latents": dict(model_info.get("latents") or {}),
         "sampling": {k: sampling[k] for k in SAMPLING_KEYS if k in sampling},
-        "autoencoder": AUTOENCODER_DIR if autoencoder_dir is not None else None,
+        "autoencoder": MODEL_AUTOENCODER_DIR if autoencoder_dir is not None else None,
         "files": files,
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
 def _part(rel: str) -> str:
-    return "the autoencoder" if rel.startswith(AUTOENCODER_DIR + "/") else "the weights" if rel == WEIGHTS_FILE else rel
+    return "the autoencoder" if rel.startswith(MODEL_AUTOENCODER_DIR + "/") else "the weights" if rel == MODEL_WEIGHTS_FILE else rel
 
 
 def read_bundle(folder: str | Path) -> BundleContents:
@@ -117,9 +115,9 @@ def read_bundle(folder: str | Path) -> BundleContents:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config_path = folder / CONFIG_FILE
+    config_path = folder / MODEL_CONFIG_FILE
     if not config_path.is_file():
-        raise BrokenBundle(f"model bundle {folder} has no {CONFIG_FILE}: it is not a DiT bundle, or an incomplete copy; "
+        raise BrokenBundle(f"model bundle {folder} has no {MODEL_CONFIG_FILE}: it is not a DiT bundle, or an incomplete copy; "
                            "register the model again (ray_jobs.tracking.log_model)")
     config = json.loads(config_path.read_text())
     if config.get("format") != FORMAT:
@@ -134,19 +132,19 @@ def read_bundle(folder: str | Path) -> BundleContents:
             raise BrokenBundle(f"model bundle {folder}: {rel} ({_part(rel)}) has {path.stat().st_size} bytes, "
                                f"not the {size} recorded; the file is damaged or replaced: register the model again")
     try:
-        state_dict = load_file(str(folder / WEIGHTS_FILE))
+        state_dict = load_file(str(folder / MODEL_WEIGHTS_FILE))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same broken part
-        raise BrokenBundle(f"model bundle {folder}: the weights {WEIGHTS_FILE} are not readable safetensors ({e})") from e
+        raise BrokenBundle(f"model bundle {folder}: the weights {MODEL_WEIGHTS_FILE} are not readable safetensors ({e})") from e
     try:
         model_config = DiTConfig(**config["model_config"])
     except (KeyError, TypeError) as e:
-        raise BrokenBundle(f"model bundle {folder}: {CONFIG_FILE}'s model_config is not a DiTConfig ({e})") from e
+        raise BrokenBundle(f"model bundle {folder}: {MODEL_CONFIG_FILE}'s model_config is not a DiTConfig ({e})") from e
     with torch.device("meta"):  # shapes only: no memory for a second copy of the weights
         skeleton = DiT(model_config)
     try:
-        check_state_dict(skeleton, state_dict, source=f"the weights {WEIGHTS_FILE}")
+        check_state_dict(skeleton, state_dict, source=f"the weights {MODEL_WEIGHTS_FILE}")
     except ValueError as e:
-        raise BrokenBundle(f"model bundle {folder}: {e} (recorded in {CONFIG_FILE}); the weights belong to another "
+        raise BrokenBundle(f"model bundle {folder}: {e} (recorded in {MODEL_CONFIG_FILE}); the weights belong to another "
                            "model: register the model again") from e
     return BundleContents(folder=folder, config=config, state_dict=state_dict)
 
@@ -163,10 +161,10 @@ def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
             f"{contents.latents.get('autoencoder_path')!r}, which was not found when the model was registered), so it "
             "cannot decode images; sample it with --autoencoder FOLDER, or register it again where the autoencoder is found")
     try:
-        return load_fitting_autoencoder(folder, DiTConfig(**contents.model_config), contents.latents.get("scale_factor"),
-                                        name=f"{AUTOENCODER_DIR}/")
+        return load_fitting_autoencoder(folder, DiTConfig(**contents.model_config), contents.latents.get(SCALE_FACTOR_KEY),
+                                        name=f"{MODEL_AUTOENCODER_DIR}/")
     except FileNotFoundError as e:
-        raise BrokenBundle(f"model bundle {contents.folder}: the autoencoder ({AUTOENCODER_DIR}/) does not load: {e}") from e
+        raise BrokenBundle(f"model bundle {contents.folder}: the autoencoder ({MODEL_AUTOENCODER_DIR}/) does not load: {e}") from e
     except ValueError as e:
         raise BrokenBundle(f"model bundle {contents.folder}: {e}; the bundle mixes parts of two models: register it again") from e
 
@@ -219,13 +217,13 @@ def signature() -> Any:
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema([
-        ColSpec(AnyType(), "class_label"),               # a class id, or a class name
-        ColSpec("long", "seed"),
+        ColSpec(AnyType(), CLASS_LABEL_COLUMN),          # a class id, or a class name
+        ColSpec("long", SEED_COLUMN),
         ColSpec(AnyType(), "num_steps", required=False),  # Any: absent in some rows of a batch (null)
         ColSpec(AnyType(), "guidance_scale", required=False),
         ColSpec(AnyType(), "sampler", required=False),
     ])
-    outputs = Schema([ColSpec("binary", "image"), ColSpec("long", "class_label"), ColSpec("long", "seed")])
+    outputs = Schema([ColSpec("binary", IMAGE_COLUMN), ColSpec("long", CLASS_LABEL_COLUMN), ColSpec("long", SEED_COLUMN)])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -236,8 +234,8 @@ def input_example(num_classes: int, diffusion: Mapping[str, Any] | None = None) 
 
     other = SAMPLERS_BY_OBJECTIVE[objective_name(diffusion)][1]   # ddim (eps models), heun (flow models)
     return pd.DataFrame([
-        {"class_label": 0, "seed": 0, "num_steps": None, "guidance_scale": None, "sampler": None},
-        {"class_label": min(1, num_classes - 1), "seed": 1, "num_steps": 2, "guidance_scale": 1.5, "sampler": other},
+        {CLASS_LABEL_COLUMN: 0, SEED_COLUMN: 0, "num_steps": None, "guidance_scale": None, "sampler": None},
+        {CLASS_LABEL_COLUMN: min(1, num_classes - 1), SEED_COLUMN: 1, "num_steps": 2, "guidance_scale": 1.5, "sampler": other},
     ])
 
 
@@ -249,10 +247,10 @@ class DiTImageGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from dit_core.pipeline import ImagePipeline
 
-        contents = read_bundle(context.artifacts[BUNDLE])
+        contents = read_bundle(context.artifacts[MODEL_BUNDLE_ARTIFACT])
         autoencoder, scale = load_bundle_autoencoder(contents)
         self.sampling = contents.sampling
-        self.class_names = [str(n) for n in contents.latents.get("class_names") or []]
+        self.class_names = [str(n) for n in contents.latents.get(CLASS_NAMES_KEY) or []]
         self.pipeline = ImagePipeline(contents.build_model(), autoencoder, scale, contents.config.get("diffusion"))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -260,15 +258,15 @@ class DiTImageGenerator(mlflow.pyfunc.PythonModel):
         from dit_core.pipeline import SamplingSettings
 
         rows = pd.DataFrame(model_input).to_dict("records")
-        for column in ("class_label", "seed"):
+        for column in (CLASS_LABEL_COLUMN, SEED_COLUMN):
             if rows and column not in rows[0]:
                 raise ValueError(f"input rows lack the column {column!r}; give class_label and seed in every row")
-        labels = [resolve_label(r["class_label"], self.class_names, self.pipeline.num_classes) for r in rows]
+        labels = [resolve_label(r[CLASS_LABEL_COLUMN], self.class_names, self.pipeline.num_classes) for r in rows]
         seeds = []
         for r in rows:
-            if not _given(r["seed"]) or not float(r["seed"]).is_integer():
-                raise ValueError(f"seed {r['seed']!r} is not an integer; give every row an integer seed >= 0")
-            seeds.append(int(r["seed"]))
+            if not _given(r[SEED_COLUMN]) or not float(r[SEED_COLUMN]).is_integer():
+                raise ValueError(f"seed {r[SEED_COLUMN]!r} is not an integer; give every row an integer seed >= 0")
+            seeds.append(int(r[SEED_COLUMN]))
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):  # rows with the same settings share batches
             groups.setdefault(tuple(sorted(row_settings(r, self.sampling).items())), []).append(i)
@@ -278,7 +276,7 @@ class DiTImageGenerator(mlflow.pyfunc.PythonModel):
             out = self.pipeline.generate([labels[i] for i in idx], [seeds[i] for i in idx], settings, self.batch_size)
             for i, image in zip(idx, out):
                 images[i] = png_bytes(image)
-        return pd.DataFrame({"image": images, "class_label": np.asarray(labels, np.int64), "seed": np.asarray(seeds, np.int64)})
+        return pd.DataFrame({IMAGE_COLUMN: images, CLASS_LABEL_COLUMN: np.asarray(labels, np.int64), SEED_COLUMN: np.asarray(seeds, np.int64)})
 
 
 if __name__ != "ray_jobs.mlflow_model":
@@ -288,10 +286,6 @@ if __name__ != "ray_jobs.mlflow_model":
 
 
 __all__ = [
-    "AUTOENCODER_DIR",
-    "BUNDLE",
-    "CONFIG_FILE",
-    "WEIGHTS_FILE",
     "BrokenBundle",
     "BundleContents",
     "DiTImageGenerator",

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, CHECKPOINT_STATE_FILE, MODEL_BUNDLE_ARTIFACT,
+                               MODEL_CONFIG_FILE, MODEL_INFO_ARTIFACT, SCALE_FACTOR_KEY, TRAINED_RECORD_FILE)
 from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict, extract_state_dict, preset_name
+from dit_core.pipeline import load_fitting_autoencoder
 
 from . import storage, tracking
-
-from .tracking import MODEL_INFO_PATH  # in the MLflow run of a registered model
-from .checkpoints import STATE_FILE    # inside our checkpoint directories (docs/CONTRACTS.md)
 
 
 @dataclass
@@ -83,11 +83,11 @@ def _torch_load_bytes(data: bytes, source: str) -> Any:
 def _from_checkpoint(uri: str, num_heads: int | None = None) -> ModelBundle:
     target = uri
     if not uri.endswith(".pt") and not uri.endswith(".pth"):
-        target = storage.join(uri, STATE_FILE)
+        target = storage.join(uri, CHECKPOINT_STATE_FILE)
     if not storage.exists(target):
         raise FileNotFoundError(
             f"model {uri!r} not found: expected an MLflow URI (models:/name/version, models:/name@alias, "
-            f"runs:/id/model), a checkpoint directory holding {STATE_FILE}, or a .pt file"
+            f"runs:/id/model), a checkpoint directory holding {CHECKPOINT_STATE_FILE}, or a .pt file"
         )
     obj = _torch_load_bytes(storage.read_bytes(target), target)
     sd = extract_state_dict(obj, prefer="ema")
@@ -127,10 +127,9 @@ def _bundle_folder(model_dir: str) -> str | None:
     for a model registered before the bundle existed (a pickled ``mlflow.pytorch`` model)."""
     from mlflow.models import Model
 
-    from .mlflow_model import BUNDLE
 
     pyfunc = Model.load(model_dir).flavors.get("python_function", {})
-    artifact = (pyfunc.get("artifacts") or {}).get(BUNDLE)
+    artifact = (pyfunc.get("artifacts") or {}).get(MODEL_BUNDLE_ARTIFACT)
     return os.path.join(model_dir, artifact["path"]) if artifact else None
 
 
@@ -173,7 +172,7 @@ def _from_mlflow(uri: str) -> ModelBundle:
     contents = read_bundle(folder)
     latents = contents.latents
     if contents.autoencoder_dir is not None:
-        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+        latents[AUTOENCODER_PATH_KEY] = str(contents.autoencoder_dir)
     return ModelBundle(
         model_config=contents.model_config,
         state_dict=contents.state_dict,
@@ -192,7 +191,7 @@ def _from_legacy_mlflow(uri: str, model_dir: str, run_id: str, name: str | None,
     import mlflow
 
     model = mlflow.pytorch.load_model(model_dir, map_location="cpu")
-    info_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_INFO_PATH, dst_path=model_dir)
+    info_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_INFO_ARTIFACT, dst_path=model_dir)
     with open(info_path) as f:
         info = json.load(f)
     return ModelBundle(
@@ -211,15 +210,10 @@ def _from_legacy_mlflow(uri: str, model_dir: str, run_id: str, name: str | None,
 # The train stage's model folder (models/dit): the registered model's bundle, kept by DVC
 # ---------------------------------------------------------------------------------------------
 
-MODEL_RECORD = "trained.json"   # in the model folder: the training run, its MLflow run and version, the checkpoint
-
-
 def is_model_folder(uri: str) -> bool:
     """Whether ``uri`` (local, s3://, or a local pointer to the store) is a model folder."""
-    from .mlflow_model import CONFIG_FILE
-
     target = storage.located(uri)
-    return bool(target) and (storage.is_s3(target) or os.path.isdir(target)) and storage.exists(storage.join(target, CONFIG_FILE))
+    return bool(target) and (storage.is_s3(target) or os.path.isdir(target)) and storage.exists(storage.join(target, MODEL_CONFIG_FILE))
 
 
 def save_trained_model(checkpoint: str, out: str, record: dict[str, Any]) -> str:
@@ -227,15 +221,15 @@ def save_trained_model(checkpoint: str, out: str, record: dict[str, Any]) -> str
     registered pyfunc carries (``ray_jobs/mlflow_model.py``: the EMA weights as safetensors, dit.json,
     the autoencoder copied in) and ``record`` as ``trained.json``. It needs neither the checkpoint
     nor the tracking store afterwards: ``dvc push``/``dvc pull`` carry the whole model. Returns ``out``."""
-    from .mlflow_model import CONFIG_FILE, write_bundle
+    from .mlflow_model import write_bundle
 
     bundle = _from_checkpoint(checkpoint)
     info = {"model_config": bundle.model_config, "diffusion": bundle.diffusion, "latents": bundle.latents}
     with tempfile.TemporaryDirectory(prefix="dit-model-") as tmp, \
-            tracking.autoencoder_folder(bundle.latents.get("autoencoder_path")) as ae_dir:
+            tracking.autoencoder_folder(bundle.latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
         folder = write_bundle(os.path.join(tmp, "model"), bundle.build_model(), info, tracking.sampling_defaults(), ae_dir)
-        storage.write_json(str(folder / MODEL_RECORD), record)
-        storage.publish_folder(folder, out, last=CONFIG_FILE)
+        storage.write_json(str(folder / TRAINED_RECORD_FILE), record)
+        storage.publish_folder(folder, out, last=MODEL_CONFIG_FILE)
     return out
 
 
@@ -248,11 +242,11 @@ def _from_model_folder(uri: str) -> ModelBundle:
     # absolute: the bundle's autoencoder path must stay valid in the sample job's other working dirs
     folder = storage.download_folder(folder, _download_dir()) if storage.is_s3(folder) else os.path.abspath(folder)
     contents = read_bundle(folder)
-    record_path = os.path.join(folder, MODEL_RECORD)
+    record_path = os.path.join(folder, TRAINED_RECORD_FILE)
     record = storage.read_json(record_path) if os.path.isfile(record_path) else {}
     latents = contents.latents
     if contents.autoencoder_dir is not None:
-        latents["autoencoder_path"] = str(contents.autoencoder_dir)
+        latents[AUTOENCODER_PATH_KEY] = str(contents.autoencoder_dir)
     return ModelBundle(
         model_config=contents.model_config, state_dict=contents.state_dict,
         diffusion=dict(contents.config.get("diffusion") or {}), latents=latents, sampling=contents.sampling,
@@ -280,3 +274,18 @@ def load_bundle(uri: str, expect_preset: str | None = None, num_heads: int | Non
                 "pass the matching preset or another checkpoint"
             )
     return bundle
+
+
+def load_autoencoder_for(bundle: ModelBundle, autoencoder: str | None = None, scale_factor: float | None = None) -> tuple[Any, float]:
+    """The autoencoder ``autoencoder`` names (default: the one the model records), local or on S3,
+    and the latent scale (``scale_factor``, else the model's latent record, else the autoencoder's);
+    refused when it does not fit the model (``dit_core.pipeline.load_fitting_autoencoder``). The
+    sample job, ``dit generate`` and the benchmarks load a model's autoencoder through it."""
+    path = autoencoder or bundle.latents.get(AUTOENCODER_PATH_KEY)
+    if not path:
+        raise ValueError(
+            f"model {bundle.source!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
+            "with a diffusers AutoencoderKL folder, e.g. a local copy of stabilityai/sd-vae-ft-ema"
+        )
+    with storage.local_copy(path, AUTOENCODER_RECORD_FILE) as local:
+        return load_fitting_autoencoder(local, bundle.config, scale_factor or bundle.latents.get(SCALE_FACTOR_KEY), name=path)

@@ -29,22 +29,19 @@ import numpy as np
 import torch
 
 from dit_core import settings
-from dit_core.autoencoders import RECORD as AUTOENCODER_RECORD
+from dit_core.contract import (IMAGE_COLUMN, INDEX_COLUMN, LABEL_COLUMN, MODEL_VERSION_KEY, SAMPLES_NPZ_FILE, SAMPLE_BASELINE_DIR,
+                               SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_PARQUET_DIR, SAMPLE_PNG_DIR, SAMPLE_SUMMARY_FILE,
+                               SEED_COLUMN, WEIGHTS_SHA256_KEY)
 from dit_core.data import image_grid, png_bytes, pngs_to_uint8
 from dit_core.diffusion import check_sampler, make_objective
 from dit_core.metrics import AdmNpzWriter
-from dit_core.pipeline import CLASS_LABEL_MODES, ImagePipeline, SamplingSettings, class_labels_for, image_seed, load_fitting_autoencoder
+from dit_core.pipeline import CLASS_LABEL_MODES, ImagePipeline, SamplingSettings, class_labels_for, image_seed
 
 from . import runtime, storage
-from .model_source import ModelBundle, load_bundle
+from .model_source import ModelBundle, load_autoencoder_for, load_bundle
 from .runtime import init_ray, use_assigned_cpus
 
 FORMATS = ("png", "parquet", "npz")
-CONFIG_FILE = "sample_config.json"
-SUMMARY_FILE = "summary.json"
-NPZ_FILE = "samples.npz"
-GRID_FILE = "grid.png"
-BASELINE_DIR = "baseline"        # the untrained model's samples, the same shard layout (parquet only)
 GRID_MAX_CLASSES = 16            # grid.png has at most this many rows (classes) ...
 GRID_MAX_PER_CLASS = 32          # ... of at most this many images: its size does not grow with the run
 
@@ -117,15 +114,15 @@ def shard_name(shard: int) -> str:
 
 
 def baseline_output(output: str) -> str:
-    return storage.join(output, BASELINE_DIR)
+    return storage.join(output, SAMPLE_BASELINE_DIR)
 
 
 def shard_files(output: str, shard: int, formats: Sequence[str]) -> dict[str, str]:
     files = {}
     if "png" in formats:
-        files["png"] = storage.join(output, "png", shard_name(shard) + ".tar")
+        files["png"] = storage.join(output, SAMPLE_PNG_DIR, shard_name(shard) + ".tar")
     if "parquet" in formats or "npz" in formats:  # the npz batch is assembled from parquet shards
-        files["parquet"] = storage.join(output, "parquet", shard_name(shard) + ".parquet")
+        files["parquet"] = storage.join(output, SAMPLE_PARQUET_DIR, shard_name(shard) + ".parquet")
     return files
 
 
@@ -181,7 +178,7 @@ class ShardGenerator:
             if int(mine.sum()) != expected:
                 raise RuntimeError(f"shard {shard} arrived with {int(mine.sum())} of its {expected} rows; it is not written")
             t0 = time.perf_counter()
-            self.write_shard(kind, shard, rows["index"][mine], rows["label"][mine], rows["seed"][mine])
+            self.write_shard(kind, shard, rows[INDEX_COLUMN][mine], rows[LABEL_COLUMN][mine], rows[SEED_COLUMN][mine])
             out["kind"].append(kind)
             out["shard"].append(shard)
             out["images"].append(expected)
@@ -202,10 +199,10 @@ class ShardGenerator:
         pngs = [png_bytes(im) for im in images]
         if "parquet" in files:
             table = pa.table({
-                "index": pa.array(index, pa.int64()),
-                "label": pa.array(labels, pa.int32()),
-                "seed": pa.array(seeds.astype(np.uint64), pa.uint64()),
-                "image": pa.array(pngs, pa.binary()),
+                INDEX_COLUMN: pa.array(index, pa.int64()),
+                LABEL_COLUMN: pa.array(labels, pa.int32()),
+                SEED_COLUMN: pa.array(seeds.astype(np.uint64), pa.uint64()),
+                IMAGE_COLUMN: pa.array(pngs, pa.binary()),
             })
             buf = pa.BufferOutputStream()
             pq.write_table(table, buf)
@@ -225,22 +222,8 @@ class ShardGenerator:
 # The driver
 # ---------------------------------------------------------------------------------------------
 
-def load_autoencoder_for(bundle: ModelBundle, autoencoder: str | None = None, scale_factor: float | None = None) -> tuple[Any, float]:
-    """The autoencoder ``autoencoder`` names (default: the one the model records), local or on S3,
-    and the latent scale (``scale_factor``, else the model's latent record, else the autoencoder's);
-    refused when it does not fit the model (``dit_core.pipeline.load_fitting_autoencoder``)."""
-    path = autoencoder or bundle.latents.get("autoencoder_path")
-    if not path:
-        raise ValueError(
-            f"model {bundle.source!r} does not record its autoencoder (an official checkpoint?); pass --autoencoder "
-            "with a diffusers AutoencoderKL folder, e.g. a local copy of stabilityai/sd-vae-ft-ema"
-        )
-    with storage.local_copy(path, AUTOENCODER_RECORD) as local:
-        return load_fitting_autoencoder(local, bundle.config, scale_factor or bundle.latents.get("scale_factor"), name=path)
-
-
 def _check_resume(cfg: SampleConfig) -> None:
-    path = storage.join(cfg.output, CONFIG_FILE)
+    path = storage.join(cfg.output, SAMPLE_CONFIG_FILE)
     if storage.exists(path):
         previous = storage.read_json(path)
         if previous != json.loads(json.dumps(cfg.identity())):
@@ -267,9 +250,10 @@ def read_shard(output: str, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     import pyarrow.parquet as pq
 
     t = pq.read_table(io.BytesIO(storage.read_bytes(shard_files(output, shard, ["parquet"])["parquet"])))
-    index = np.asarray(t.column("index").to_pylist(), dtype=np.int64)
+    index = np.asarray(t.column(INDEX_COLUMN).to_pylist(), dtype=np.int64)
     order = np.argsort(index)
-    return index[order], np.asarray(t.column("label").to_pylist(), dtype=np.int64)[order], pngs_to_uint8(t.column("image").to_pylist())[order]
+    labels = np.asarray(t.column(LABEL_COLUMN).to_pylist(), dtype=np.int64)
+    return index[order], labels[order], pngs_to_uint8(t.column(IMAGE_COLUMN).to_pylist())[order]
 
 
 def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -278,11 +262,11 @@ def read_images(output: str, num_images: int | None = None) -> tuple[np.ndarray,
     import pyarrow.parquet as pq
 
     images, labels, indices = [], [], []
-    for f in storage.list_files(storage.join(output, "parquet"), suffix=".parquet"):
+    for f in storage.list_files(storage.join(output, SAMPLE_PARQUET_DIR), suffix=".parquet"):
         t = pq.read_table(io.BytesIO(storage.read_bytes(f)))
-        indices += t.column("index").to_pylist()
-        labels += t.column("label").to_pylist()
-        images.append(pngs_to_uint8(t.column("image").to_pylist()))
+        indices += t.column(INDEX_COLUMN).to_pylist()
+        labels += t.column(LABEL_COLUMN).to_pylist()
+        images.append(pngs_to_uint8(t.column(IMAGE_COLUMN).to_pylist()))
     if not images:
         raise FileNotFoundError(f"no parquet sample shards under {output}/parquet; sample with formats including parquet or npz")
     if num_images and len(indices) < num_images:
@@ -354,7 +338,7 @@ def finish(cfg: SampleConfig, labels: np.ndarray) -> list[str]:
                                    f"{expected[0]}..{expected[-1]}; delete it and re-run the sample job")
             if want_npz:
                 if writer is None:
-                    npz = storage.join(cfg.output, NPZ_FILE)
+                    npz = storage.join(cfg.output, SAMPLES_NPZ_FILE)
                     writer = AdmNpzWriter(stack.enter_context(storage.open_output(npz)), cfg.num_images, images.shape[1:])
                     written.append(npz)
                 writer.write(images, labs)
@@ -363,7 +347,7 @@ def finish(cfg: SampleConfig, labels: np.ndarray) -> list[str]:
         if writer is not None:
             writer.close()
     if builder is not None and builder.cells is not None:
-        written.append(storage.join(cfg.output, GRID_FILE))
+        written.append(storage.join(cfg.output, SAMPLE_GRID_FILE))
         storage.write_bytes(written[-1], builder.png())
     return written
 
@@ -374,9 +358,9 @@ def shard_block(cfg: SampleConfig, kind: int, shard: int, labels: np.ndarray, to
 
     idx = np.arange(shard * cfg.images_per_shard, min((shard + 1) * cfg.images_per_shard, total))
     return pa.table({
-        "index": pa.array(idx, pa.int64()),
-        "label": pa.array(labels[idx], pa.int64()),
-        "seed": pa.array([image_seed(cfg.seed, int(i)) for i in idx], pa.uint64()),
+        INDEX_COLUMN: pa.array(idx, pa.int64()),
+        LABEL_COLUMN: pa.array(labels[idx], pa.int64()),
+        SEED_COLUMN: pa.array([image_seed(cfg.seed, int(i)) for i in idx], pa.uint64()),
         "kind": pa.array(np.full(len(idx), kind), pa.int64()),
         "shard": pa.array(np.full(len(idx), shard), pa.int64()),
     })
@@ -433,8 +417,8 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         "model": bundle.source,
         "registered_model": bundle.registered_model,
         "version": bundle.version,
-        "model_version": bundle.pinned_uri,        # what was sampled: evaluate credits this, not the alias
-        "weights_sha256": bundle.weights_digest(),
+        MODEL_VERSION_KEY: bundle.pinned_uri,      # what was sampled: evaluate credits this, not the alias
+        WEIGHTS_SHA256_KEY: bundle.weights_digest(),
         "mlflow_run_id": bundle.mlflow_run_id,
         "sampler": cfg.sampler,
         "num_steps": cfg.num_steps,
@@ -442,7 +426,7 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
         * (2 if cfg.guidance_scale != 1.0 else 1),
         "guidance_scale": cfg.guidance_scale,
     }
-    storage.write_json(storage.join(cfg.output, SUMMARY_FILE), summary)
+    storage.write_json(storage.join(cfg.output, SAMPLE_SUMMARY_FILE), summary)
     return summary
 
 

@@ -17,6 +17,8 @@ from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
+from dit_core.contract import LOCATION_FILE, VERSION_KEY, VERSION_PREFIX
+
 
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
@@ -185,9 +187,6 @@ def check_writable(uri: str | os.PathLike) -> None:
 # ``version_folder`` when they hold the record already); an output written before versions existed
 # (no "version" in its record) is its own folder.
 
-VERSION_KEY = "version"
-VERSION_PREFIX = "v-"
-
 
 def version_folder(uri: str | os.PathLike, record: dict[str, Any]) -> str:
     """The folder holding the files of the output ``uri`` whose top-level record is ``record``."""
@@ -311,9 +310,6 @@ def local_copy(uri: str | os.PathLike, marker: str) -> Iterator[str]:
     folder = current(uri, marker)
     with tempfile.TemporaryDirectory() as tmp:
         yield download_folder(folder, tmp)
-
-
-LOCATION_FILE = "location.json"   # in a stage's local output folder when the output lives in the store
 
 
 def located(path: str | None) -> str | None:

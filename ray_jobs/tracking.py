@@ -19,19 +19,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from dit_core.contract import (AUTOENCODER_PATH_KEY, AUTOENCODER_RECORD_FILE, MODEL_BUNDLE_ARTIFACT, MODEL_INFO_ARTIFACT,
+                               TRACKING_ARTIFACTS_DIR, TRACKING_DB_FILE)
 from dit_core.training import flatten
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 REPO = Path(__file__).resolve().parents[1]
-DB_FILE = "mlflow.db"                  # in the workspace, when MLFLOW_TRACKING_URI is unset
-ARTIFACTS_DIR = "mlruns"               # beside a SQLite store: the artifacts of its experiments
 DVC_ROOT_ENV = "DVC_ROOT"              # DVC sets it for every stage: the project's root, and for
                                        # `dvc exp run --temp/--queue` the user's workspace, not the copy
 RUN_NAME_TAG = "dit.run_name"          # finds the MLflow run of a training again on resume
 STEP_TAG = "step"
-MODEL_INFO_PATH = "model_info/model_info.json"  # docs/CONTRACTS.md
 MAX_PARAM_CHARS = 6000                 # MLflow's limit on a param value
 _SECRET_NAME = re.compile(r"(secret|password|token|credential|access_key|session_key|^aws_)", re.IGNORECASE)
 _URI_PASSWORD = re.compile(r"(://[^:/@]+):[^@/]+@")
@@ -46,7 +45,7 @@ def workspace() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace() / DB_FILE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace() / TRACKING_DB_FILE}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -56,7 +55,7 @@ def artifact_location(uri: str) -> str | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
         return None
-    return (Path(uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR).as_uri()
+    return (Path(uri[len(prefix):]).resolve().parent / TRACKING_ARTIFACTS_DIR).as_uri()
 
 
 def registry_uri() -> str:
@@ -206,16 +205,16 @@ def log_model(
     if existing is not None:
         return existing
     latents = dict(model_info.get("latents") or {})
-    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get("autoencoder_path")) as ae_dir:
-        bundle = mlflow_model.write_bundle(Path(tmp, mlflow_model.BUNDLE), model.cpu().eval(), model_info,
+    with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
+        bundle = mlflow_model.write_bundle(Path(tmp, MODEL_BUNDLE_ARTIFACT), model.cpu().eval(), model_info,
                                            sampling_defaults(model_info.get("sampling")), ae_dir)
         num_classes = int(model_info["model_config"]["num_classes"])
         with mlflow.start_run(run_id=run_id):
-            mlflow.log_dict(dict(model_info), MODEL_INFO_PATH)
+            mlflow.log_dict(dict(model_info), MODEL_INFO_ARTIFACT)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=mlflow_model.__file__,      # models from code: no pickle
-                artifacts={mlflow_model.BUNDLE: str(bundle)},
+                artifacts={MODEL_BUNDLE_ARTIFACT: str(bundle)},
                 code_paths=_model_code(Path(tmp, "code")),
                 signature=mlflow_model.signature(),
                 # the example is predicted once at logging (MLflow's serving check): only where it can decode
@@ -251,20 +250,20 @@ def autoencoder_folder(path: str | None) -> Iterator[str | None]:
     import shutil
     import tempfile
 
-    from dit_core.autoencoders import RECORD, load_autoencoder, save_autoencoder
+    from dit_core.autoencoders import load_autoencoder, save_autoencoder
 
     from . import storage
 
     if path and storage.is_s3(path):
-        if storage.exists(storage.join(path, RECORD)):
-            with storage.local_copy(path, RECORD) as local:
+        if storage.exists(storage.join(path, AUTOENCODER_RECORD_FILE)):
+            with storage.local_copy(path, AUTOENCODER_RECORD_FILE) as local:
                 yield local
             return
     elif path:
         local = Path(path).expanduser()
         for candidate in (local, REPO / local):  # relative: to the working dir, else to the project
             if candidate.is_dir():
-                with storage.local_copy(str(candidate), RECORD) as folder:  # its published version
+                with storage.local_copy(str(candidate), AUTOENCODER_RECORD_FILE) as folder:  # its published version
                     yield folder
                 return
         tmp = tempfile.mkdtemp(prefix="dit-autoencoder-")
@@ -430,7 +429,6 @@ __all__ = [
     "FID_FEATURES_TAG",
     "FID_REFERENCE_TAG",
     "FID_TAG",
-    "MODEL_INFO_PATH",
     "alias_holder",
     "artifact_location",
     "configure_tracking",

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dit_core import settings
+from dit_core.contract import FINGERPRINT_KEY
 
 from . import runtime, storage, tracking
-from .checkpoints import (ATTEMPTS_FILE, HISTORY_FILE, IDENTITY_FILE, STATE_FILE, check_identity, checkpoint_uri,
-                          default_name, layout_digest, run_records)
-from .latent_input import STATS, VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
+from .checkpoints import check_identity, checkpoint_uri, default_name, layout_digest, run_records
+from .latent_input import VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
 from .train_config import (DATA_FIELDS, RESUMABLE_CHANGES, STRATEGIES, TrainConfig, config_from, diffusion_settings,
                            load_train_params, model_config, registered_name)
 from .train_loop import LossWindow, input_stream, micro_step, optimizer_step, param_groups, save, set_learning_rate, setup
@@ -146,7 +146,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
-    check_identity(cfg, name, stats["fingerprint"], layout_digest(units))
+    check_identity(cfg, name, stats[FINGERPRINT_KEY], layout_digest(units))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [  # the names other modules and users import from here (most now live beside it)
-    "ATTEMPTS_FILE", "DATA_FIELDS", "HISTORY_FILE", "IDENTITY_FILE", "RESULT_PREFIX", "RESUMABLE_CHANGES", "STATE_FILE",
-    "STATS", "STRATEGIES", "VIEWS_BEFORE_FLIP_VIEWS", "TrainConfig", "TrainResult", "check_batch", "check_data",
-    "check_identity", "config_from", "default_name", "diffusion_settings", "layout_digest", "load_train_params", "main",
-    "model_config", "param_groups", "read_stats", "stored_views", "train", "train_loop_per_worker", "train_shards",
+    "DATA_FIELDS", "RESULT_PREFIX", "RESUMABLE_CHANGES", "STRATEGIES", "VIEWS_BEFORE_FLIP_VIEWS", "TrainConfig", "TrainResult",
+    "check_batch", "check_data", "check_identity", "config_from", "default_name", "diffusion_settings", "layout_digest",
+    "load_train_params", "main", "model_config", "param_groups", "read_stats", "stored_views", "train", "train_loop_per_worker",
+    "train_shards",
 ]
 
 

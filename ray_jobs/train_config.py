@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dit_core import settings
+from dit_core.contract import DATASET_KEY, LATENT_SHAPE_KEY, LATENT_STATS_FILE, NUM_CLASSES_KEY
 from dit_core.diffusion import make_objective
 from dit_core.models import DiTConfig, preset_config
 
-from .latent_input import STATS, stored_views
+from .latent_input import stored_views
 
 STRATEGIES = ("ddp", "fsdp")
 # DiTConfig fields that the data decides; a preset or `model` overrides may not contradict them.
@@ -135,7 +136,7 @@ def registered_name(cfg: TrainConfig, stats: dict[str, Any]) -> str:
     the name was recorded: ``dit-data-<first 8 of their input fingerprint>``."""
     if cfg.registered_model:
         return cfg.registered_model
-    dataset = stats.get("dataset")
+    dataset = stats.get(DATASET_KEY)
     return MODEL_NAME_PREFIX + (str(dataset) if dataset else f"data-{str(stats.get('input_fingerprint', ''))[:8]}")
 
 
@@ -144,19 +145,19 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
     Also refuses settings the latents cannot serve (it runs on the driver before any work)."""
     if cfg.random_flip and "flip" not in stored_views(stats):
         raise ValueError(
-            f"train.random_flip is true but the latents in {cfg.latents} hold no flipped view ({STATS} views: "
+            f"train.random_flip is true but the latents in {cfg.latents} hold no flipped view ({LATENT_STATS_FILE} views: "
             f"{list(stored_views(stats))}); set encode.flip_views: true and re-run the encode stage, "
             "or set train.random_flip: false"
         )
-    c, h, w = stats["latent_shape"]
+    c, h, w = stats[LATENT_SHAPE_KEY]
     if h != w:
         raise ValueError(f"latents are {h}x{w}; DiT needs square latents")
-    data = {"input_size": h, "in_channels": c, "num_classes": int(stats["num_classes"])}
+    data = {"input_size": h, "in_channels": c, "num_classes": int(stats[NUM_CLASSES_KEY])}
     clash = {k: (cfg.model[k], v) for k, v in data.items() if k in cfg.model and cfg.model[k] != v}
     if clash:
         raise ValueError(
             f"train.model {', '.join(f'{k}={a}' for k, (a, _) in clash.items())} contradicts the latents "
-            f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{STATS}); remove those keys"
+            f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{LATENT_STATS_FILE}); remove those keys"
         )
     fields_ = {"class_dropout_prob": cfg.class_dropout_prob, "learn_sigma": cfg.learn_sigma,
                "grad_checkpointing": cfg.grad_checkpointing, **{k: v for k, v in cfg.model.items() if k not in data}, **data}

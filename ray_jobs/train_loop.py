@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dit_core.contract import FINGERPRINT_KEY, LATENT_SHAPE_KEY, SCALE_FACTOR_KEY
 from dit_core.diffusion import make_objective
 from dit_core.models import DiT, DiTConfig
 from dit_core.training import EMA, derive_seed, flatten, learning_rate, noisy_latents
@@ -147,10 +148,10 @@ def _start_tracking(run: Run, git_commit: str, num_parameters: int) -> str | Non
         return None
     tracking.configure_tracking()
     run_id = tracking.start_run(cfg.experiment, run.name, tags={
-        "preset": cfg.preset or "custom", "data_fingerprint": run.stats["fingerprint"], "objective": cfg.objective})
+        "preset": cfg.preset or "custom", "data_fingerprint": run.stats[FINGERPRINT_KEY], "objective": cfg.objective})
     tracking.log_params(run_id, {
         **flatten(asdict(cfg)), "run_name": run.name, "git_commit": git_commit,
-        "data_fingerprint": run.stats["fingerprint"], "world_size": run.world, "num_nodes": len(set(nodes)),
+        "data_fingerprint": run.stats[FINGERPRINT_KEY], "world_size": run.world, "num_nodes": len(set(nodes)),
         **flatten({"model_config": run.mcfg.to_dict()}), "num_parameters": num_parameters,
     })
     return run_id
@@ -177,7 +178,7 @@ def setup(cfg: TrainConfig, name: str, git_commit: str) -> Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(mcfg)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    state = _resume_state(ray.train.get_checkpoint(), cfg, stats["fingerprint"], layout)
+    state = _resume_state(ray.train.get_checkpoint(), cfg, stats[FINGERPRINT_KEY], layout)
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -203,7 +204,7 @@ def setup(cfg: TrainConfig, name: str, git_commit: str) -> Run:
 
 def input_stream(run: Run) -> LatentStream:
     """This rank's micro-batches from the run's first step on (mid-epoch on a resume)."""
-    return LatentStream(run.plan, run.units, run.stats["latent_shape"], run.rank, start=run.start_step * run.cfg.grad_accum)
+    return LatentStream(run.plan, run.units, run.stats[LATENT_SHAPE_KEY], run.rank, start=run.start_step * run.cfg.grad_accum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def micro_step(run: Run, batch: Batch, step: int, micro: int) -> torch.Tensor:
     """Forward and backward of one micro-batch (gradients synchronised on the last one); its loss."""
     cfg, model = run.cfg, run.model
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, micro, 0))
-    x = noisy_latents(batch.mean, batch.std, float(run.stats["scale_factor"]), gen)          # x_0 ~ q(z | image)
+    x = noisy_latents(batch.mean, batch.std, float(run.stats[SCALE_FACTOR_KEY]), gen)          # x_0 ~ q(z | image)
     x, y = x.to(run.device, non_blocking=True), torch.from_numpy(batch.labels).to(run.device, non_blocking=True)
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank, micro, 1))  # timesteps, noise, label dropout
     t = run.objective.sample_t(x.shape[0], run.device)
@@ -298,7 +299,7 @@ def save(run: Run, step: int, metrics: dict[str, Any]) -> None:
             write_checkpoint(tmp, {
                 "model": model_sd, "ema": run.ema.state_dict(), "optimizer": opt_sd, "step": step,
                 "model_config": run.mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": run.stats,
-                "config": flatten(asdict(cfg)) | {"name": run.name}, "data_fingerprint": run.stats["fingerprint"],
+                "config": flatten(asdict(cfg)) | {"name": run.name}, "data_fingerprint": run.stats[FINGERPRINT_KEY],
                 "data_layout": run.layout, "identity": identity_record(cfg), "mlflow_run_id": run.run_id,
             }, run.history, run.attempts)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -314,7 +315,7 @@ def finish(run: Run) -> None:
     version = tracking.log_model(
         run.run_id, final, cfg.registered_model,
         model_info={"model_config": run.mcfg.to_dict(), "diffusion": diffusion_settings(cfg), "latents": run.stats},
-        tags={"preset": cfg.preset or "custom", "data_fingerprint": run.stats["fingerprint"], "run_name": run.name,
+        tags={"preset": cfg.preset or "custom", "data_fingerprint": run.stats[FINGERPRINT_KEY], "run_name": run.name,
               "objective": cfg.objective},
         step=max(cfg.steps, run.start_step),
     )

@@ -83,9 +83,9 @@ def write_synthetic_latents(
 
 def publish_autoencoder(ae: Any, out: str) -> None:
     """Publish ``ae`` as the train_autoencoder stage does: a new version folder of ``out``, its record last."""
-    from dit_core.autoencoders import RECORD
+    from dit_core.contract import AUTOENCODER_RECORD_FILE
     from pipelines.train_autoencoder import write_version
     from ray_jobs import storage
 
-    with storage.publishing(str(out), RECORD) as staging:
+    with storage.publishing(str(out), AUTOENCODER_RECORD_FILE) as staging:
         write_version(ae, staging)

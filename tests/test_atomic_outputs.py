@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
-from dit_core.autoencoders import RECORD, Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, load_autoencoder
-from pipelines.common import MANIFEST, read_manifest, read_split
+from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, load_autoencoder
+from dit_core.contract import AUTOENCODER_RECORD_FILE, LATENT_STATS_FILE, MANIFEST_FILE
+from pipelines.common import read_manifest, read_split
 from pipelines.prepare import PrepareConfig, prepare
 from ray_jobs import storage
 from tests.fixtures_data import IMAGE_SIZE, REPO, prepare_params, repo_params, stage_env
@@ -109,7 +110,7 @@ def prepared_small(prepared_digits, tmp_path_factory) -> str:
 
     out = str(tmp_path_factory.mktemp("atomic") / "prepared-small")
     manifest = read_manifest(prepared_digits)
-    staging = storage.begin_output(out, MANIFEST)
+    staging = storage.begin_output(out, MANIFEST_FILE)
     for split, rows in (("train", 64), ("val", 16)):
         table = read_split(prepared_digits, manifest, split).slice(0, rows)
         write_parquet(storage.join(staging, split, "part-00000.parquet"), table)
@@ -117,8 +118,8 @@ def prepared_small(prepared_digits, tmp_path_factory) -> str:
         manifest["splits"][split] = {"count": rows, "shards": [f"{split}/part-00000.parquet"],
                                      "per_class": {str(k): labels.count(k) for k in sorted(set(labels))}}
     manifest.pop(storage.VERSION_KEY)
-    storage.write_json(storage.join(staging, MANIFEST), {**manifest, "fingerprint": "small-" + manifest["fingerprint"]})
-    storage.commit_output(staging, out, MANIFEST)
+    storage.write_json(storage.join(staging, MANIFEST_FILE), {**manifest, "fingerprint": "small-" + manifest["fingerprint"]})
+    storage.commit_output(staging, out, MANIFEST_FILE)
     return out
 
 
@@ -139,18 +140,18 @@ def test_killed_prepare_keeps_the_previous_output(kind, tmp_path, request):
     root = where(kind, tmp_path, request)
     out = storage.join(root, "prepared")
     good = prepare(PrepareConfig.from_params(prepare_params(rows_per_shard=200)), out, log=lambda _: None)
-    before, keys = published(out, MANIFEST), split_keys(out)
+    before, keys = published(out, MANIFEST_FILE), split_keys(out)
 
     # other content, in 900 shards: the kill lands after the first shard and well before the
     # manifest (a fixed delay raced with the whole digits prepare, which can take under 0.5 s)
     slow = params_file(tmp_path, prepare={"seed": 1, "rows_per_shard": 2})
     kill_while_writing([sys.executable, "-m", "pipelines.prepare", "--out", out, "--params", slow], stage_env(), root,
                        suffix=".parquet")
-    assert read_manifest(out) == good and published(out, MANIFEST) == before   # (a) whole and unchanged
+    assert read_manifest(out) == good and published(out, MANIFEST_FILE) == before    # (a) whole and unchanged
     assert split_keys(out) == keys
 
     again = prepare(PrepareConfig.from_params(prepare_params(seed=1, rows_per_shard=200)), out, log=lambda _: None)
-    assert leftovers(out, MANIFEST) == []                                        # (b) cleaned and published
+    assert leftovers(out, MANIFEST_FILE) == []                                       # (b) cleaned and published
     assert read_manifest(out) == again and again["fingerprint"] != good["fingerprint"]
     assert len(split_keys(out)) == again["splits"]["train"]["count"]
 
@@ -167,19 +168,19 @@ def test_killed_train_autoencoder_keeps_the_previous_output(kind, prepared_digit
     root = where(kind, tmp_path, request)
     out = storage.join(root, "autoencoder")
     publish(tiny_autoencoder(0), out)
-    before = published(out, RECORD)
+    before = published(out, AUTOENCODER_RECORD_FILE)
 
     slow = params_file(tmp_path, train_autoencoder={"steps": 100000, "batch_size": 16, "max_images": 64})
     kill_while_writing([sys.executable, "-m", "pipelines.train_autoencoder", "--prepared", prepared_digits, "--out", out,
                         "--params", slow], stage_env(), root, settle=1.0)
-    assert published(out, RECORD) == before                                      # (a)
-    with storage.local_copy(out, RECORD) as folder:
+    assert published(out, AUTOENCODER_RECORD_FILE) == before                         # (a)
+    with storage.local_copy(out, AUTOENCODER_RECORD_FILE) as folder:
         assert load_autoencoder(folder).id == "tiny-0"
 
     quick = params_file(tmp_path, train_autoencoder={"steps": 2, "batch_size": 16, "max_images": 64, "eval_max_images": 32})
     main(["--prepared", prepared_digits, "--out", out, "--params", quick])
-    assert leftovers(out, RECORD) == []                                          # (b)
-    with storage.local_copy(out, RECORD) as folder:
+    assert leftovers(out, AUTOENCODER_RECORD_FILE) == []                             # (b)
+    with storage.local_copy(out, AUTOENCODER_RECORD_FILE) as folder:
         assert load_autoencoder(folder).id == "small-kl-f2c4"
 
 
@@ -192,7 +193,7 @@ def test_killed_train_autoencoder_keeps_the_previous_output(kind, prepared_digit
 @pytest.mark.parametrize("kind", KINDS)
 def test_killed_encode_keeps_the_previous_output(kind, ray_cluster, prepared_small, tmp_path, request):
     from tests.fixtures_latents import publish_autoencoder as publish
-    from ray_jobs.encode import STATS, config_from, encode
+    from ray_jobs.encode import config_from, encode
     from ray_jobs.train import read_stats, train_shards
 
     root = where(kind, tmp_path, request)
@@ -201,17 +202,17 @@ def test_killed_encode_keeps_the_previous_output(kind, ray_cluster, prepared_sma
     publish(tiny_autoencoder(1), ae_b)
     params = {**repo_params()["encode"], "batch_size": 16, "cpu_actors": 1}
     good = encode(config_from(prepared_small, ae_a, out, params))
-    before = published(out, STATS)
+    before = published(out, LATENT_STATS_FILE)
 
     env = {**stage_env(), "RAY_ADDRESS": ray_cluster.address}
     kill_while_writing([sys.executable, "-m", "ray_jobs.encode", "--prepared", prepared_small, "--autoencoder", ae_b,
                         "--out", out, "--set", "batch_size=4", "cpu_actors=1"], env, root, settle=0.5)
     time.sleep(2)  # the cluster reaps the dead driver's actors
-    assert read_stats(out) == good and published(out, STATS) == before          # (a)
+    assert read_stats(out) == good and published(out, LATENT_STATS_FILE) == before   # (a)
     assert len(train_shards(out, good)) == len(good["shards"]["train"])
 
     again = encode(config_from(prepared_small, ae_b, out, params))
-    assert leftovers(out, STATS) == []                                           # (b)
+    assert leftovers(out, LATENT_STATS_FILE) == []                                   # (b)
     assert read_stats(out) == again and again["autoencoder_id"] == "tiny-1"
     assert again["counts"] == good["counts"] and again["fingerprint"] != good["fingerprint"]
 

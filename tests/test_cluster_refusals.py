@@ -83,7 +83,8 @@ def test_remote_prepare_of_a_local_folder_is_refused(tmp_path, monkeypatch):
 
 def test_pointers_are_followed(tmp_path):
     """A stage output kept in the store leaves a pointer here; the next stage reads the URI it names."""
-    from pipelines.common import LOCATION_FILE, in_store, locate
+    from dit_core.contract import LOCATION_FILE
+    from pipelines.common import in_store, locate
 
     (tmp_path / "latents").mkdir()
     (tmp_path / "latents" / LOCATION_FILE).write_text('{"uri": "s3://b/dit/data/latents"}')

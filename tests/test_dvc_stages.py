@@ -296,7 +296,8 @@ def test_exported_flow_model_reads_as_its_class_with_plain_diffusers(project, tm
     import pyarrow.parquet as pq
     import torch
 
-    from dit_core.classifier import CONFIG_FILE, load_classifier, predict
+    from dit_core.classifier import load_classifier, predict
+    from dit_core.contract import CLASSIFIER_CONFIG_FILE
     from dit_core.data import pngs_to_batch
     from dit_core.diffusion import randn
     from ray_jobs import storage
@@ -319,7 +320,7 @@ def test_exported_flow_model_reads_as_its_class_with_plain_diffusers(project, tm
                            str(tmp_path / "images.npy")], cwd=tmp_path / "empty", capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = torch.from_numpy(np.load(tmp_path / "images.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with storage.local_copy(str(root / "models/classifier"), CONFIG_FILE) as folder:
+    with storage.local_copy(str(root / "models/classifier"), CLASSIFIER_CONFIG_FILE) as folder:
         classifier, _ = load_classifier(folder)
     bulk = pngs_to_batch(rows.column("image").to_pylist())
     truth = np.asarray(labels)

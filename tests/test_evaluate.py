@@ -16,7 +16,7 @@ import torch
 from dit_core.classifier import Classifier, ClassifierConfig, ClassifierTrainConfig, accuracy, load_classifier, save_classifier, train_classifier
 from ray_jobs import storage, tracking
 from ray_jobs.model_source import load_bundle
-from ray_jobs.sample import CONFIG_FILE, GRID_FILE
+from dit_core.contract import SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_SUMMARY_FILE
 from tests.test_sample import TINY, random_dit
 
 NAME = "dit-eval-test"
@@ -35,10 +35,10 @@ def register_version(seed: int) -> tuple[str, str, torch.nn.Module]:
 
 def fake_samples(root, model_uri: str) -> str:
     """A samples folder as the sample stage leaves it (the parts that register() reads)."""
-    storage.write_json(storage.join(root, CONFIG_FILE), {"model": model_uri})
+    storage.write_json(storage.join(root, SAMPLE_CONFIG_FILE), {"model": model_uri})
     from dit_core.data import png_bytes
 
-    storage.write_bytes(storage.join(root, GRID_FILE), png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    storage.write_bytes(storage.join(root, SAMPLE_GRID_FILE), png_bytes(np.zeros((4, 4, 3), np.uint8)))
     return str(root)
 
 
@@ -68,7 +68,7 @@ def test_evaluation_tags_the_version_and_moves_the_alias_to_better_models(mlflow
     run = client.get_run(run1)
     assert run.data.metrics["eval.fid"] == 5.0 and run.data.metrics["eval.class_accuracy"] == 0.9
     assert run.data.tags["eval.sampler"] == "ddim" and run.data.tags["eval.num_steps"] == "10"
-    assert any(a.path == f"eval/{GRID_FILE}" for a in client.list_artifacts(run1, "eval"))
+    assert any(a.path == f"eval/{SAMPLE_GRID_FILE}" for a in client.list_artifacts(run1, "eval"))
 
     out = register(fake_samples(tmp_path / "s2", f"models:/{NAME}/{v2}"), eval_metrics(f"models:/{NAME}/{v2}", 7.0), "champion")
     assert not out["moved"] and out["previous_fid"] == 5.0
@@ -215,7 +215,6 @@ def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqli
     from mlflow import MlflowClient
 
     from pipelines.evaluate import register, sampled_model
-    from ray_jobs.sample import SUMMARY_FILE
 
     tracking.configure_tracking()
     client = MlflowClient()
@@ -225,7 +224,7 @@ def test_evaluation_credits_the_sampled_version_not_the_alias_of_now(mlflow_sqli
     sampled = load_bundle(f"models:/{NAME}@champion")               # what the sample job does
     assert sampled.pinned_uri == f"models:/{NAME}/{v1}"
     samples = fake_samples(tmp_path / "s", f"models:/{NAME}@champion")
-    storage.write_json(storage.join(samples, SUMMARY_FILE), {"model_version": sampled.pinned_uri,
+    storage.write_json(storage.join(samples, SAMPLE_SUMMARY_FILE), {"model_version": sampled.pinned_uri,
                                                             "weights_sha256": sampled.weights_digest()})
     client.set_registered_model_alias(NAME, "champion", v2)         # the alias moves before scoring
     metrics = eval_metrics(f"models:/{NAME}@champion", 1.0) | sampled_model(samples)
@@ -301,7 +300,7 @@ def test_distributed_feature_pass_equals_the_single_process_computation(ray_clus
                        images_per_shard=7, baseline_images=12, sampler="ddim")
     fake_shards(cfg, images, labels)
     fake_shards(replace(cfg, output=baseline_output(cfg.output), num_images=12), base, labels[:12])
-    storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
+    storage.write_json(storage.join(cfg.output, SAMPLE_CONFIG_FILE), cfg.identity())
     np.savez(tmp_path / "ref.npz", arr_0=ref)
     params = {"features": "classifier", "inception_weights": None, "reference": str(tmp_path / "ref.npz"), "pr_max_images": 25,
               "pr_seed": 3, "pixel_pool": 8, "histogram_levels": 4, "floor": True, "autoencoder": None,
@@ -401,7 +400,7 @@ def test_inception_features_from_s3_weights_and_an_adm_reference_batch(ray_clust
     images, ref = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     cfg = SampleConfig(model="unused", output=str(tmp_path / "samples"), num_images=6, images_per_shard=3, baseline_images=0)
     fake_shards(cfg, images, np.arange(6) % 2)
-    storage.write_json(storage.join(cfg.output, CONFIG_FILE), cfg.identity())
+    storage.write_json(storage.join(cfg.output, SAMPLE_CONFIG_FILE), cfg.identity())
     net = InceptionFeatures(local)
     with torch.no_grad():
         (pool_s, logits_s, spatial_s), (pool_r, _, spatial_r) = (net.outputs(uint8_to_float(a)) for a in (images, ref))

@@ -18,7 +18,7 @@ from PIL import Image
 from benchmarks import image_sets
 from benchmarks.image_sets import SETS, make_set, scaled_counts
 from dit_core.data import png_bytes, prepare_image
-from ray_jobs.storage import VERSION_KEY
+from dit_core.contract import VERSION_KEY
 
 NEW_SETS = {  # name: (class folders, images per class, PIL mode, format)
     "shapes-dark": (("circle", "square", "triangle"), (300, 300, 300), "RGB", "JPEG"),

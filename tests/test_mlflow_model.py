@@ -68,8 +68,8 @@ def test_bulk_job_pyfunc_and_cli_give_the_same_images(registry, tmp_path):
 
     from dit_core.pipeline import SamplingSettings, image_seed
     from pipelines.cli import generate
-    from ray_jobs.model_source import load_bundle
-    from ray_jobs.sample import SAMPLES, SampleConfig, ShardGenerator, load_autoencoder_for, read_shard
+    from ray_jobs.model_source import load_autoencoder_for, load_bundle
+    from ray_jobs.sample import SAMPLES, SampleConfig, ShardGenerator, read_shard
 
     uri = f"models:/{NAME}@champion"
     labels, seeds = [3, 7], [image_seed(7, 0), image_seed(7, 1)]   # the bulk job's seeds of a run with seed 7
@@ -232,39 +232,39 @@ def test_broken_bundles_fail_at_load_naming_the_part(registry, tmp_path):
     import mlflow
     from safetensors.torch import save_file
 
-    from ray_jobs.mlflow_model import AUTOENCODER_DIR, CONFIG_FILE, WEIGHTS_FILE
+    from dit_core.contract import MODEL_AUTOENCODER_DIR, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
 
     model_dir = _local_copy(tmp_path / "a")
     bundle = model_dir / "artifacts" / "bundle"
-    weights = next((bundle / AUTOENCODER_DIR).glob("*.safetensors"))
+    weights = next((bundle / MODEL_AUTOENCODER_DIR).glob("*.safetensors"))
     weights.unlink()
-    with pytest.raises(Exception, match=rf"missing {AUTOENCODER_DIR}/{weights.name} \(the autoencoder\)"):
+    with pytest.raises(Exception, match=rf"missing {MODEL_AUTOENCODER_DIR}/{weights.name} \(the autoencoder\)"):
         mlflow.pyfunc.load_model(str(model_dir))
 
     model_dir = _local_copy(tmp_path / "b")
     bundle = model_dir / "artifacts" / "bundle"
     other = random_dit(TINY10.__class__(**{**TINY10.to_dict(), "hidden_size": 64}))
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(bundle / WEIGHTS_FILE))
-    with pytest.raises(Exception, match=rf"{WEIGHTS_FILE} \(the weights\) has \d+ bytes, not the \d+ recorded"):
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(bundle / MODEL_WEIGHTS_FILE))
+    with pytest.raises(Exception, match=rf"{MODEL_WEIGHTS_FILE} \(the weights\) has \d+ bytes, not the \d+ recorded"):
         mlflow.pyfunc.load_model(str(model_dir))
     # the same weights with a consistent file list: the shapes themselves are refused
-    config = json.loads((bundle / CONFIG_FILE).read_text())
-    config["files"][WEIGHTS_FILE] = (bundle / WEIGHTS_FILE).stat().st_size
-    (bundle / CONFIG_FILE).write_text(json.dumps(config))
+    config = json.loads((bundle / MODEL_CONFIG_FILE).read_text())
+    config["files"][MODEL_WEIGHTS_FILE] = (bundle / MODEL_WEIGHTS_FILE).stat().st_size
+    (bundle / MODEL_CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(Exception, match=r"the weights dit.safetensors does not match the model: .*shape mismatches"):
         mlflow.pyfunc.load_model(str(model_dir))
 
     # the autoencoder of another latent space
     model_dir = _local_copy(tmp_path / "c")
     bundle = model_dir / "artifacts" / "bundle"
-    shutil.rmtree(bundle / AUTOENCODER_DIR)  # replaced by a consistent 3-channel autoencoder
+    shutil.rmtree(bundle / MODEL_AUTOENCODER_DIR)  # replaced by a consistent 3-channel autoencoder
     from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencoderConfig, build_small_autoencoder, save_autoencoder
 
     cfg = SmallAutoencoderConfig(latent_channels=3, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
     save_autoencoder(Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("three", 1.0, 3, 2, IMAGE_SIZE)),
-                     bundle / AUTOENCODER_DIR)
-    config = json.loads((bundle / CONFIG_FILE).read_text())
-    config["files"] = {str(p.relative_to(bundle)): p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.name != CONFIG_FILE}
-    (bundle / CONFIG_FILE).write_text(json.dumps(config))
+                     bundle / MODEL_AUTOENCODER_DIR)
+    config = json.loads((bundle / MODEL_CONFIG_FILE).read_text())
+    config["files"] = {str(p.relative_to(bundle)): p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.name != MODEL_CONFIG_FILE}
+    (bundle / MODEL_CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(Exception, match="the model takes 4-channel latents but autoencoder 'autoencoder/' makes 3"):
         mlflow.pyfunc.load_model(str(model_dir))

@@ -24,10 +24,9 @@ from dit_core.autoencoders import Autoencoder, AutoencoderRecord, SmallAutoencod
 from dit_core.models import DiTConfig
 from dit_core.pipeline import ImagePipeline, image_seed
 from ray_jobs import storage
-from ray_jobs.model_source import load_bundle
-from ray_jobs.sample import (BASELINE_DIR, CONFIG_FILE, GRID_FILE, GRID_MAX_CLASSES, NPZ_FILE, SampleConfig,
-                             finish, load_autoencoder_for, missing_shards, read_images, run,
-                             shard_files, untrained_model)
+from dit_core.contract import SAMPLE_BASELINE_DIR, SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLES_NPZ_FILE
+from ray_jobs.model_source import load_autoencoder_for, load_bundle
+from ray_jobs.sample import GRID_MAX_CLASSES, SampleConfig, finish, missing_shards, read_images, run, shard_files, untrained_model
 from tests.conftest import REPO
 from tests.fixtures_registry import random_dit
 
@@ -98,9 +97,9 @@ def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model,
     assert len({im.tobytes() for im in a}) == 12, "every image has its own noise"
     # shard layout: ceil(12 / 5) = 3 shards of each kind, plus the npz, config, summary and grid
     expected = {f"png/shard-{s:06d}.tar" for s in range(3)} | {f"parquet/shard-{s:06d}.parquet" for s in range(3)}
-    assert files_under(one.output) == expected | {NPZ_FILE, CONFIG_FILE, "summary.json", GRID_FILE}
+    assert files_under(one.output) == expected | {SAMPLES_NPZ_FILE, SAMPLE_CONFIG_FILE, "summary.json", SAMPLE_GRID_FILE}
     # the ADM evaluation suite's layout
-    with np.load(Path(one.output, NPZ_FILE)) as z:
+    with np.load(Path(one.output, SAMPLES_NPZ_FILE)) as z:
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (12, IMAGE_SIZE, IMAGE_SIZE, 3)
         np.testing.assert_array_equal(z["arr_0"], a)
         np.testing.assert_array_equal(z["arr_1"], la)
@@ -115,9 +114,9 @@ def test_images_do_not_depend_on_actors_or_batch_size(ray_cluster, sample_model,
         assert tar.extractfile("00000007.cls").read() == str(7 % NUM_CLASSES).encode()
     # the same job sampled the untrained baseline: the samples an untrained model of the same
     # architecture gives with the same sampler, labels and per-image seeds
-    assert {f for f in files_under(two.output) if f.startswith(BASELINE_DIR)} == {
-        f"{BASELINE_DIR}/parquet/shard-000000.parquet", f"{BASELINE_DIR}/parquet/shard-000001.parquet"}
-    base, lbase = read_images(str(Path(two.output, BASELINE_DIR)))
+    assert {f for f in files_under(two.output) if f.startswith(SAMPLE_BASELINE_DIR)} == {
+        f"{SAMPLE_BASELINE_DIR}/parquet/shard-000000.parquet", f"{SAMPLE_BASELINE_DIR}/parquet/shard-000001.parquet"}
+    base, lbase = read_images(str(Path(two.output, SAMPLE_BASELINE_DIR)))
     bundle = load_bundle(two.model)
     autoencoder, scale = load_autoencoder_for(bundle)
     expected = ImagePipeline(untrained_model(bundle, two.seed), autoencoder, scale, bundle.diffusion, device="cpu").generate(
@@ -159,10 +158,10 @@ def test_npz_and_grid_are_built_shard_by_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "read_shard", lambda out, shard: reads.append(shard) or read_shard(out, shard))
     finish(cfg, labels)
     assert reads == [0, 1, 2, 3, 4]
-    with np.load(tmp_path / NPZ_FILE) as z:
+    with np.load(tmp_path / SAMPLES_NPZ_FILE) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
         np.testing.assert_array_equal(z["arr_1"], labels)
-    grid = np.asarray(Image.open(tmp_path / GRID_FILE))
+    grid = np.asarray(Image.open(tmp_path / SAMPLE_GRID_FILE))
     rows = min(GRID_MAX_CLASSES, len(np.unique(labels)))
     assert grid.shape == (4 * (rows * 5 + 1), 4 * (3 * 5 + 1), 3)   # 4x4 images, 1-pixel gaps, drawn 4x
 
@@ -170,7 +169,7 @@ def test_npz_and_grid_are_built_shard_by_shard(tmp_path, monkeypatch):
     chosen = [int(labels[0]), int(labels[1])]
     finish(replace(cfg, formats=["parquet"], grid_classes=chosen, grid_per_class=1), labels)
     assert reads == [0], "a grid of one image per chosen class is full after the first shard"
-    grid = np.asarray(Image.open(tmp_path / GRID_FILE))[::4, ::4]
+    grid = np.asarray(Image.open(tmp_path / SAMPLE_GRID_FILE))[::4, ::4]
     assert grid.shape == (2 * 5 + 1, 5 + 1, 3)
     np.testing.assert_array_equal(grid[1:5, 1:5], images[0])
     np.testing.assert_array_equal(grid[6:10, 1:5], images[1])
@@ -216,7 +215,7 @@ def test_s3_output(ray_cluster, sample_model, s3_bucket, tmp_path):
     cfg = config(sample_model, f"s3://{s3_bucket}/samples/run1", num_actors=2, num_images=6, images_per_shard=3)
     run(cfg, progress=False)
     files = files_under(cfg.output)
-    assert {"parquet/shard-000000.parquet", "parquet/shard-000001.parquet", "png/shard-000001.tar", NPZ_FILE, GRID_FILE} <= files
+    assert {"parquet/shard-000000.parquet", "parquet/shard-000001.parquet", "png/shard-000001.tar", SAMPLES_NPZ_FILE, SAMPLE_GRID_FILE} <= files
     images, labels = read_images(cfg.output)
     assert images.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
     local = run(replace(cfg, output=str(tmp_path / "local"), num_actors=1), progress=False)
@@ -274,6 +273,6 @@ def test_cli_rejects_malformed_class_labels(sample_model, tmp_path):
 def test_resuming_with_other_settings_is_refused(sample_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    storage.write_json(out / CONFIG_FILE, json.loads(json.dumps(config(sample_model, out, seed=1).identity())))
+    storage.write_json(out / SAMPLE_CONFIG_FILE, json.loads(json.dumps(config(sample_model, out, seed=1).identity())))
     with pytest.raises(ValueError, match="other settings"):
         run(config(sample_model, out, seed=2))

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from ray_jobs import storage
-from ray_jobs.sample import NPZ_FILE, missing_shards, run
+from dit_core.contract import SAMPLES_NPZ_FILE
+from ray_jobs.sample import missing_shards, run
 from tests.test_sample import config, files_under, sample_model  # noqa: F401,F811  (a module fixture)
 
 NUM_IMAGES, PER_SHARD = 24, 2
@@ -152,6 +153,6 @@ def test_losing_a_node_and_an_actor_costs_only_their_shards(ray_cluster, sample_
     assert files_under(faulted.output) == files_under(whole.output)
     got, want = _parquet_rows(faulted.output), _parquet_rows(whole.output)
     assert sorted(got) == list(range(NUM_IMAGES)) and got == want
-    with np.load(Path(faulted.output, NPZ_FILE)) as a, np.load(Path(whole.output, NPZ_FILE)) as b:
+    with np.load(Path(faulted.output, SAMPLES_NPZ_FILE)) as a, np.load(Path(whole.output, SAMPLES_NPZ_FILE)) as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])

@@ -151,7 +151,8 @@ def test_model_folder_written_whole_and_read_back_through_its_pointer(kind, tmp_
 
     from dit_core.models import DiT, DiTConfig
     from pipelines.common import write_location
-    from ray_jobs.model_source import MODEL_RECORD, load_bundle, save_trained_model, state_digest
+    from dit_core.contract import TRAINED_RECORD_FILE
+    from ray_jobs.model_source import load_bundle, save_trained_model, state_digest
 
     model = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                           num_classes=3, learn_sigma=False))
@@ -172,7 +173,7 @@ def test_model_folder_written_whole_and_read_back_through_its_pointer(kind, tmp_
         assert sorted(os.listdir(local)) == ["location.json"]
     else:
         assert not [p for p in os.listdir(local.parent) if p != "dit"]   # no staging left beside it
-    assert storage.read_json(storage.join(out, MODEL_RECORD)) == record
+    assert storage.read_json(storage.join(out, TRAINED_RECORD_FILE)) == record
     bundle = load_bundle(str(local))
     assert bundle.weights_digest() == state_digest(model.state_dict())
     assert bundle.diffusion["objective"] == "flow" and bundle.latents["class_names"] == ["a", "b", "c"]

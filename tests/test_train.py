@@ -71,14 +71,14 @@ def stage_run(workspace):
     from pipelines.train import train_and_report
 
     params = {**PARAMS, "name": "main", "storage_path": workspace["storage"]}
-    from ray_jobs.model_source import MODEL_RECORD
+    from dit_core.contract import TRAINED_RECORD_FILE
 
     metrics, model = workspace["root"] / "metrics" / "train.json", workspace["root"] / "models" / "dit"
     t0 = time.time()
     result = train_and_report(workspace["latents"], params, str(metrics), str(model))
     print(f"stage run: {time.time() - t0:.1f}s")
     return {"result": result, "metrics": json.loads(metrics.read_text()), "model": model,
-            "pointer": json.loads((model / MODEL_RECORD).read_text())}
+            "pointer": json.loads((model / TRAINED_RECORD_FILE).read_text())}
 
 
 def _client():
@@ -137,11 +137,11 @@ def test_model_folder_is_the_registered_model_whole(workspace, stage_run, tmp_pa
     record naming the version; it loads with the checkpoints gone and no tracking store."""
     import shutil
 
-    from ray_jobs.mlflow_model import CONFIG_FILE, WEIGHTS_FILE
+    from dit_core.contract import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, TRAINED_RECORD_FILE
     from ray_jobs.model_source import load_bundle, state_digest
 
     folder, pointer = stage_run["model"], stage_run["pointer"]
-    assert {CONFIG_FILE, WEIGHTS_FILE, "trained.json"} <= {p.name for p in folder.iterdir()}
+    assert {MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, TRAINED_RECORD_FILE} <= {p.name for p in folder.iterdir()}
     registered = load_bundle(pointer["model_uri"])
     copy = tmp_path / "moved" / "dit"
     shutil.copytree(folder, copy)     # elsewhere, as `dvc pull` puts it in another clone
@@ -381,7 +381,8 @@ def test_config_errors_name_the_fix(tmp_path):
 def test_a_run_resumes_only_on_its_data_settings_and_layout(tmp_path):
     """The driver records a run's identity at its first start and refuses, before any worker starts
     (a worker's refusal would be retried max_failures times), to resume it otherwise."""
-    from ray_jobs.train import IDENTITY_FILE, check_identity, config_from
+    from dit_core.contract import TRAIN_IDENTITY_FILE
+    from ray_jobs.train import check_identity, config_from
 
     cfg = config_from("lat", {"storage_path": str(tmp_path)})
     check_identity(cfg, "run", "data-1", "layout-1")                      # first start: recorded
@@ -392,7 +393,7 @@ def test_a_run_resumes_only_on_its_data_settings_and_layout(tmp_path):
         check_identity(cfg, "run", "data-2", "layout-1")
     with pytest.raises(ValueError, match=r"other values of \['lr'\]"):
         check_identity(config_from("lat", {"storage_path": str(tmp_path), "lr": 0.1}), "run", "data-1", "layout-1")
-    record = tmp_path / "run" / IDENTITY_FILE                               # recorded before the layout was
+    record = tmp_path / "run" / TRAIN_IDENTITY_FILE                               # recorded before the layout was
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "data_layout"}))
     check_identity(cfg, "run", "data-1", "layout-2")
 

@@ -96,7 +96,7 @@ def test_ray_job_submit_cli(ray_head, job_data):
 
 @pytest.mark.timeout(300)
 def test_train_stage_runs_as_a_job_with_the_store(ray_head, job_data, s3_bucket, tmp_path, monkeypatch):
-    from pipelines.common import LOCATION_FILE
+    from dit_core.contract import LOCATION_FILE
     from pipelines.train import main
     from ray_jobs import storage
     from ray_jobs.model_source import load_bundle
