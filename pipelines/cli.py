@@ -81,17 +81,43 @@ def run_module(name: str, argv: Sequence[str]) -> int:
 # dit generate
 # ---------------------------------------------------------------------------------------------
 
-def generate_parser() -> argparse.ArgumentParser:
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated image seeds, each an integer in [0, 2**63 - 1]."""
+    from dit_core.pipeline import check_seed
+
+    seeds = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            seeds.append(check_seed(settings.load_yaml(item)))
+        except settings.SettingError as e:
+            raise argparse.ArgumentTypeError(f"{item!r} {e.problem}, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. --seeds 0,1")
+    return seeds
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (``--zoom``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def generate_parser() -> settings.CommandParser:
     from dit_core.pipeline import SamplingSettings
 
-    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
-                                formatter_class=settings.HelpFormatter)
+    p = settings.CommandParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
+                               formatter_class=settings.HelpFormatter)
     p.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model, a checkpoint dir or .pt")
     p.add_argument("--labels", required=True, help="comma-separated class ids or class names, e.g. 3,7")
-    p.add_argument("--seeds", default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")
+    p.add_argument("--seeds", type=seed_list, default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")
     p.add_argument("--out", default="grid.png", help="the PNG to write, local or s3:// (default: grid.png)")
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (default: the model's own; needed for official .pt files)")
-    p.add_argument("--zoom", type=int, default=4, help="pixels per image pixel in the grid (default: 4)")
+    p.add_argument("--zoom", type=positive_int, default=4, help="pixels per image pixel in the grid (default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     settings.add_arguments(p, SamplingSettings, help={k: "the model's recorded value, else" for k in ("sampler", "num_steps", "guidance_scale")})
     return p
@@ -99,7 +125,8 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate(argv: Sequence[str] | None = None) -> int:
     from dit_core.data import image_grid, png_bytes
-    from dit_core.pipeline import ImagePipeline, SamplingSettings
+    from dit_core.diffusion import make_objective
+    from dit_core.pipeline import ImagePipeline, SamplingSettings, check_sampling
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
     from ray_jobs.model_source import load_bundle
@@ -107,20 +134,22 @@ def generate(argv: Sequence[str] | None = None) -> int:
 
     p = generate_parser()
     a = p.parse_args(argv)
-    try:
+    with p.refusing(a):
         given = settings.from_args(a, SamplingSettings)
-        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        settings.build(SamplingSettings, given, "generate")   # the flags alone, before the model loads
+    with p.refusing(a, flag=f"--model {a.model}"):
         bundle = load_bundle(a.model)
+    with p.refusing(a, values={"class_label": f"--labels {a.labels}"}):
         sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
+        check_sampling(make_objective(bundle.diffusion, learn_sigma=bundle.config.learn_sigma), sampling)
         names = [str(n) for n in bundle.latents.get("class_names") or []]
-        nc = bundle.config.num_classes
-        labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
-        if not labels or not seeds:
-            raise ValueError("give at least one label (--labels 3,7) and one seed (--seeds 0,1)")
+        labels = [resolve_label(v.strip(), names, bundle.config.num_classes) for v in a.labels.split(",") if v.strip()]
+        if not labels:
+            p.error(f"--labels {a.labels!r}: give at least one class id or name, e.g. --labels 3,7")
+    with p.refusing(a, flag=f"--autoencoder {a.autoencoder}" if a.autoencoder else f"--model {a.model}"):
         autoencoder, scale = load_autoencoder_for(bundle, a.autoencoder)
-    except (TypeError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion, device=a.device)
+    seeds = a.seeds
     rows = [(c, s) for c in labels for s in seeds]
     images = pipe.generate([c for c, _ in rows], [s for _, s in rows], sampling)
     storage.write_bytes(a.out, png_bytes(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:]), a.zoom)))

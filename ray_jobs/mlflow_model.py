@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from dit_core.models import DiT, DiTConfig, check_state_dict
+from dit_core.settings import SettingError
 
 BUNDLE = "bundle"                      # the pyfunc artifact: the bundle folder
 CONFIG_FILE = "dit.json"
@@ -176,9 +177,13 @@ def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
 # ---------------------------------------------------------------------------------------------
 
 def resolve_label(value: Any, class_names: Sequence[str], num_classes: int) -> int:
-    """A class id from an id (int, or an integral float / numeric text) or a class name."""
+    """A class id from an id (int, or an integral float / numeric text) or a class name; else a
+    SettingError naming the value and the ids and names it may be."""
+    def refuse(problem: str, shown: Any = value) -> SettingError:
+        return SettingError("class_label", shown, problem, f"class_label {shown!r} {problem}")
+
     if isinstance(value, (bool, np.bool_)) or value is None:
-        raise ValueError(f"class_label {value!r} is neither a class id nor a class name")
+        raise refuse(f"is neither a class id 0..{num_classes - 1} nor a class name")
     if isinstance(value, numbers.Integral):
         label = int(value)
     elif isinstance(value, numbers.Real) and float(value).is_integer():
@@ -188,13 +193,12 @@ def resolve_label(value: Any, class_names: Sequence[str], num_classes: int) -> i
             return list(class_names).index(value)
         if not value.strip().lstrip("-").isdigit():
             shown = ", ".join(repr(n) for n in list(class_names)[:10]) + (", ..." if len(class_names) > 10 else "")
-            raise ValueError(f"class_label {value!r} is not a class name of this model ({shown or 'it records none'}) "
-                             f"nor a class id 0..{num_classes - 1}")
+            raise refuse(f"is not a class name of this model ({shown or 'it records none'}) nor a class id 0..{num_classes - 1}")
         label = int(value)
     else:
-        raise ValueError(f"class_label {value!r} ({type(value).__name__}) is neither a class id nor a class name")
+        raise refuse(f"({type(value).__name__}) is neither a class id 0..{num_classes - 1} nor a class name")
     if not 0 <= label < num_classes:
-        raise ValueError(f"class_label {label} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise refuse(f"is out of range: the model has {num_classes} classes (0..{num_classes - 1})", label)
     return label
 
 
