@@ -272,6 +272,7 @@ class CommandParser(argparse.ArgumentParser):
     entry of the params file."""
 
     section: str = ""          # the params.yaml section of its settings (add_settings_arguments)
+    keys: tuple[str, ...] = ()  # the names of those settings
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
@@ -289,6 +290,12 @@ class CommandParser(argparse.ArgumentParser):
             return f"{self.section}.{key} in {given.get('params') or 'params.yaml'}"
         return None
 
+    def named(self, text: str, args: argparse.Namespace) -> str:
+        """A settings check's message (``train.steps=0 must be ...``) led by where the value came from."""
+        match = re.match(r"(?:\w+\.)?(\w+)=", text)
+        where = self.origin(match.group(1), args) if match and match.group(1) in self.keys else None
+        return f"{where}: {text}" if where else text
+
     @contextlib.contextmanager
     def refusing(self, args: argparse.Namespace, values: Mapping[str, str] | None = None,
                  flag: str | None = None) -> Iterator[None]:
@@ -304,13 +311,13 @@ class CommandParser(argparse.ArgumentParser):
             where = listed or self.origin(e.field, args)
             self.error(f"{listed}: {e.value!r} {e.problem}" if listed else f"{where}: {e.problem}" if where else lead + str(e))
         except (ValueError, TypeError, FileNotFoundError) as e:
-            self.error(lead + str(e))
+            self.error(lead + self.named(str(e), args))
         except KeyError as e:
             self.error(lead + (e.args[0] if e.args else repr(e)))
         except SystemExit as e:      # a check that exits with its message
             if not isinstance(e.code, str):
                 raise
-            self.error(lead + e.code)
+            self.error(lead + self.named(e.code, args))
 
 
 def command_parser(doc: str | None, prog: str | None = None) -> CommandParser:
@@ -343,7 +350,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
                         help=f"override {section} settings, values typed as in params.yaml{', e.g. ' + example if example else ''}")
     parser.epilog = settings_listing(cls, section, skip)
     if isinstance(parser, CommandParser):
-        parser.section = section
+        parser.section, parser.keys = section, tuple(field_types(cls))
 
 
 def read_settings(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:

@@ -183,14 +183,14 @@ def export(argv: Sequence[str]) -> int:
     elif i + 1 < len(argv):
         model, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     else:
-        print("error: --model needs a model: models/dit, models:/name@alias, or a checkpoint folder", file=sys.stderr)
+        print("dit export: error: --model needs a model: models/dit, models:/name@alias, or a checkpoint folder", file=sys.stderr)
         return 2
     from ray_jobs.model_source import load_bundle
 
     try:
         bundle = load_bundle(model)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"dit export: error: --model {model}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dit-export-") as tmp:
         checkpoint = os.path.join(tmp, "state.pt")
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         name, rest = argv[0], argv[1:]
         return generate(rest) if name == "generate" else export(rest) if name == "export" else run_module(name, rest)
-    p = argparse.ArgumentParser(prog="dit", description=__doc__.split("\n\n")[0],
+    p = settings.CommandParser(prog="dit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="commands:\n" + "\n".join(f"  {n:<18} {c.help}" for n, c in COMMANDS.items())
                                 + "\n\n`dit <command> --help` shows its flags and settings.")

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_settings_arguments(p, EncodeConfig, "encode", PARAMS_FILE, skip=("prepared", "autoencoder", "output"),
                                     example="batch_size=64")
     a = p.parse_args(argv)
-    params = settings.read_settings(a, EncodeConfig, "encode")
+    with p.refusing(a):   # typed and sound before any work
+        params = settings.read_settings(a, EncodeConfig, "encode")
+        config_from(a.prepared, a.autoencoder, a.out, params).validate()
 
     def core(job: argparse.Namespace) -> None:
         stats = encode(config_from(job.prepared, job.autoencoder, job.out, params))

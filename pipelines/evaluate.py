@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)")
     settings.add_settings_arguments(p, EvaluateSettings, "evaluate", PARAMS_FILE, example="register=false")
     a = p.parse_args(argv)
-    params = asdict(settings.build(EvaluateSettings, settings.read_settings(a, EvaluateSettings, "evaluate"), "evaluate"))
-    check_settings(params)
+    with p.refusing(a):
+        params = asdict(settings.build(EvaluateSettings, settings.read_settings(a, EvaluateSettings, "evaluate"), "evaluate"))
+        check_settings(params)
 
     def core(job: argparse.Namespace) -> None:
         metrics = evaluate(job.samples, job.prepared, job.classifier, params)

@@ -521,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder or s3:// URI (from dvc.yaml)")
     settings.add_settings_arguments(p, PrepareConfig, "prepare", PARAMS_FILE, example="source=imagefolder path=s3://b/images")
     a = p.parse_args(argv)
-    cfg = PrepareConfig.from_params(settings.read_settings(a, PrepareConfig, "prepare"))
+    with p.refusing(a):
+        cfg = PrepareConfig.from_params(settings.read_settings(a, PrepareConfig, "prepare"))
     run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
               lambda job: prepare(cfg, job.out))
     return 0

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="samples folder or s3:// prefix")
     settings.add_settings_arguments(p, SampleConfig, "sample", PARAMS_FILE, skip=("output",), example="num_images=64")
     a = p.parse_args(argv)
-    params = settings.read_settings(a, SampleConfig, "sample")
-    config_from(params, "unresolved", a.out)  # typed, complete and sound before any work, here and not on a cluster
+    with p.refusing(a):   # typed, complete and sound before any work, here and not on a cluster
+        params = settings.read_settings(a, SampleConfig, "sample")
+        config_from(params, "unresolved", a.out)
 
     def core(job: argparse.Namespace) -> None:
         cfg = config_from(params, model_uri(params, job.trained), job.out)

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="per-step CSV (step, loss, lr, ...) for `dvc plots show`")
     settings.add_settings_arguments(p, TrainConfig, "train", PARAMS_FILE, skip=("latents",), example="steps=100 lr=1e-3")
     a = p.parse_args(argv)
-    params = settings.read_settings(a, TrainConfig, "train")
+    with p.refusing(a):   # typed and sound before any work
+        params = settings.read_settings(a, TrainConfig, "train")
+        config_from(a.latents, params).validate()
     root = store_root(a.params)
     checkpoints = str(params.get("storage_path", "checkpoints"))
     if root:

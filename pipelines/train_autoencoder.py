@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
     settings.add_settings_arguments(p, AutoencoderSettings, "train_autoencoder", PARAMS_FILE, example="steps=200")
     a = p.parse_args(argv)
-    params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
+    with p.refusing(a):   # typed and sound before any work
+        params = settings.read_settings(a, AutoencoderSettings, "train_autoencoder")
+        settings.build(AutoencoderSettings, params, "train_autoencoder")
 
     def core(job: argparse.Namespace) -> None:
         with storage.publishing(job.out, RECORD) as staging:  # before training: a killed run leaves only this

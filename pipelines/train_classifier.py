@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default=None, help="JSON metrics file (local)")
     settings.add_settings_arguments(p, ClassifierSettings, "train_classifier", PARAMS_FILE, example="epochs=5")
     a = p.parse_args(argv)
-    params = settings.read_settings(a, ClassifierSettings, "train_classifier")
+    with p.refusing(a):   # typed and sound before any work
+        params = settings.read_settings(a, ClassifierSettings, "train_classifier")
+        settings.build(ClassifierSettings, params, "train_classifier")
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)

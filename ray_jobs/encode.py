@@ -73,8 +73,9 @@ class EncodeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"encode.mode={self.mode!r} is not one of {MODES}")
-        if self.batch_size < 1 or self.cpu_actors < 1 or self.rows_per_group < 1:
-            raise ValueError("encode.batch_size, encode.cpu_actors and encode.rows_per_group must be positive")
+        for key in ("batch_size", "cpu_actors", "rows_per_group"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"encode.{key}={getattr(self, key)} must be a positive integer")
 
 
 def latent_columns(views: Sequence[str]) -> tuple[str, ...]:
@@ -332,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_settings_arguments(p, EncodeConfig, "encode", None, skip=("prepared", "autoencoder", "output"),
                                     example="batch_size=64")
     a = p.parse_args(argv)
-    stats = encode(config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode")))
+    with p.refusing(a):
+        cfg = config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode"))
+        cfg.validate()
+    stats = encode(cfg)
     print(json.dumps({k: stats[k] for k in ("autoencoder_id", "scale_factor", "latent_shape", "views", "counts")}))
     return 0
 
