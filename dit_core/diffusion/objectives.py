@@ -66,10 +66,11 @@ def check_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) ->
     """Refuse classifier-free guidance at sampling for a model whose guidance was learned (MeanFlow)."""
     if objective_name(settings) == "meanflow" and float(guidance_scale) != 1.0:
         omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
-        problem = (f"does not fit this model: it was trained with objective 'meanflow', whose guidance is learned in "
-                   f"training (guidance_omega={omega}); it takes no classifier-free guidance at sampling, so give 1 "
-                   "(a stronger guidance needs a model trained with a larger guidance_omega)")
-        raise SettingError("guidance_scale", guidance_scale, problem)
+        learned = (f"this model was trained with objective 'meanflow', whose guidance is learned in training "
+                   f"(guidance_omega={omega}); it takes no classifier-free guidance at sampling")
+        stronger = "(a stronger guidance needs a model trained with a larger guidance_omega)"
+        raise SettingError("guidance_scale", guidance_scale, f"does not fit: {learned}; give 1 {stronger}",
+                           f"guidance_scale={guidance_scale}: {learned}. Set sample.guidance_scale: 1 {stronger}")
 
 
 class EpsObjective:
