@@ -310,7 +310,7 @@ class CommandParser(argparse.ArgumentParser):
             listed = (values or {}).get(e.field)    # a flag of several values: say which one
             where = listed or self.origin(e.field, args)
             self.error(f"{listed}: {e.value!r} {e.problem}" if listed else f"{where}: {e.problem}" if where else lead + str(e))
-        except (ValueError, TypeError, FileNotFoundError) as e:
+        except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
             self.error(lead + self.named(str(e), args))
         except KeyError as e:
             self.error(lead + (e.args[0] if e.args else repr(e)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -107,6 +108,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def torch_device(text: str) -> str:
+    """``--device``: a device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: give cpu, cuda, cuda:N or mps") from None
+    return text
+
+
 def generate_parser() -> settings.CommandParser:
     from dit_core.pipeline import SamplingSettings
 
@@ -118,7 +130,7 @@ def generate_parser() -> settings.CommandParser:
     p.add_argument("--out", default="grid.png", help="the PNG to write, local or s3:// (default: grid.png)")
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (default: the model's own; needed for official .pt files)")
     p.add_argument("--zoom", type=positive_int, default=4, help="pixels per image pixel in the grid (default: 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, ... (default: cuda when present)")
     settings.add_arguments(p, SamplingSettings, help={k: "the model's recorded value, else" for k in ("sampler", "num_steps", "guidance_scale")})
     return p
 
@@ -137,6 +149,8 @@ def generate(argv: Sequence[str] | None = None) -> int:
     with p.refusing(a):
         given = settings.from_args(a, SamplingSettings)
         settings.build(SamplingSettings, given, "generate")   # the flags alone, before the model loads
+    with p.refusing(a, flag=f"--out {a.out}"):
+        storage.check_writable(os.path.dirname(a.out) or ".")
     with p.refusing(a, flag=f"--model {a.model}"):
         bundle = load_bundle(a.model)
     with p.refusing(a, values={"class_label": f"--labels {a.labels}"}):
@@ -168,7 +182,6 @@ def export(argv: Sequence[str]) -> int:
     """``dit export``: ``python -m dit_core.diffusers_interop export`` (a ``.pt``), or with
     ``--model MODEL OUT`` any model ``load_bundle`` resolves (``models/dit``, ``models:/name@alias``,
     a checkpoint folder), written as a ``.pt`` of our layout for it."""
-    import os
     import tempfile
 
     import torch

@@ -94,6 +94,8 @@ GENERATE = [   # flags after `dit generate --model <eps model> --labels 3 --out 
                               "whose samplers are ('ddpm', 'ddim', 'dpm-solver++'); choose one of them"]),
     (["--model", "/no/such/model.pt"], ["--model /no/such/model.pt: model '/no/such/model.pt' not found: expected an MLflow URI"]),
     (["--model", "{garbage}"], ["--model ", "garbage.pt is not a readable PyTorch checkpoint"]),
+    (["--device", "gpu0"], ["argument --device: 'gpu0' is not a torch device"]),
+    (["--out", "/proc/no-such/grid.png"], ["--out /proc/no-such/grid.png: cannot write to /proc/no-such"]),
 ]
 
 COMMANDS = [   # every other subcommand; {out}: a path never written
