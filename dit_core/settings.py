@@ -307,9 +307,12 @@ class CommandParser(argparse.ArgumentParser):
         try:
             yield
         except SettingError as e:
-            listed = (values or {}).get(e.field)    # a flag of several values: say which one
+            listed = (values or {}).get(e.field)    # a flag of several values (or a params entry): say which value
             where = listed or self.origin(e.field, args)
-            self.error(f"{listed}: {e.value!r} {e.problem}" if listed else f"{where}: {e.problem}" if where else lead + str(e))
+            if not where:
+                self.error(lead + str(e))
+            shown = "" if where.startswith("--") and not listed else f"{e.value!r} "
+            self.error(f"{where}: {shown}{e.problem}")
         except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
             self.error(lead + self.named(str(e), args))
         except KeyError as e:

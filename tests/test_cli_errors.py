@@ -35,6 +35,8 @@ def models(tmp_path_factory) -> dict[str, str]:
                     "latents": {"class_names": CLASS_NAMES, "num_classes": 10}}, path)
         out[name] = str(path)
     out["out"] = str(root / "never-written")
+    out["params"] = str(root / "params.yaml")
+    Path(out["params"]).write_text("sample:\n  sampler: foo\n")
     out["garbage"] = str(root / "garbage.pt")
     Path(out["garbage"]).write_bytes(b"not a checkpoint")
     return out
@@ -109,6 +111,7 @@ COMMANDS = [   # every other subcommand; {out}: a path never written
     (["train", "--latents", "{out}", "--params", "{out}.yaml"], "never-written.yaml not found: run from the project root or pass --params"),
     (["sample", "--model", "m", "--out", "{out}", "--num-images", "0"], "--num-images 0: num_images=0 must be at least 1"),
     (["sample", "--model", "m", "--out", "{out}", "--set", "guidance_scale=-2"], "--set guidance_scale=-2: must be >= 0"),
+    (["sample", "--model", "m", "--out", "{out}", "--params", "{params}"], ["sample.sampler in /", "params.yaml: 'foo' is unknown; choose one of ("]),
     (["train-classifier", "--prepared", "{out}", "--out", "{out}", "--set", "lr=fast"], "--set lr=fast: (str) is not a valid float"),
     (["evaluate", "--samples", "{out}", "--prepared", "{out}", "--classifier", "{out}", "--metrics", "{out}", "--set",
       "features=pixels"], "evaluate.features='pixels'; choose one of"),
@@ -117,6 +120,10 @@ COMMANDS = [   # every other subcommand; {out}: a path never written
     (["import", "/no/such/dir", "{out}"], "no diffusers DiT transformer at /no/such/dir"),
     (["nonsense"], "dit: error: argument command: invalid choice: 'nonsense'"),
 ]
+
+
+def _argv(models: dict[str, str], argv: list[str]) -> list[str]:
+    return [a.replace("{out}", models["out"]).replace("{params}", models["params"]) for a in argv]
 
 
 def _generate_argv(models: dict[str, str], flags: list[str]) -> list[str]:
@@ -128,7 +135,7 @@ def _generate_argv(models: dict[str, str], flags: list[str]) -> list[str]:
 def refused(models) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
     """Every command line of GENERATE and COMMANDS, run once in one process, by its argv."""
     argvs = [_generate_argv(models, flags) for flags, _ in GENERATE]
-    argvs += [[a.replace("{out}", models["out"]) for a in argv] for argv, _ in COMMANDS]
+    argvs += [_argv(models, argv) for argv, _ in COMMANDS]
     return {tuple(p.args): p for p in dit_many(argvs)}
 
 
@@ -157,5 +164,5 @@ def test_generate_names_the_flag_of_a_bad_value(models, refused, flags, says):
 
 @pytest.mark.parametrize("argv, says", COMMANDS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in COMMANDS])
 def test_every_subcommand_names_a_bad_value(models, refused, argv, says):
-    assert_refused(refused[tuple(a.replace("{out}", models["out"]) for a in argv)], says)
+    assert_refused(refused[tuple(_argv(models, argv))], *([says] if isinstance(says, str) else says))
     assert not Path(models["out"]).exists()
