@@ -89,7 +89,7 @@ def seed_list(text: str) -> list[int]:
     seeds = []
     for item in (v.strip() for v in text.split(",") if v.strip()):
         try:
-            seeds.append(check_seed(settings.load_yaml(item)))
+            seeds.append(check_seed(int(item) if item.lstrip("-").isdigit() else item))
         except settings.SettingError as e:
             raise argparse.ArgumentTypeError(f"{item!r} {e.problem}, e.g. --seeds 0,1,2") from None
     if not seeds:
@@ -163,7 +163,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     with p.refusing(a, flag=f"--autoencoder {a.autoencoder}" if a.autoencoder else f"--model {a.model}"):
         autoencoder, scale = load_autoencoder_for(bundle, a.autoencoder)
     pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion, device=a.device)
-    seeds = a.seeds
+    seeds = a.seeds   # checked by seed_list
     rows = [(c, s) for c in labels for s in seeds]
     images = pipe.generate([c for c, _ in rows], [s for _, s in rows], sampling)
     storage.write_bytes(a.out, png_bytes(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:]), a.zoom)))
