@@ -647,8 +647,10 @@ def _import_command(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dit_core.diffusers_interop", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dit_core.settings import CommandParser
+
+    parser = CommandParser(prog="python -m dit_core.diffusers_interop", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp_help = "our checkpoint (or an official .pt) -> a DiTPipeline folder"
     exp = sub.add_parser("export", help=exp_help, description=exp_help + ".")

@@ -25,8 +25,9 @@ import torch
 from dit_core.autoencoders import Autoencoder, load_autoencoder
 from dit_core.contract import AUTOENCODER_RECORD_FILE
 from dit_core.data import to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, make_objective, randn, sample_loop
+from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, check_sampler, make_objective, randn, sample_loop
 from dit_core.models import BlockCache, DiT, DiTConfig
+from dit_core.settings import SettingError
 
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit int; ours are non-negative
 CLASS_LABEL_MODES = ("all", "uniform")
@@ -47,18 +48,35 @@ class SamplingSettings:
     cache_interval: int = 1            # >1: the blocks run on one step in this many
 
     def __post_init__(self) -> None:
-        if self.sampler not in ALL_SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
-        if int(self.num_steps) < 1:
-            raise ValueError(f"num_steps={self.num_steps} must be at least 1")
-        if not float(self.guidance_scale) >= 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0 (1 = no guidance)")
-        if not float(self.eta) >= 0:
-            raise ValueError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM)")
-        if self.guided_channels is not None and int(self.guided_channels) < 1:
-            raise ValueError(f"guided_channels={self.guided_channels} must be at least 1, or None for all latent channels")
-        if int(self.cache_interval) < 1:
-            raise ValueError(f"cache_interval={self.cache_interval} must be at least 1 (1 = no caching)")
+        checks = (
+            ("sampler", self.sampler in ALL_SAMPLERS, f"is unknown; choose one of {ALL_SAMPLERS}"),
+            ("num_steps", int(self.num_steps) >= 1, "must be at least 1"),
+            ("guidance_scale", float(self.guidance_scale) >= 0, "must be >= 0 (1 = no guidance)"),
+            ("eta", float(self.eta) >= 0, "must be >= 0 (0: deterministic DDIM)"),
+            ("guided_channels", self.guided_channels is None or int(self.guided_channels) >= 1,
+             "must be at least 1, or None for all latent channels"),
+            ("cache_interval", int(self.cache_interval) >= 1, "must be at least 1 (1 = no caching)"),
+        )
+        for key, ok, problem in checks:
+            if not ok:
+                value = getattr(self, key)
+                raise SettingError(key, value, problem, f"sampler {value!r} {problem}" if key == "sampler" else f"{key}={value} {problem}")
+
+
+def check_sampling(objective: Any, settings: SamplingSettings) -> None:
+    """Refuse settings that a model of ``objective`` (``make_objective`` of its diffusion record)
+    cannot sample with, a sampler of another objective or guidance for a MeanFlow model: a
+    SettingError naming the setting."""
+    check_guidance(objective.settings(), settings.guidance_scale)
+    check_sampler(objective.settings(), settings.sampler)
+
+
+def check_seed(seed: Any) -> int:
+    """A per-image seed as an int, or a SettingError: an integer in [0, MAX_SEED]."""
+    whole = isinstance(seed, (int, np.integer)) or (isinstance(seed, (float, np.floating)) and float(seed).is_integer())
+    if isinstance(seed, (bool, np.bool_)) or not whole or not 0 <= int(seed) <= MAX_SEED:
+        raise SettingError("seed", seed, "is not a seed: give an integer in [0, 2**63 - 1]")
+    return int(seed)
 
 
 def make_model_fn(
@@ -186,16 +204,13 @@ class ImagePipeline:
     def generate(self, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings, batch_size: int = 250) -> np.ndarray:
         """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone,
         drawn ``batch_size`` at a time."""
-        check_guidance(self.objective.settings(), settings.guidance_scale)
-        labels, seeds = [int(c) for c in labels], [int(s) for s in seeds]
+        check_sampling(self.objective, settings)
+        labels, seeds = [int(c) for c in labels], [check_seed(s) for s in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; give one seed per image")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.check_labels(labels)
-        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-        if bad:
-            raise ValueError(f"seeds {bad[:5]} are out of range: a seed is an integer in [0, 2**63 - 1]")
         mc, sampler = self.model.config, self.sampler(settings)
         out = []
         for start in range(0, len(labels), batch_size):
@@ -214,5 +229,5 @@ class ImagePipeline:
         return np.concatenate(out)
 
 
-__all__ = ["CLASS_LABEL_MODES", "MAX_SEED", "ImagePipeline", "SamplingSettings", "class_labels_for", "image_seed",
+__all__ = ["CLASS_LABEL_MODES", "MAX_SEED", "ImagePipeline", "SamplingSettings", "check_sampling", "check_seed", "class_labels_for", "image_seed",
            "load_fitting_autoencoder", "make_model_fn"]

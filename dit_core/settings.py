@@ -10,13 +10,14 @@ checked against its field's type, with an error that names the key, the value an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
 import yaml
 
@@ -36,6 +37,23 @@ _Yaml12Loader.add_implicit_resolver(
                    |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+
+
+class SettingError(ValueError, TypeError):
+    """A value that setting ``key`` cannot take; ``problem`` says what is wrong and what it may be
+    (``must be at least 1``). Its text names the key (``num_steps=0 must be at least 1``, or
+    ``text`` as given); a command's parser names the flag or the params file entry the value came
+    from instead (``CommandParser.refusing``), the served model the column. A TypeError too: a
+    value of the wrong type is one."""
+
+    def __init__(self, key: str, value: Any, problem: str, text: str | None = None):
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(text or f"{key}={value!r} {problem}")
+
+    @property
+    def field(self) -> str:
+        """The key without its section (``sample.num_steps`` -> ``num_steps``)."""
+        return self.key.rpartition(".")[2]
 
 
 def load_yaml(text: str) -> Any:
@@ -145,8 +163,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     try:
         return _coerce(value, tp)
     except _Mismatch:
-        raise TypeError(f"{key}={value!r} ({type_name(type(value))}) is not a valid {type_name(tp)}; "
-                        f"fix the value in params.yaml or the override") from None
+        problem = f"({type_name(type(value))}) is not a valid {type_name(tp)}"
+        raise SettingError(key, value, problem, f"{key}={value!r} {problem}; fix the value in params.yaml or the override") from None
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -200,7 +218,7 @@ def parse_overrides(items: Sequence[str], cls: type, section: str) -> dict[str, 
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in hints:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {sorted(hints)} ({section} settings)")
+            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY one of {sorted(hints)} ({section} settings)")
         out[key] = read_value(value, hints[key])
     return out
 
@@ -247,10 +265,68 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
 
 
-def command_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser for a command a person types: an error is one line on stderr (exit status
+    2, no usage block, no traceback), and ``refusing`` turns a refused value into such a line that
+    names where the value came from: the flag (``--num-steps 0``), ``--set KEY=VALUE``, or the
+    entry of the params file."""
+
+    section: str = ""          # the params.yaml section of its settings (add_settings_arguments)
+    keys: tuple[str, ...] = ()  # the names of those settings
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+    def origin(self, key: str, args: argparse.Namespace) -> str | None:
+        """How the user gave setting ``key``: its flag, a --set item, the params file (None: not at all)."""
+        flags = [a.option_strings[-1] for a in self._actions if a.dest == key and a.option_strings]
+        given = vars(args)
+        if flags and isinstance(given.get(key), str):
+            return f"{flags[0]} {given[key]}"
+        for item in given.get("set") or []:
+            if item.partition("=")[0] == key:
+                return f"--set {item}"
+        if self.section and (given.get("params") or Path("params.yaml").is_file()):
+            return f"{self.section}.{key} in {given.get('params') or 'params.yaml'}"
+        return None
+
+    def named(self, text: str, args: argparse.Namespace) -> str:
+        """A settings check's message (``train.steps=0 must be ...``) led by where the value came from."""
+        match = re.match(r"(?:\w+\.)?(\w+)=", text)
+        where = self.origin(match.group(1), args) if match and match.group(1) in self.keys else None
+        return f"{where}: {text}" if where else text
+
+    @contextlib.contextmanager
+    def refusing(self, args: argparse.Namespace, values: Mapping[str, str] | None = None,
+                 flag: str | None = None) -> Iterator[None]:
+        """Values refused inside the block become ``error`` lines: a ``SettingError`` names the flag
+        (or params entry) it came from, ``values`` giving the flags of keys that are not settings
+        (``{"class_label": "--labels 3,7"}``); any other ValueError, TypeError, missing file or
+        exit message is its text, after ``flag`` (the flag whose value the block reads)."""
+        lead = f"{flag}: " if flag else ""
+        try:
+            yield
+        except SettingError as e:
+            listed = (values or {}).get(e.field)    # a flag of several values (or a params entry): say which value
+            where = listed or self.origin(e.field, args)
+            if not where:
+                self.error(lead + str(e))
+            shown = "" if where.startswith("--") and not listed else f"{e.value!r} "
+            self.error(f"{where}: {shown}{e.problem}")
+        except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+            self.error(lead + self.named(str(e), args))
+        except KeyError as e:
+            self.error(lead + (e.args[0] if e.args else repr(e)))
+        except SystemExit as e:      # a check that exits with its message
+            if not isinstance(e.code, str):
+                raise
+            self.error(lead + self.named(e.code, args))
+
+
+def command_parser(doc: str | None, prog: str | None = None) -> CommandParser:
     """A job's or stage's parser: its docstring's first paragraph as written, the epilog (the
     settings list) kept line by line."""
-    return argparse.ArgumentParser(prog=prog, description=summary(doc), formatter_class=HelpFormatter)
+    return CommandParser(prog=prog, description=summary(doc), formatter_class=HelpFormatter)
 
 
 def settings_listing(cls: type, section: str, skip: Sequence[str] = ()) -> str:
@@ -276,6 +352,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"override {section} settings, values typed as in params.yaml{', e.g. ' + example if example else ''}")
     parser.epilog = settings_listing(cls, section, skip)
+    if isinstance(parser, CommandParser):
+        parser.section, parser.keys = section, tuple(field_types(cls))
 
 
 def read_settings(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:
@@ -286,6 +364,6 @@ def read_settings(args: argparse.Namespace, cls: type, section: str) -> dict[str
     return {**params, **parse_overrides(args.set, cls, section)}
 
 
-__all__ = ["HelpFormatter", "add_arguments", "add_settings_arguments", "build", "coerce", "command_parser", "defaults", "from_args", "load_yaml",
+__all__ = ["CommandParser", "HelpFormatter", "SettingError", "add_arguments", "add_settings_arguments", "build", "coerce", "command_parser", "defaults", "from_args", "load_yaml",
            "parse_overrides", "read_section", "read_settings", "read_value", "read_yaml", "settings_listing", "summary",
            "type_name"]

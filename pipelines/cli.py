@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -82,45 +83,87 @@ def run_module(name: str, argv: Sequence[str]) -> int:
 # dit generate
 # ---------------------------------------------------------------------------------------------
 
-def generate_parser() -> argparse.ArgumentParser:
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated image seeds, each an integer in [0, 2**63 - 1]."""
+    from dit_core.pipeline import check_seed
+
+    seeds = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            seeds.append(check_seed(int(item) if item.lstrip("-").isdigit() else item))
+        except settings.SettingError as e:
+            raise argparse.ArgumentTypeError(f"{item!r} {e.problem}, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. --seeds 0,1")
+    return seeds
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (``--zoom``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """``--device``: a device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: give cpu, cuda, cuda:N or mps") from None
+    return text
+
+
+def generate_parser() -> settings.CommandParser:
     from dit_core.pipeline import SamplingSettings
 
-    p = argparse.ArgumentParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
-                                formatter_class=settings.HelpFormatter)
+    p = settings.CommandParser(prog="dit generate", description=COMMANDS["generate"].help + ": one row per label, one column per seed.",
+                               formatter_class=settings.HelpFormatter)
     p.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model, a checkpoint dir or .pt")
     p.add_argument("--labels", required=True, help="comma-separated class ids or class names, e.g. 3,7")
-    p.add_argument("--seeds", default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")
+    p.add_argument("--seeds", type=seed_list, default="0", help="comma-separated image seeds (the bulk sampler's `seed` column) (default: 0)")
     p.add_argument("--out", default="grid.png", help="the PNG to write, local or s3:// (default: grid.png)")
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (default: the model's own; needed for official .pt files)")
-    p.add_argument("--zoom", type=int, default=4, help="pixels per image pixel in the grid (default: 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--zoom", type=positive_int, default=4, help="pixels per image pixel in the grid (default: 4)")
+    p.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, ... (default: cuda when present)")
     settings.add_arguments(p, SamplingSettings, help={k: "the model's recorded value, else" for k in ("sampler", "num_steps", "guidance_scale")})
     return p
 
 
 def generate(argv: Sequence[str] | None = None) -> int:
     from dit_core.data import image_grid, png_bytes
-    from dit_core.pipeline import ImagePipeline, SamplingSettings
+    from dit_core.diffusion import make_objective
+    from dit_core.pipeline import ImagePipeline, SamplingSettings, check_sampling
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
     from ray_jobs.model_source import load_autoencoder_for, load_bundle
 
     p = generate_parser()
     a = p.parse_args(argv)
-    try:
+    with p.refusing(a):
         given = settings.from_args(a, SamplingSettings)
-        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        settings.build(SamplingSettings, given, "generate")   # the flags alone, before the model loads
+    with p.refusing(a, flag=f"--out {a.out}"):
+        storage.check_writable(os.path.dirname(a.out) or ".")
+    with p.refusing(a, flag=f"--model {a.model}"):
         bundle = load_bundle(a.model)
+    with p.refusing(a, values={"class_label": f"--labels {a.labels}"}):
         sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
+        check_sampling(make_objective(bundle.diffusion, learn_sigma=bundle.config.learn_sigma), sampling)
         names = [str(n) for n in bundle.latents.get(CLASS_NAMES_KEY) or []]
-        nc = bundle.config.num_classes
-        labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]
-        if not labels or not seeds:
-            raise ValueError("give at least one label (--labels 3,7) and one seed (--seeds 0,1)")
+        labels = [resolve_label(v.strip(), names, bundle.config.num_classes) for v in a.labels.split(",") if v.strip()]
+        if not labels:
+            p.error(f"--labels {a.labels!r}: give at least one class id or name, e.g. --labels 3,7")
+    with p.refusing(a, flag=f"--autoencoder {a.autoencoder}" if a.autoencoder else f"--model {a.model}"):
         autoencoder, scale = load_autoencoder_for(bundle, a.autoencoder)
-    except (TypeError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     pipe = ImagePipeline(bundle.build_model(), autoencoder, scale, bundle.diffusion, device=a.device)
+    seeds = a.seeds   # checked by seed_list
     rows = [(c, s) for c in labels for s in seeds]
     images = pipe.generate([c for c, _ in rows], [s for _, s in rows], sampling)
     storage.write_bytes(a.out, png_bytes(image_grid(images.reshape(len(labels), len(seeds), *images.shape[1:]), a.zoom)))
@@ -139,7 +182,6 @@ def export(argv: Sequence[str]) -> int:
     """``dit export``: ``python -m dit_core.diffusers_interop export`` (a ``.pt``), or with
     ``--model MODEL OUT`` any model ``load_bundle`` resolves (``models/dit``, ``models:/name@alias``,
     a checkpoint folder), written as a ``.pt`` of our layout for it."""
-    import os
     import tempfile
 
     import torch
@@ -154,14 +196,14 @@ def export(argv: Sequence[str]) -> int:
     elif i + 1 < len(argv):
         model, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     else:
-        print("error: --model needs a model: models/dit, models:/name@alias, or a checkpoint folder", file=sys.stderr)
+        print("dit export: error: --model needs a model: models/dit, models:/name@alias, or a checkpoint folder", file=sys.stderr)
         return 2
     from ray_jobs.model_source import load_bundle
 
     try:
         bundle = load_bundle(model)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"dit export: error: --model {model}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dit-export-") as tmp:
         checkpoint = os.path.join(tmp, CHECKPOINT_STATE_FILE)
@@ -175,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         name, rest = argv[0], argv[1:]
         return generate(rest) if name == "generate" else export(rest) if name == "export" else run_module(name, rest)
-    p = argparse.ArgumentParser(prog="dit", description=__doc__.split("\n\n")[0],
+    p = settings.CommandParser(prog="dit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="commands:\n" + "\n".join(f"  {n:<18} {c.help}" for n, c in COMMANDS.items())
                                 + "\n\n`dit <command> --help` shows its flags and settings.")

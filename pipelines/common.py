@@ -95,17 +95,20 @@ def write_location(local: str, uri: str) -> None:
 
 
 def stage_arguments(argv: Sequence[str] | None, doc: str | None, flags: Mapping[str, str], settings_cls: type, section: str,
-                    example: str, optional: Sequence[str] = (), skip: Sequence[str] = ()) -> tuple[argparse.Namespace, dict[str, Any]]:
+                    example: str, optional: Sequence[str] = (), skip: Sequence[str] = ()
+                    ) -> tuple[settings.CommandParser, argparse.Namespace, dict[str, Any]]:
     """A stage's command line: its path flags (``flags``: flag -> help, in order; required but for
     those in ``optional``), as ``dvc.yaml`` gives them, then ``--params``/``--set`` for its params.yaml
     ``section`` with the settings list of ``settings_cls`` (``skip``: fields its flags give). Returns
-    the parsed flags and the section's settings (``settings.read_settings``)."""
+    the parser (its ``refusing`` turns a refused value into one line naming the flag), the parsed
+    flags and the section's settings (``settings.read_settings``; a bad one is refused that way)."""
     p = settings.command_parser(doc)
     for flag, text in flags.items():
         p.add_argument(flag, required=flag not in optional, default=None, help=text)
     settings.add_settings_arguments(p, settings_cls, section, PARAMS_FILE, skip=skip, example=example)
     a = p.parse_args(argv)
-    return a, settings.read_settings(a, settings_cls, section)
+    with p.refusing(a):
+        return p, a, settings.read_settings(a, settings_cls, section)
 
 
 def _argv(args: argparse.Namespace) -> str:

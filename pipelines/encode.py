@@ -16,8 +16,11 @@ from ray_jobs.encode import EncodeConfig, command_parser, config_from, encode
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = command_parser(__doc__, PARAMS_FILE).parse_args(argv)
-    params = settings.read_settings(a, EncodeConfig, "encode")
+    p = command_parser(__doc__, PARAMS_FILE)
+    a = p.parse_args(argv)
+    with p.refusing(a):   # typed and sound before any work
+        params = settings.read_settings(a, EncodeConfig, "encode")
+        config_from(a.prepared, a.autoencoder, a.out, params).validate()
 
     def core(job: argparse.Namespace) -> None:
         stats = encode(config_from(job.prepared, job.autoencoder, job.out, params))

@@ -339,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
              "--classifier": "the train_classifier stage's output",
              "--metrics": "eval.json (local)",
              "--plots": "this evaluation as a plot point (FID per sampler and guidance, `dvc plots diff`)"}
-    a, given = stage_arguments(argv, __doc__, flags, EvaluateSettings, "evaluate", "register=false", optional=("--plots",))
-    params = asdict(settings.build(EvaluateSettings, given, "evaluate"))
-    check_settings(params)
+    p, a, given = stage_arguments(argv, __doc__, flags, EvaluateSettings, "evaluate", "register=false", optional=("--plots",))
+    with p.refusing(a):
+        params = asdict(settings.build(EvaluateSettings, given, "evaluate"))
+        check_settings(params)
 
     def core(job: argparse.Namespace) -> None:
         metrics = evaluate(job.samples, job.prepared, job.classifier, params)

@@ -520,8 +520,9 @@ def _check_skipped(skipped: list[dict[str, str]], num_inputs: int, cfg: PrepareC
 
 def main(argv: list[str] | None = None) -> int:
     flags = {"--out": "output folder or s3:// URI (from dvc.yaml)"}
-    a, params = stage_arguments(argv, __doc__, flags, PrepareConfig, "prepare", "source=imagefolder path=s3://b/images")
-    cfg = PrepareConfig.from_params(params)
+    p, a, params = stage_arguments(argv, __doc__, flags, PrepareConfig, "prepare", "source=imagefolder path=s3://b/images")
+    with p.refusing(a):
+        cfg = PrepareConfig.from_params(params)
     run_stage("prepare", a, StageIO(outputs=("out",), settings_paths=lambda _: {"prepare.path": cfg.path}),
               lambda job: prepare(cfg, job.out))
     return 0

@@ -41,8 +41,10 @@ def config_from(params: dict[str, Any], model: str, out: str) -> SampleConfig:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--trained": "the train stage's model folder (models/dit), sampled when sample.model is null",
              "--out": "samples folder or s3:// prefix"}
-    a, params = stage_arguments(argv, __doc__, flags, SampleConfig, "sample", "num_images=64", optional=("--trained",), skip=("output",))
-    config_from(params, "unresolved", a.out)  # typed, complete and sound before any work, here and not on a cluster
+    p, a, params = stage_arguments(argv, __doc__, flags, SampleConfig, "sample", "num_images=64", optional=("--trained",),
+                                   skip=("output",))
+    with p.refusing(a):   # typed, complete and sound before any work, here and not on a cluster
+        config_from(params, "unresolved", a.out)
 
     def core(job: argparse.Namespace) -> None:
         cfg = config_from(params, model_uri(params, job.trained), job.out)

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
              "--metrics": "metrics JSON",
              "--out": "the model folder to write (models/dit), local or s3://",
              "--plots": "per-step CSV (step, loss, lr, ...) for `dvc plots show`"}
-    a, params = stage_arguments(argv, __doc__, flags, TrainConfig, "train", "steps=100 lr=1e-3", optional=("--plots",), skip=("latents",))
+    p, a, params = stage_arguments(argv, __doc__, flags, TrainConfig, "train", "steps=100 lr=1e-3", optional=("--plots",),
+                                   skip=("latents",))
+    with p.refusing(a):   # typed and sound before any work
+        config_from(a.latents, params).validate()
     root = store_root(a.params)
     checkpoints = str(params.get("storage_path", "checkpoints"))
     if root:

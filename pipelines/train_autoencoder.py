@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from dit_core.autoencoders import (
@@ -167,7 +166,10 @@ def write_version(ae: Autoencoder, staging: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "autoencoder folder or s3:// URI",
              "--metrics": "JSON metrics file (local)"}
-    a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200", optional=("--metrics",))
+    p, a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200",
+                                   optional=("--metrics",))
+    with p.refusing(a):   # typed and sound before any work
+        settings.build(AutoencoderSettings, params, "train_autoencoder")
 
     def core(job: argparse.Namespace) -> None:
         with storage.publishing(job.out, AUTOENCODER_RECORD_FILE) as staging:  # before training: a killed run leaves only this

@@ -8,7 +8,6 @@ and the class accuracy of generated images (``evaluate``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -87,7 +86,10 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "classifier folder or s3:// URI",
              "--metrics": "JSON metrics file (local)"}
-    a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5", optional=("--metrics",))
+    p, a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5",
+                                   optional=("--metrics",))
+    with p.refusing(a):   # typed and sound before any work
+        settings.build(ClassifierSettings, params, "train_classifier")
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)

@@ -16,7 +16,6 @@ then ``stats.json``, which names the views it holds. Published atomically
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -75,8 +74,9 @@ class EncodeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"encode.mode={self.mode!r} is not one of {MODES}")
-        if self.batch_size < 1 or self.cpu_actors < 1 or self.rows_per_group < 1:
-            raise ValueError("encode.batch_size, encode.cpu_actors and encode.rows_per_group must be positive")
+        for key in ("batch_size", "cpu_actors", "rows_per_group"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"encode.{key}={getattr(self, key)} must be a positive integer")
 
 
 def latent_columns(views: Sequence[str]) -> tuple[str, ...]:
@@ -324,7 +324,7 @@ def config_from(prepared: str, autoencoder: str, output: str, params: dict[str, 
     return settings.build(EncodeConfig, {**params, "prepared": prepared, "autoencoder": autoencoder, "output": output}, "encode")
 
 
-def command_parser(doc: str | None, params_file: str | None) -> argparse.ArgumentParser:
+def command_parser(doc: str | None, params_file: str | None) -> settings.CommandParser:
     """The flags of the job and of its DVC stage (``pipelines/encode.py``, whose ``--params`` defaults
     to ``params_file``); ``doc`` heads the ``--help``."""
     p = settings.command_parser(doc)
@@ -339,8 +339,12 @@ def command_parser(doc: str | None, params_file: str | None) -> argparse.Argumen
 def main(argv: list[str] | None = None) -> int:
     """``ray job submit`` entry point; settings from ``--params`` (default: ./params.yaml if present,
     else EncodeConfig's defaults) and ``--set`` overrides."""
-    a = command_parser(__doc__, None).parse_args(argv)
-    stats = encode(config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode")))
+    p = command_parser(__doc__, None)
+    a = p.parse_args(argv)
+    with p.refusing(a):
+        cfg = config_from(a.prepared, a.autoencoder, a.out, settings.read_settings(a, EncodeConfig, "encode"))
+        cfg.validate()
+    stats = encode(cfg)
     print(json.dumps({k: stats[k] for k in ("autoencoder_id", SCALE_FACTOR_KEY, LATENT_SHAPE_KEY, VIEWS_KEY, COUNTS_KEY)}))
     return 0
 

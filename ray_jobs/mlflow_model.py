@@ -1,7 +1,10 @@
 """The registered model: an MLflow pyfunc image generator that carries everything it needs.
 
 Rows in (``class_label``: an id or a class name, ``seed``; optional ``num_steps``,
-``guidance_scale``, ``sampler``), rows out (``image``: PNG bytes, ``class_label``, ``seed``). A row's
+``guidance_scale``, ``sampler``, which a request's ``params`` may also give for all its rows), rows
+out (``image``: PNG bytes, ``class_label``, ``seed``). An unknown column or param, or a value a
+setting cannot take, is refused with a ``BadRequest`` naming it (HTTP 400 from ``mlflow models
+serve``, its ``message`` the reason). A row's
 ``seed`` is the image's own seed, as the bulk sampler's ``seed`` column records it: the same
 (label, seed, settings) gives the same image as ``python -m ray_jobs.sample`` with that seed.
 
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 import torch
@@ -33,14 +38,27 @@ import torch
 from dit_core.contract import (CLASS_LABEL_COLUMN, CLASS_NAMES_KEY, IMAGE_COLUMN, MODEL_AUTOENCODER_DIR, MODEL_BUNDLE_ARTIFACT,
                                MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, SCALE_FACTOR_KEY, SEED_COLUMN)
 from dit_core.models import DiT, DiTConfig, check_state_dict
+from dit_core.settings import SettingError, coerce, field_types
 
 FORMAT = 1                             # dit.json's "format"; a reader refuses others
 SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "eta", "guided_channels", "cache_interval")
 ROW_SETTINGS = ("num_steps", "guidance_scale", "sampler")  # per-row overrides of the sampling defaults
+REQUIRED_COLUMNS = (CLASS_LABEL_COLUMN, SEED_COLUMN)
+COLUMNS = REQUIRED_COLUMNS + ROW_SETTINGS       # every column a request may have
 
 
 class BrokenBundle(ValueError):
     """The bundle lacks a part, or a part does not fit the others."""
+
+
+class BadRequest(MlflowException, ValueError):
+    """Input rows, columns or params the model refuses. MLflow's scoring server answers an
+    MlflowException with its error code's status and its message (400 for
+    INVALID_PARAMETER_VALUE), where any other exception becomes a generic 400 whose reason is
+    only in the stack trace."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 @dataclass
@@ -174,9 +192,13 @@ def load_bundle_autoencoder(contents: BundleContents) -> tuple[Any, float]:
 # ---------------------------------------------------------------------------------------------
 
 def resolve_label(value: Any, class_names: Sequence[str], num_classes: int) -> int:
-    """A class id from an id (int, or an integral float / numeric text) or a class name."""
+    """A class id from an id (int, or an integral float / numeric text) or a class name; else a
+    SettingError naming the value and the ids and names it may be."""
+    def refuse(problem: str, shown: Any = value) -> SettingError:
+        return SettingError("class_label", shown, problem, f"class_label {shown!r} {problem}")
+
     if isinstance(value, (bool, np.bool_)) or value is None:
-        raise ValueError(f"class_label {value!r} is neither a class id nor a class name")
+        raise refuse(f"is neither a class id 0..{num_classes - 1} nor a class name")
     if isinstance(value, numbers.Integral):
         label = int(value)
     elif isinstance(value, numbers.Real) and float(value).is_integer():
@@ -186,13 +208,12 @@ def resolve_label(value: Any, class_names: Sequence[str], num_classes: int) -> i
             return list(class_names).index(value)
         if not value.strip().lstrip("-").isdigit():
             shown = ", ".join(repr(n) for n in list(class_names)[:10]) + (", ..." if len(class_names) > 10 else "")
-            raise ValueError(f"class_label {value!r} is not a class name of this model ({shown or 'it records none'}) "
-                             f"nor a class id 0..{num_classes - 1}")
+            raise refuse(f"is not a class name of this model ({shown or 'it records none'}) nor a class id 0..{num_classes - 1}")
         label = int(value)
     else:
-        raise ValueError(f"class_label {value!r} ({type(value).__name__}) is neither a class id nor a class name")
+        raise refuse(f"({type(value).__name__}) is neither a class id 0..{num_classes - 1} nor a class name")
     if not 0 <= label < num_classes:
-        raise ValueError(f"class_label {label} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise refuse(f"is out of range: the model has {num_classes} classes (0..{num_classes - 1})", label)
     return label
 
 
@@ -201,30 +222,73 @@ def _given(value: Any) -> bool:
 
 
 def row_settings(row: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampling settings of one input row: its own num_steps, guidance_scale, sampler where given."""
+    """The sampling settings of one input row: its own num_steps, guidance_scale, sampler where
+    given (typed as SamplingSettings' fields: a SettingError names a value of the wrong type)."""
+    from dit_core.pipeline import SamplingSettings
+
+    hints = field_types(SamplingSettings)
     out = {k: defaults[k] for k in SAMPLING_KEYS if k in defaults}
-    for key, cast in (("num_steps", int), ("guidance_scale", float), ("sampler", str)):
-        value = row.get(key)
-        if _given(value):
-            if cast is int and not float(value).is_integer():
-                raise ValueError(f"num_steps={value!r} must be a whole number")
-            out[key] = cast(value)
+    out.update({k: coerce(row[k], hints[k], k) for k in ROW_SETTINGS if _given(row.get(k))})
     return out
 
 
-def signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+def check_columns(columns: Sequence[str], rows: int) -> None:
+    """Refuse a column the model does not take (a misspelled ``steps`` would be ignored) or a
+    request without a required one, naming the columns it takes."""
+    takes = f"this model takes {list(REQUIRED_COLUMNS)} in every row and optionally {list(ROW_SETTINGS)}"
+    unknown = [str(c) for c in columns if c not in COLUMNS]
+    if unknown:
+        raise BadRequest(f"unknown input columns {unknown}: {takes}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if rows and missing:
+        raise BadRequest(f"input rows lack the columns {missing}: {takes}")
 
-    inputs = Schema([
-        ColSpec(AnyType(), CLASS_LABEL_COLUMN),          # a class id, or a class name
-        ColSpec("long", SEED_COLUMN),
-        ColSpec(AnyType(), "num_steps", required=False),  # Any: absent in some rows of a batch (null)
-        ColSpec(AnyType(), "guidance_scale", required=False),
-        ColSpec(AnyType(), "sampler", required=False),
-    ])
+
+def check_params(params: Any) -> None:
+    """Refuse names in a request's ``params`` that are not this model's (its ParamSchema's)."""
+    unknown = sorted(str(k) for k in params or {} if k not in ROW_SETTINGS) if isinstance(params, dict) else []
+    if unknown:
+        raise BadRequest(f"unknown params {unknown}: this model takes the params {list(ROW_SETTINGS)} "
+                         "(defaults for every row of the request; a row's own columns come first)")
+
+
+def _refuse_unknown_params() -> None:
+    """MLflow drops the ``params`` of a request that its model's ParamSchema does not list, with a
+    warning in the server's log alone (mlflow/mlflow#9252), before ``predict`` sees them: a
+    misspelled ``params={"steps": 8}`` would be silently ignored. For this model's schema (and no
+    other), refuse them instead, as MLflow refuses a param value of the wrong type."""
+    import mlflow.pyfunc as pyfunc
+
+    enforce = getattr(pyfunc, "_enforce_params_schema", None)
+    if enforce is None or getattr(enforce, "refuses_unknown", False):
+        return
+    ours = params_schema()
+
+    def refuse_unknown(params: Any, schema: Any) -> Any:
+        if schema == ours:
+            check_params(params)
+        return enforce(params, schema)
+
+    refuse_unknown.refuses_unknown = True  # type: ignore[attr-defined]
+    pyfunc._enforce_params_schema = refuse_unknown
+
+
+def params_schema() -> Any:
+    """``params`` a request may give: the per-row settings, as defaults for all its rows."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema([ParamSpec("num_steps", "long", None), ParamSpec("guidance_scale", "double", None),
+                        ParamSpec("sampler", "string", None)])
+
+
+def signature() -> Any:
+    """Outputs and params only: with an input schema, MLflow would drop unknown columns before
+    ``predict`` could refuse them. The columns are COLUMNS, checked by ``check_columns``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
     outputs = Schema([ColSpec("binary", IMAGE_COLUMN), ColSpec("long", CLASS_LABEL_COLUMN), ColSpec("long", SEED_COLUMN)])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs, params=params_schema())
 
 
 def input_example(num_classes: int, diffusion: Mapping[str, Any] | None = None) -> pd.DataFrame:
@@ -252,31 +316,44 @@ class DiTImageGenerator(mlflow.pyfunc.PythonModel):
         self.sampling = contents.sampling
         self.class_names = [str(n) for n in contents.latents.get(CLASS_NAMES_KEY) or []]
         self.pipeline = ImagePipeline(contents.build_model(), autoencoder, scale, contents.config.get("diffusion"))
+        _refuse_unknown_params()
+
+    def requests(self, frame: pd.DataFrame, params: Mapping[str, Any] | None) -> list[tuple[int, int, Any]]:
+        """Each row's (class id, seed, SamplingSettings), every value checked once, here: a
+        BadRequest naming the row, the column, the value and what it may be."""
+        from dit_core.pipeline import SamplingSettings, check_sampling, check_seed
+
+        check_columns(list(frame.columns), len(frame))
+        check_params(params)
+        defaults = {**self.sampling, **{k: v for k, v in (params or {}).items() if _given(v)}}
+        out = []
+        for i, row in enumerate(frame.to_dict("records")):
+            try:
+                sampling = SamplingSettings(**row_settings(row, defaults))
+                check_sampling(self.pipeline.objective, sampling)
+                out.append((resolve_label(row[CLASS_LABEL_COLUMN], self.class_names, self.pipeline.num_classes),
+                            check_seed(row[SEED_COLUMN]), sampling))
+            except SettingError as e:
+                raise BadRequest(f"row {i}: {e.field}={e.value!r} {e.problem}") from None
+        return out
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from dit_core.data import png_bytes
-        from dit_core.pipeline import SamplingSettings
+        from dataclasses import astuple
 
-        rows = pd.DataFrame(model_input).to_dict("records")
-        for column in (CLASS_LABEL_COLUMN, SEED_COLUMN):
-            if rows and column not in rows[0]:
-                raise ValueError(f"input rows lack the column {column!r}; give class_label and seed in every row")
-        labels = [resolve_label(r[CLASS_LABEL_COLUMN], self.class_names, self.pipeline.num_classes) for r in rows]
-        seeds = []
-        for r in rows:
-            if not _given(r[SEED_COLUMN]) or not float(r[SEED_COLUMN]).is_integer():
-                raise ValueError(f"seed {r[SEED_COLUMN]!r} is not an integer; give every row an integer seed >= 0")
-            seeds.append(int(r[SEED_COLUMN]))
+        from dit_core.data import png_bytes
+
+        rows = self.requests(pd.DataFrame(model_input), params)
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):  # rows with the same settings share batches
-            groups.setdefault(tuple(sorted(row_settings(r, self.sampling).items())), []).append(i)
+        for i, (_, _, sampling) in enumerate(rows):  # rows with the same settings share batches
+            groups.setdefault(astuple(sampling), []).append(i)
         images: list[bytes] = [b""] * len(rows)
-        for key, idx in groups.items():
-            settings = SamplingSettings(**dict(key))
-            out = self.pipeline.generate([labels[i] for i in idx], [seeds[i] for i in idx], settings, self.batch_size)
+        for idx in groups.values():
+            sampling = rows[idx[0]][2]
+            out = self.pipeline.generate([rows[i][0] for i in idx], [rows[i][1] for i in idx], sampling, self.batch_size)
             for i, image in zip(idx, out):
                 images[i] = png_bytes(image)
-        return pd.DataFrame({IMAGE_COLUMN: images, CLASS_LABEL_COLUMN: np.asarray(labels, np.int64), SEED_COLUMN: np.asarray(seeds, np.int64)})
+        return pd.DataFrame({IMAGE_COLUMN: images, CLASS_LABEL_COLUMN: np.asarray([r[0] for r in rows], np.int64),
+                             SEED_COLUMN: np.asarray([r[1] for r in rows], np.int64)})
 
 
 if __name__ != "ray_jobs.mlflow_model":
@@ -286,10 +363,14 @@ if __name__ != "ray_jobs.mlflow_model":
 
 
 __all__ = [
+    "COLUMNS",
+    "BadRequest",
     "BrokenBundle",
     "BundleContents",
+    "check_columns",
     "DiTImageGenerator",
     "input_example",
+    "params_schema",
     "load_bundle_autoencoder",
     "read_bundle",
     "resolve_label",

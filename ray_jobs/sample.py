@@ -447,12 +447,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     out = a.out if a.out is not None else a.deprecated_output
     if out is None:
         p.error("the following arguments are required: --out")
-    try:
+    with p.refusing(a):
         given = {**settings.read_settings(a, SampleConfig, "sample"), **settings.from_args(a, SampleConfig)}
-        cfg = settings.build(SampleConfig, {**given, "model": a.model, "output": out}, "sample")
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
-    return cfg
+        return settings.build(SampleConfig, {**given, "model": a.model, "output": out}, "sample")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_settings_arguments(p, TrainConfig, "train", None, skip=("latents",), example="steps=100 lr=1e-3")
     p.add_argument("--result", help="write the result (checkpoint, run, version, metrics) as JSON here (local or s3://)")
     a = p.parse_args(argv)
-    result = train(config_from(a.latents, settings.read_settings(a, TrainConfig, "train")))
+    with p.refusing(a):
+        cfg = config_from(a.latents, settings.read_settings(a, TrainConfig, "train"))
+        cfg.validate()
+    result = train(cfg)
     out = result.summary()
     if a.result:
         storage.write_json(a.result, out)

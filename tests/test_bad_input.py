@@ -111,7 +111,7 @@ def test_a_damaged_model_folder_is_named(tmp_path):
         load_bundle(str(folder))
 
 
-def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sample_model, tmp_path):
+def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sample_model, tmp_path, capsys):
     from pipelines.sample import main
 
     with pytest.raises(ValueError, match=r"formats \['gif'\] not understood; choose from \('png', 'parquet', 'npz'\)"):
@@ -122,8 +122,9 @@ def test_an_unknown_sample_format_is_refused_by_the_job_the_cli_and_the_stage(sa
     assert cli.returncode == 2 and "formats ['gif'] not understood" in cli.stderr
     params = tmp_path / "params.yaml"
     params.write_text("sample:\n  formats: [webp]\n")
-    with pytest.raises(ValueError, match=r"formats \['webp'\] not understood"):   # before the pointer is even read
+    with pytest.raises(SystemExit) as refused:   # before the pointer is even read: one line, exit status 2
         main(["--trained", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--params", str(params)])
+    assert refused.value.code == 2 and "formats ['webp'] not understood" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -113,7 +113,7 @@ def test_sample_takes_out_and_still_the_deprecated_output(capsys):
     assert "required: --out" in capsys.readouterr().err
 
 
-def test_set_overrides_params_file_with_typed_values(tmp_path):
+def test_set_overrides_params_file_with_typed_values(tmp_path, capsys):
     from ray_jobs.sample import parse_args
 
     params = tmp_path / "p.yaml"
@@ -122,8 +122,10 @@ def test_set_overrides_params_file_with_typed_values(tmp_path):
     assert (cfg.num_images, cfg.sampler, cfg.guidance_scale) == (64, "ddim", 1.0)
     cfg = parse_args(["--model", "m", "--out", "o", "--params", str(params), "--set", "num_images=64", "--num-images", "8"])
     assert cfg.num_images == 8   # a field flag is the most specific
-    with pytest.raises(SystemExit, match="--set steps=3: expected KEY=VALUE with KEY one of"):
+    with pytest.raises(SystemExit) as refused:   # exit status 2, the one line on stderr
         parse_args(["--model", "m", "--out", "o", "--set", "steps=3"])
+    assert refused.value.code == 2
+    assert "--set steps=3: expected KEY=VALUE with KEY one of" in capsys.readouterr().err
 
 
 def test_a_stage_sent_as_a_job_gets_its_set_overrides_back():

@@ -221,6 +221,56 @@ def test_served_model_answers_the_readmes_request(served, registry):
     assert "out of range" in e.value.read().decode()
 
 
+def post(served: dict, body: dict) -> tuple[int, dict]:
+    """POST ``body`` to the served model's /invocations: the status and the JSON answer."""
+    request = urllib.request.Request(f"http://127.0.0.1:{served['port']}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+SAMPLERS = "('ddpm', 'ddim', 'dpm-solver++')"
+TAKES = "this model takes ['class_label', 'seed'] in every row and optionally ['num_steps', 'guidance_scale', 'sampler']"
+
+
+@pytest.mark.parametrize("rows, params, says", [
+    ([{"class_label": 42, "seed": 0}], None, "row 0: class_label=42 is out of range: the model has 10 classes (0..9)"),
+    ([{"class_label": "eleven", "seed": 0}], None, "row 0: class_label='eleven' is not a class name of this model ('zero', "),
+    ([{"class_label": 1, "seed": 0}, {"class_label": 1, "seed": -1}], None,
+     "row 1: seed=-1 is not a seed: give an integer in [0, 2**63 - 1]"),
+    ([{"class_label": 1, "seed": 0, "sampler": "euler"}], None,
+     f"row 0: sampler='euler' does not fit this model: it was trained with objective 'eps', whose samplers are {SAMPLERS}"),
+    ([{"class_label": 1, "seed": 0, "num_steps": 0}], None, "row 0: num_steps=0 must be at least 1"),
+    ([{"class_label": 1, "seed": 0, "guidance_scale": "strong"}], None, "row 0: guidance_scale='strong' (str) is not a valid float"),
+    ([{"class_label": 1, "seed": 0, "steps": 2}], None, f"unknown input columns ['steps']: {TAKES}"),
+    ([{"class_label": 1, "seed": 0, "guidance": 4}], None, f"unknown input columns ['guidance']: {TAKES}"),
+    ([{"class_label": 1}], None, f"input rows lack the columns ['seed']: {TAKES}"),
+    ([{"class_label": 1, "seed": 0}], {"steps": 2}, "unknown params ['steps']: this model takes the params "
+                                                    "['num_steps', 'guidance_scale', 'sampler']"),
+    ([{"class_label": 1, "seed": 0}], {"sampler": "heun"}, f"row 0: sampler='heun' does not fit this model"),
+], ids=["label-range", "label-name", "seed", "sampler", "num-steps", "guidance-type", "column-steps", "column-guidance",
+        "no-seed", "param-unknown", "param-sampler"])
+def test_served_model_names_a_refused_value(served, rows, params, says):
+    """A 400 whose message is the reason (MLflow's INVALID_PARAMETER_VALUE), not its generic one."""
+    status, answer = post(served, {"dataframe_records": rows, **({"params": params} if params else {})})
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert says in answer["message"] and "unexpected error" not in answer["message"], answer["message"]
+
+
+def test_served_model_honours_its_params(served):
+    """``params`` give every row's settings where its own columns do not."""
+    row = {"class_label": 1, "seed": 3}
+    status, by_params = post(served, {"dataframe_records": [row], "params": {"num_steps": 2, "sampler": "ddpm"}})
+    assert status == 200, by_params
+    status, by_columns = post(served, {"dataframe_records": [{**row, "num_steps": 2, "sampler": "ddpm"}, row]})
+    assert status == 200, by_columns
+    assert by_params["predictions"][0]["image"] == by_columns["predictions"][0]["image"]
+    assert by_params["predictions"][0]["image"] != by_columns["predictions"][1]["image"]
+
+
 def _local_copy(tmp_path: Path) -> Path:
     import mlflow
 

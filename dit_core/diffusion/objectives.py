@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..settings import SettingError
 from .flow import FLOW_SAMPLERS, TIMESTEP_SAMPLING, FlowMatching
 from .meanflow import MeanFlow, MeanFlowModelFn, MeanFlowSampler, MeanFlowSettings
 from .losses import training_losses
@@ -53,21 +54,23 @@ def check_sampler(settings: Mapping[str, Any] | None, sampler: str) -> None:
     name = objective_name(settings)
     fits = SAMPLERS_BY_OBJECTIVE[name]
     if sampler not in ALL_SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is unknown; choose one of {ALL_SAMPLERS}")
+        problem = f"is unknown; choose one of {ALL_SAMPLERS}"
+        raise SettingError("sampler", sampler, problem, f"sampler {sampler!r} {problem}")
     if sampler not in fits:
-        raise ValueError(
-            f"sampler {sampler!r} does not fit this model: it was trained with objective {name!r}, "
-            f"whose samplers are {fits}; set sample.sampler to one of them")
+        problem = f"does not fit this model: it was trained with objective {name!r}, whose samplers are {fits}"
+        raise SettingError("sampler", sampler, problem + "; choose one of them",
+                           f"sampler {sampler!r} {problem}; set sample.sampler to one of them")
 
 
 def check_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> None:
     """Refuse classifier-free guidance at sampling for a model whose guidance was learned (MeanFlow)."""
     if objective_name(settings) == "meanflow" and float(guidance_scale) != 1.0:
         omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
-        raise ValueError(
-            f"guidance_scale={guidance_scale}: this model was trained with objective 'meanflow', whose guidance is "
-            f"learned in training (guidance_omega={omega}); it takes no classifier-free guidance at sampling. "
-            "Set sample.guidance_scale: 1 (a stronger guidance needs a model trained with a larger guidance_omega)")
+        learned = (f"this model was trained with objective 'meanflow', whose guidance is learned in training "
+                   f"(guidance_omega={omega}); it takes no classifier-free guidance at sampling")
+        stronger = "(a stronger guidance needs a model trained with a larger guidance_omega)"
+        raise SettingError("guidance_scale", guidance_scale, f"does not fit: {learned}; give 1 {stronger}",
+                           f"guidance_scale={guidance_scale}: {learned}. Set sample.guidance_scale: 1 {stronger}")
 
 
 class EpsObjective:
