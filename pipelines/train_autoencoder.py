@@ -54,9 +54,9 @@ class AutoencoderSettings:
     block_channels: list[int] = field(default_factory=lambda: [16, 32])  # downsample factor 2 ** (levels - 1)
     layers_per_block: int = 1
     norm_num_groups: int = 1             # GroupNorm groups; as many as channels is per-channel instance norm, which drops each image's colour
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 0.002
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 0.001
     kl_weight: float = 1e-6
     deterministic: bool = True           # decode the posterior mean in training, latents with std 0 (false: sample it, the SD VAE's way)
     seed: int = 0
