@@ -99,7 +99,7 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate(argv: Sequence[str] | None = None) -> int:
     from dit_core.data import image_grid, png_bytes
-    from dit_core.pipeline import ImagePipeline, SamplingSettings
+    from dit_core.pipeline import ImagePipeline, SamplingSettings, objective_sampling
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
     from ray_jobs.model_source import load_bundle
@@ -111,7 +111,8 @@ def generate(argv: Sequence[str] | None = None) -> int:
         given = settings.from_args(a, SamplingSettings)
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         bundle = load_bundle(a.model)
-        sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
+        # the model's recorded sampling (else its objective's defaults), then the flags given
+        sampling = settings.build(SamplingSettings, {**objective_sampling(bundle.diffusion), **bundle.sampling, **given}, "generate")
         names = [str(n) for n in bundle.latents.get("class_names") or []]
         nc = bundle.config.num_classes
         labels = [resolve_label(v.strip(), names, nc) for v in a.labels.split(",") if v.strip()]

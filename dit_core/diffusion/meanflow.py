@@ -80,6 +80,13 @@ class MeanFlowSettings:
     def guided(self) -> bool:
         return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
 
+    def check_label_dropout(self, class_dropout_prob: float) -> None:
+        """Learned guidance needs the unconditional model: refuse it without label dropout."""
+        if self.guided and not class_dropout_prob > 0:
+            raise ValueError(f"learned guidance (guidance_omega={self.guidance_omega}, guidance_kappa="
+                             f"{self.guidance_kappa}) needs the unconditional model: set class_dropout_prob > 0 "
+                             "(the paper: 0.1), or guidance_omega: 1 and guidance_kappa: 0")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -155,15 +162,12 @@ class MeanFlow:
 
         The objective drops labels itself (share ``class_dropout_prob``, to ``null_class``, from the
         global RNG): ``model_fn`` must not drop them again (the DiT: ``drop_labels=False``).
-        ``jvp_fn``: the function the no-gradient JVP runs through (default ``model_fn``); a training
-        job passes the module without its DDP wrapper there."""
+        ``jvp_fn``: the function the no-gradient passes (the JVP, the guidance's own predictions) run
+        through (default ``model_fn``); a training job passes the module without its DDP wrapper there."""
         r, t = times
         if r.shape != t.shape or t.shape != (x_start.shape[0],):
             raise ValueError(f"times r {tuple(r.shape)} and t {tuple(t.shape)} must both have shape ({x_start.shape[0]},)")
-        if self.settings.guided and not class_dropout_prob > 0:
-            raise ValueError(f"learned guidance (guidance_omega={self.settings.guidance_omega}, guidance_kappa="
-                             f"{self.settings.guidance_kappa}) needs the unconditional model: set class_dropout_prob > 0 "
-                             "(the paper: 0.1), or guidance_omega: 1 and guidance_kappa: 0")
+        self.settings.check_label_dropout(class_dropout_prob)
         if noise is None:
             noise = torch.randn_like(x_start)
         x, c = x_start.float(), x_start.shape[1]
@@ -171,9 +175,10 @@ class MeanFlow:
         y_in = torch.where(dropped, torch.full_like(y, null_class), y)
         z = self.flow.interpolate(x, noise.float(), t)
         v = noise.float() - x
+        no_grad_fn = jvp_fn or model_fn
         if self.settings.guided:
-            v = self.guided_velocity(model_fn, z, t, v, y, dropped, null_class)
-        u_tgt = average_velocity_target(self.average_velocity_fn(jvp_fn or model_fn, y_in, c), z, r.float(), t.float(), v)
+            v = self.guided_velocity(no_grad_fn, z, t, v, y, dropped, null_class)
+        u_tgt = average_velocity_target(self.average_velocity_fn(no_grad_fn, y_in, c), z, r.float(), t.float(), v)
         u = model_fn(z, self.model_time(r), self.model_time(t), y_in)[:, :c].float()
         return adaptive_weighted_loss(u, u_tgt, self.settings.weight_power, self.settings.weight_eps)
 

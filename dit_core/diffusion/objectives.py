@@ -60,14 +60,22 @@ def check_sampler(settings: Mapping[str, Any] | None, sampler: str) -> None:
             f"whose samplers are {fits}; set sample.sampler to one of them")
 
 
-def check_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> None:
-    """Refuse classifier-free guidance at sampling for a model whose guidance was learned (MeanFlow)."""
-    if objective_name(settings) == "meanflow" and float(guidance_scale) != 1.0:
-        omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
-        raise ValueError(
-            f"guidance_scale={guidance_scale}: this model was trained with objective 'meanflow', whose guidance is "
-            f"learned in training (guidance_omega={omega}); it takes no classifier-free guidance at sampling. "
-            "Set sample.guidance_scale: 1 (a stronger guidance needs a model trained with a larger guidance_omega)")
+def guidance_learned(settings: Mapping[str, Any] | None) -> bool:
+    """Whether the model's guidance was learned in training (MeanFlow's, guidance_omega), so that
+    it takes no classifier-free guidance at sampling."""
+    return objective_name(settings) == "meanflow"
+
+
+def sampling_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> tuple[float, str | None]:
+    """The classifier-free guidance scale a model samples with for ``guidance_scale`` asked, and why
+    it is another (None: it is the one asked): a model whose guidance was learned samples with 1."""
+    if not guidance_learned(settings) or float(guidance_scale) == 1.0:
+        return float(guidance_scale), None
+    omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
+    return 1.0, (f"sample.guidance_scale={guidance_scale} is ignored: this model was trained with objective 'meanflow', "
+                 f"whose guidance is learned in training (train.meanflow.guidance_omega={omega}), and it samples without "
+                 "classifier-free guidance. Set sample.guidance_scale: 1 to silence this; for stronger guidance train "
+                 "with a larger train.meanflow.guidance_omega")
 
 
 class EpsObjective:
@@ -209,5 +217,5 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
 
 
 __all__ = ["ALL_SAMPLERS", "LOSS_WEIGHTINGS", "MEANFLOW_SAMPLER", "OBJECTIVES", "SAMPLERS_BY_OBJECTIVE",
-           "TIMESTEP_SAMPLING", "EpsObjective", "FlowObjective", "MeanFlowObjective", "Objective", "check_guidance",
-           "check_sampler", "make_objective", "objective_name"]
+           "TIMESTEP_SAMPLING", "EpsObjective", "FlowObjective", "MeanFlowObjective", "Objective", "check_sampler",
+           "guidance_learned", "make_objective", "objective_name", "sampling_guidance"]
