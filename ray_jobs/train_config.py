@@ -26,13 +26,13 @@ RESUMABLE_CHANGES = frozenset({
     "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "placement_strategy", "storage_path", "name", "experiment",
     "registered_model", "tracking", "compile", "latents",
 })
-# MeanFlowSettings' fields that TrainConfig holds under the names the flow objective shares:
-# time_scale is ``diffusion_steps``, timestep_sampling is ``timestep_sampling``
-MEANFLOW_SHARED = ("time_scale", "timestep_sampling")
+# MeanFlowSettings' field that TrainConfig holds under the name the flow objective shares
+MEANFLOW_SHARED = ("timestep_sampling",)
 
 
 def meanflow_recipe() -> dict[str, float]:
-    """``train.meanflow``'s defaults: MeanFlowSettings' (the paper's), but the fields shared with flow."""
+    """``train.meanflow``'s defaults: MeanFlowSettings' (the paper's; the time scale, 1, measured
+    here), but ``timestep_sampling``, shared with flow."""
     return {k: v for k, v in MeanFlowSettings().to_dict().items() if k not in MEANFLOW_SHARED}
 
 
@@ -55,9 +55,9 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     learn_sigma: bool = False                     # eps only (flow learns no variance; the paper: true)
     noise_schedule: str = "linear"                # eps: the paper's (cosine: Improved DDPM's)
-    diffusion_steps: int = 1000                   # eps: the discrete steps; flow, meanflow: the timestep input's scale
-    # meanflow only: dit_core.diffusion.MeanFlowSettings' fields (interval_share, logit_mean, logit_std,
-    # guidance_omega, guidance_kappa, weight_power, weight_eps); keys left out keep these defaults
+    diffusion_steps: int = 1000                   # eps: the discrete steps; flow: the timestep input's scale
+    # meanflow only: dit_core.diffusion.MeanFlowSettings' fields (time_scale, interval_share, logit_mean,
+    # logit_std, guidance_omega, guidance_kappa, weight_power, weight_eps); keys left out keep these defaults
     meanflow: dict[str, float] = field(default_factory=meanflow_recipe)
     random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
     shuffle_rows: int = 1024                      # rows a worker shuffles together (its input memory: ~4 such windows)
@@ -195,9 +195,11 @@ def training_objective(cfg: TrainConfig) -> Objective:
         known = meanflow_recipe()
         unknown = sorted(set(cfg.meanflow) - set(known))
         if unknown:
-            raise ValueError(f"meanflow has unknown settings {unknown}; known: {sorted(known)} (the objective's time "
-                             "scale and time sampling are train.diffusion_steps and train.timestep_sampling)")
-        record |= {**known, **cfg.meanflow}
+            raise ValueError(f"meanflow has unknown settings {unknown}; known: {sorted(known)} (its time sampling "
+                             "is train.timestep_sampling)")
+        recipe = {**known, **cfg.meanflow}
+        # the record keeps a time scale as diffusion_steps (the flow objective's name for it)
+        record |= {**recipe, "diffusion_steps": recipe.pop("time_scale")}
     return make_objective(record)
 
 

@@ -32,7 +32,7 @@ from tests.test_objectives import _Identity   # latents are the images: the pipe
 #     u(z, r, t) = -MU + (z - m_t) ((t + r) - S^2 (2 - t - r)) / (sigma_t (sigma_t + sigma_r)),
 # with u(z, t, t) = (t - (1 - t) S^2) (z - m_t) / sigma_t^2 - MU, the flow's optimal velocity.
 MU, S = 0.4, 0.5
-SCALE = 1000.0   # the network's time input is t * SCALE
+SCALE = MeanFlowSettings().time_scale   # the network's time input is t * SCALE
 
 
 def sigma(t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ def test_meanflow_loss_at_r_equals_t_is_the_flow_loss():
     r, t = obj.sample_t(6, "cpu")
     assert torch.equal(r, t)
     mf = obj.losses(lambda z, rr, tt, yy: model(z, tt, yy, r=rr), x0, (r, t), y, null_class=3, class_dropout_prob=0.0, noise=noise)
-    flow = FlowMatching().losses(lambda z, tt: model(z, tt, y), x0, t, noise)
+    flow = FlowMatching(obj.meanflow.settings.time_scale).losses(lambda z, tt: model(z, tt, y), x0, t, noise)
     torch.testing.assert_close(mf["mse"], flow["mse"], rtol=0, atol=0)
     torch.testing.assert_close(mf["loss"], flow["mse"] * x0[0].numel())
 

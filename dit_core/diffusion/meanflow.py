@@ -21,8 +21,9 @@ guidance scale is omega / (1 - kappa)). A sample whose class is dropped learns t
 field: its v_tilde is v (the official code does the same). v_tilde is also the JVP's tangent, since
 the guided field's trajectories move along it. Sampling then needs no unconditional pass.
 
-Network times: the model sees ``t * time_scale`` and ``r * time_scale`` (the DiT's timestep range,
-as under ``flow``); the JVP differentiates in t in [0, 1] through that scaling.
+Network times: the model sees ``t * time_scale`` and ``r * time_scale`` (as under ``flow``, whose
+scale is 1000, the DiT's timestep range; MeanFlow's default is 1, see ``MeanFlowSettings``); the JVP
+differentiates in t in [0, 1] through that scaling, so d/dt u grows with the scale.
 
 The JVP runs under the math attention kernel: forward-mode AD through PyTorch's flash and
 memory-efficient SDPA kernels is not implemented (CPU and GPU). benchmarks/meanflow_step.py
@@ -51,7 +52,10 @@ AverageVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 class MeanFlowSettings:
     """The MeanFlow recipe; the defaults are the paper's ImageNet ones (Table 4) unless said."""
 
-    time_scale: float = 1000.0             # the network's time input is t * time_scale (``diffusion_steps``)
+    # the network's time input is t * time_scale (recorded as ``diffusion_steps``). 1: t in [0, 1], as SiT
+    # and MeanFlow's reference code; the flow objective's 1000 made the JVP target diverge on digits
+    # (docs/training.md: MeanFlow), where 1 trained smoothly and sampled best in one step
+    time_scale: float = 1.0
     timestep_sampling: str = "logit-normal"  # of t and r: uniform | logit-normal; each pair sorted so t >= r
     logit_mean: float = -0.4
     logit_std: float = 1.0

@@ -176,7 +176,8 @@ class MeanFlowObjective:
 
     def settings(self) -> dict[str, Any]:
         s = self.meanflow.settings
-        out = {"objective": "meanflow", "diffusion_steps": int(s.time_scale), "learn_sigma": False, **s.to_dict(),
+        scale = int(s.time_scale) if float(s.time_scale).is_integer() else s.time_scale   # 0.5 stays 0.5
+        out = {"objective": "meanflow", "diffusion_steps": scale, "learn_sigma": False, **s.to_dict(),
                "sample_shift": self.sample_shift}
         del out["time_scale"]   # recorded as diffusion_steps, as the flow objective records it
         return out
@@ -204,7 +205,7 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
                              "weights its loss adaptively (weight_power, weight_eps): set loss_weighting: none")
         defaults = MeanFlowSettings()
         fields = {k: type(getattr(defaults, k))(s[k]) for k in defaults.to_dict() if k in s and k != "time_scale"}
-        settings_ = MeanFlowSettings(time_scale=float(s.get("diffusion_steps", 1000)), **fields)
+        settings_ = MeanFlowSettings(time_scale=float(s.get("diffusion_steps", defaults.time_scale)), **fields)
         return MeanFlowObjective(settings_, float(s.get("sample_shift", 1.0)))
     if name == "flow":
         if s.get("learn_sigma") or learn_sigma:
