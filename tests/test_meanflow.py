@@ -345,8 +345,8 @@ def test_sampling_guidance_is_ignored_for_a_meanflow_model_with_one_warning():
     assert sampling_guidance(rec, 1.0) == (1.0, None)
     assert sampling_guidance({"objective": "flow"}, 2.0) == (2.0, None)
     scale, why = sampling_guidance(rec, 2.0)
-    assert scale == 1.0 and "sample.guidance_scale=2.0 is ignored" in why and "guidance_omega=2.0" in why
-    with pytest.warns(UserWarning, match="sample.guidance_scale=2.0 is ignored.*sample.guidance_scale: 1") as seen:
+    assert scale == 1.0 and "guidance_scale=2.0 is ignored" in why and "guidance_omega=2.0" in why
+    with pytest.warns(UserWarning, match="guidance_scale=2.0 is ignored.*sample.guidance_scale: 1") as seen:
         fitted = fit_sampling(rec, SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=2.0))
     assert fitted == SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0) and len(seen) == 1
     assert fit_sampling({"objective": "flow"}, SamplingSettings(sampler="euler")).guidance_scale == 2.0

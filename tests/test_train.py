@@ -478,6 +478,6 @@ def test_meanflow_trains_resumes_exactly_and_generates_in_one_and_two_steps(work
     one = pipe.generate([1], [5], SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0))
     two = pipe.generate([2, 1], [6, 5], SamplingSettings(sampler="meanflow", num_steps=2, guidance_scale=1.0))
     assert (got == np.concatenate([one, two])).all() and not (one[0] == two[1]).all()   # 1 and 2 steps differ
-    with pytest.warns(UserWarning, match="sample.guidance_scale=3.0 is ignored"):
+    with pytest.warns(UserWarning, match="guidance_scale=3.0 is ignored"):
         guided = pyfunc.predict(pd.DataFrame({"class_label": [1], "seed": [5], "guidance_scale": [3.0]}))
     assert (pngs_to_uint8(list(guided["image"])) == one).all()

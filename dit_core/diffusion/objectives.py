@@ -72,10 +72,10 @@ def sampling_guidance(settings: Mapping[str, Any] | None, guidance_scale: float)
     if not guidance_learned(settings) or float(guidance_scale) == 1.0:
         return float(guidance_scale), None
     omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
-    return 1.0, (f"sample.guidance_scale={guidance_scale} is ignored: this model was trained with objective 'meanflow', "
+    return 1.0, (f"guidance_scale={guidance_scale} is ignored: this model was trained with objective 'meanflow', "
                  f"whose guidance is learned in training (train.meanflow.guidance_omega={omega}), and it samples without "
-                 "classifier-free guidance. Set sample.guidance_scale: 1 to silence this; for stronger guidance train "
-                 "with a larger train.meanflow.guidance_omega")
+                 "classifier-free guidance. Set guidance_scale to 1 (sample.guidance_scale: 1, --guidance-scale 1) to "
+                 "silence this; for stronger guidance train with a larger train.meanflow.guidance_omega")
 
 
 class EpsObjective:
