@@ -350,12 +350,31 @@ def test_flow_objective_trains_is_recorded_and_refuses_eps_samplers(workspace, t
     ({"objective": "flow", "learn_sigma": True}, "learns no variance; set learn_sigma: false"),
     ({"objective": "eps", "timestep_sampling": "logit-normal"}, "timestep_sampling='logit-normal' is for objective 'flow'"),
     ({"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"}, "loss_weighting"),
+    ({"objective": "meanflow", "meanflow": {"interval_shares": 0.5}}, r"train: meanflow has unknown settings \['interval_shares'\]"),
+    ({"objective": "meanflow", "meanflow": {"interval_share": 1.5}}, r"interval_share=1.5 .* set a value in \[0, 1\]"),
+    ({"objective": "meanflow", "meanflow": {"guidance_omega": 2.0}, "class_dropout_prob": 0.0}, "set class_dropout_prob > 0"),
 ])
 def test_objective_settings_that_do_not_fit_are_refused(settings, match):
     from ray_jobs.train import config_from
 
     with pytest.raises(ValueError, match=match):
         config_from("x", settings).validate()
+
+
+def test_the_objective_decides_the_interval_input():
+    """The DiT gets MeanFlow's second time input for objective meanflow only; a model setting that
+    says otherwise is refused. The meanflow recipe's time scale is recorded as diffusion_steps."""
+    from ray_jobs.train import config_from, model_config
+    from ray_jobs.train_config import diffusion_settings
+
+    stats = {"latent_shape": [4, 8, 8], "num_classes": NUM_CLASSES}
+    assert model_config(config_from("x", {"objective": "meanflow"}), stats).interval_embed is True
+    assert model_config(config_from("x", {}), stats).interval_embed is False
+    with pytest.raises(ValueError, match="train.model.interval_embed=True contradicts train.objective='flow'"):
+        model_config(config_from("x", {"model": {**PARAMS["model"], "interval_embed": True}}), stats)
+    cfg = config_from("x", {"objective": "meanflow", "meanflow": {"time_scale": 100, "guidance_omega": 2}})
+    record = diffusion_settings(cfg)
+    assert record["diffusion_steps"] == 100 and record["guidance_omega"] == 2.0 and record["interval_share"] == 0.25
 
 
 # ---------------------------------------------------------------------------------------------
