@@ -134,8 +134,12 @@ class TrainConfig:
         return self.batch_size // (self.num_workers * self.grad_accum)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that decide the trained weights; a resumed run must share them."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        """The settings that decide the trained weights; a resumed run must share them. The meanflow
+        recipe only with objective meanflow (so that other runs keep the names they had before it)."""
+        out = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        if self.objective != "meanflow":
+            del out["meanflow"]
+        return out
 
 
 MODEL_NAME_PREFIX = "dit-"
