@@ -450,7 +450,7 @@ def test_ema_warmup_forgets_the_initial_weights():
 
 @pytest.mark.timeout(400)
 def test_meanflow_trains_resumes_exactly_and_generates_in_one_and_two_steps(workspace, tmp_path):
-    """A meanflow run (learned guidance) through the train stage: its checkpoint and registered
+    """A meanflow run (learned guidance, DDP on two nodes) through the train stage: its checkpoint and registered
     version record the objective and the interval input, MLflow has the plain mse beside the weighted
     loss, a stopped and resumed run ends bit-equal to it, and the registered pyfunc generates in 1
     (its recorded default) and 2 evaluations, as the pipeline does, with guidance_scale ignored."""
@@ -473,7 +473,8 @@ def test_meanflow_trains_resumes_exactly_and_generates_in_one_and_two_steps(work
     (latents / "stats.json").write_text(json.dumps(stats))
     params = {**PARAMS, "storage_path": workspace["storage"], "objective": "meanflow", "learn_sigma": False,
               "timestep_sampling": "logit-normal", "meanflow": {"guidance_omega": 1.5}, "batch_size": 16,
-              "num_workers": 1, "placement_strategy": "PACK", "steps": 6, "checkpoint_every": 3, "log_every": 3}
+              "steps": 6, "checkpoint_every": 3, "log_every": 3,   # two DDP workers: the JVP on the unwrapped DiT
+              "lr": 1e-2, "warmup_steps": 0}   # 6 steps that move the zero-initialised output: 1 and 2 steps differ
     train_and_report(str(latents), {**params, "name": "meanflow"}, str(tmp_path / "train.json"), str(tmp_path / "dit"))
     pointer = json.loads((tmp_path / "dit" / "trained.json").read_text())
     state = _state(pointer["checkpoint"])
