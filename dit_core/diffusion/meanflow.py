@@ -54,7 +54,7 @@ class MeanFlowSettings:
 
     # the network's time input is t * time_scale (recorded as ``diffusion_steps``). 1: t in [0, 1], as SiT
     # and MeanFlow's reference code; the flow objective's 1000 made the JVP target diverge on digits
-    # (docs/training.md: MeanFlow), where 1 trained smoothly and sampled best in one step
+    # (docs/training.md: MeanFlow; benchmarks/meanflow_time_scale.py), where 1 trained smoothly
     time_scale: float = 1.0
     timestep_sampling: str = "logit-normal"  # of t and r: uniform | logit-normal; each pair sorted so t >= r
     logit_mean: float = -0.4
