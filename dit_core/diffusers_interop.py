@@ -478,6 +478,9 @@ def export_pipeline(
 
     from dit_core import diffusers_pipeline
 
+    if objective_name(diffusion) == "meanflow" or model.config.interval_embed:
+        raise ValueError("a meanflow model (average velocity, a second time input) has no diffusers pipeline to "
+                         "export to; sample it here (`dit generate`, the sample job or the registered pyfunc)")
     vae, scale = _vae_and_scale(autoencoder, scale_factor)
     if int(vae.config.latent_channels) != model.config.in_channels:
         raise ValueError(

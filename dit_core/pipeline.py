@@ -15,9 +15,10 @@ Seeds: image i's noise comes only from ``torch.Generator().manual_seed(seed_i)``
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch
 from dit_core.autoencoders import Autoencoder, load_autoencoder
 from dit_core.contract import AUTOENCODER_RECORD_FILE
 from dit_core.data import to_uint8
-from dit_core.diffusion import ALL_SAMPLERS, ModelFn, Sampler, check_guidance, check_sampler, make_objective, randn, sample_loop
+from dit_core.diffusion import (ALL_SAMPLERS, MEANFLOW_SAMPLER, ModelFn, Sampler, check_sampler, make_objective, objective_name,
+                                randn, sample_loop, sampling_guidance)
 from dit_core.models import BlockCache, DiT, DiTConfig
 from dit_core.settings import SettingError
 
@@ -40,9 +42,9 @@ class SamplingSettings:
     (its ``sampling``)."""
 
     sampler: str = "dpm-solver++"      # eps models: ddpm | ddim | dpm-solver++; flow models: euler | heun | dpm-solver++;
-                                       # meanflow models: meanflow (1..k steps) and the flow ones, guidance_scale 1
+                                       # meanflow models: meanflow (1..k steps) and the flow ones
     num_steps: int = 20
-    guidance_scale: float = 2.0        # 1: no guidance
+    guidance_scale: float = 2.0        # 1: no guidance; ignored for meanflow models (guidance learned in training)
     eta: float = 0.0                   # ddim only
     guided_channels: int | None = None  # None: all latent channels; 3: the official variant
     cache_interval: int = 1            # >1: the blocks run on one step in this many
@@ -65,9 +67,8 @@ class SamplingSettings:
 
 def check_sampling(objective: Any, settings: SamplingSettings) -> None:
     """Refuse settings that a model of ``objective`` (``make_objective`` of its diffusion record)
-    cannot sample with, a sampler of another objective or guidance for a MeanFlow model: a
-    SettingError naming the setting."""
-    check_guidance(objective.settings(), settings.guidance_scale)
+    cannot sample with, a sampler of another objective: a SettingError naming the setting (a
+    guidance scale a MeanFlow model takes none of is ignored with a warning: ``fit_sampling``)."""
     check_sampler(objective.settings(), settings.sampler)
 
 
@@ -77,6 +78,30 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, (bool, np.bool_)) or not whole or not 0 <= int(seed) <= MAX_SEED:
         raise SettingError("seed", seed, "is not a seed: give an integer in [0, 2**63 - 1]")
     return int(seed)
+
+
+# The sampling defaults a model of these objectives records (where they differ from SamplingSettings'):
+# a meanflow model samples in one evaluation with the guidance it learned
+OBJECTIVE_SAMPLING: dict[str, dict[str, Any]] = {"meanflow": {"sampler": MEANFLOW_SAMPLER, "num_steps": 1, "guidance_scale": 1.0}}
+
+S = TypeVar("S", bound=SamplingSettings)
+
+
+def objective_sampling(diffusion: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sampling settings a model with this ``diffusion`` record takes by default, beyond SamplingSettings'."""
+    return dict(OBJECTIVE_SAMPLING.get(objective_name(diffusion), {}))
+
+
+def fit_sampling(diffusion: Mapping[str, Any] | None, settings: S) -> S:
+    """``settings`` as a model with this ``diffusion`` record samples them: a sampler its objective
+    has no use for is refused; a guidance scale it takes none of (its guidance was learned in
+    training: meanflow) is ignored, with a warning that names the setting and what to do."""
+    check_sampler(diffusion, settings.sampler)
+    scale, why = sampling_guidance(diffusion, settings.guidance_scale)
+    if why is None:
+        return settings
+    warnings.warn(why, stacklevel=2)
+    return replace(settings, guidance_scale=scale)
 
 
 def make_model_fn(
@@ -99,11 +124,8 @@ def make_model_fn(
         return plain
 
     def guided(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
-        if r is not None:
-            # u-space guidance is not the average of the guided velocity; MeanFlow learns its guidance
-            raise ValueError(f"guidance_scale={guidance_scale}: a MeanFlow model learned its guidance in training "
-                             "(guidance_omega in its diffusion settings) and takes no classifier-free guidance "
-                             "at sampling; set guidance_scale: 1")
+        if r is not None:   # u-space guidance is not the average of the guided velocity (fit_sampling drops it)
+            raise ValueError(f"guidance_scale={guidance_scale} with an average-velocity sampler: pass 1")
         return model.forward_with_cfg(x, t, class_labels, guidance_scale, guided_channels, cache)
     return guided
 
@@ -203,8 +225,8 @@ class ImagePipeline:
 
     def generate(self, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings, batch_size: int = 250) -> np.ndarray:
         """uint8 (N, H, W, 3) images, image i from ``labels[i]`` and the noise of ``seeds[i]`` alone,
-        drawn ``batch_size`` at a time."""
-        check_sampling(self.objective, settings)
+        drawn ``batch_size`` at a time, with ``settings`` as the model takes them (``fit_sampling``)."""
+        settings = fit_sampling(self.objective.settings(), settings)
         labels, seeds = [int(c) for c in labels], [check_seed(s) for s in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; give one seed per image")
@@ -229,5 +251,5 @@ class ImagePipeline:
         return np.concatenate(out)
 
 
-__all__ = ["CLASS_LABEL_MODES", "MAX_SEED", "ImagePipeline", "SamplingSettings", "check_sampling", "check_seed", "class_labels_for", "image_seed",
-           "load_fitting_autoencoder", "make_model_fn"]
+__all__ = ["CLASS_LABEL_MODES", "MAX_SEED", "OBJECTIVE_SAMPLING", "ImagePipeline", "SamplingSettings", "check_sampling", "check_seed",
+           "class_labels_for", "fit_sampling", "image_seed", "load_fitting_autoencoder", "make_model_fn", "objective_sampling"]

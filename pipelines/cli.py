@@ -139,7 +139,7 @@ def generate_parser() -> settings.CommandParser:
 def generate(argv: Sequence[str] | None = None) -> int:
     from dit_core.data import image_grid, png_bytes
     from dit_core.diffusion import make_objective
-    from dit_core.pipeline import ImagePipeline, SamplingSettings, check_sampling
+    from dit_core.pipeline import ImagePipeline, SamplingSettings, check_sampling, objective_sampling
     from ray_jobs import storage
     from ray_jobs.mlflow_model import resolve_label
     from ray_jobs.model_source import load_autoencoder_for, load_bundle
@@ -154,7 +154,8 @@ def generate(argv: Sequence[str] | None = None) -> int:
     with p.refusing(a, flag=f"--model {a.model}"):
         bundle = load_bundle(a.model)
     with p.refusing(a, values={"class_label": f"--labels {a.labels}"}):
-        sampling = settings.build(SamplingSettings, {**bundle.sampling, **given}, "generate")
+        # the model's recorded sampling (else its objective's defaults), then the flags given
+        sampling = settings.build(SamplingSettings, {**objective_sampling(bundle.diffusion), **bundle.sampling, **given}, "generate")
         check_sampling(make_objective(bundle.diffusion, learn_sigma=bundle.config.learn_sigma), sampling)
         names = [str(n) for n in bundle.latents.get(CLASS_NAMES_KEY) or []]
         labels = [resolve_label(v.strip(), names, bundle.config.num_classes) for v in a.labels.split(",") if v.strip()]

@@ -293,13 +293,16 @@ def signature() -> Any:
 
 def input_example(num_classes: int, diffusion: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Two rows: the defaults, and every optional setting given (2 steps of a second sampler that
-    fits the model's objective: a quick example)."""
-    from dit_core.diffusion import SAMPLERS_BY_OBJECTIVE, objective_name
+    fits the model's objective, guidance 1.5: a quick example). A model whose guidance was learned
+    (meanflow): 2 steps of its own sampler, guidance 1 (it takes no other)."""
+    from dit_core.diffusion import MEANFLOW_SAMPLER, SAMPLERS_BY_OBJECTIVE, guidance_learned, objective_name
 
-    other = SAMPLERS_BY_OBJECTIVE[objective_name(diffusion)][1]   # ddim (eps models), heun (flow models)
+    learned = guidance_learned(diffusion)
+    other = MEANFLOW_SAMPLER if learned else SAMPLERS_BY_OBJECTIVE[objective_name(diffusion)][1]   # ddim (eps), heun (flow)
     return pd.DataFrame([
         {CLASS_LABEL_COLUMN: 0, SEED_COLUMN: 0, "num_steps": None, "guidance_scale": None, "sampler": None},
-        {CLASS_LABEL_COLUMN: min(1, num_classes - 1), SEED_COLUMN: 1, "num_steps": 2, "guidance_scale": 1.5, "sampler": other},
+        {CLASS_LABEL_COLUMN: min(1, num_classes - 1), SEED_COLUMN: 1, "num_steps": 2, "guidance_scale": 1.0 if learned else 1.5,
+         "sampler": other},
     ])
 
 

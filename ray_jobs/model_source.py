@@ -227,7 +227,7 @@ def save_trained_model(checkpoint: str, out: str, record: dict[str, Any]) -> str
     info = {"model_config": bundle.model_config, "diffusion": bundle.diffusion, "latents": bundle.latents}
     with tempfile.TemporaryDirectory(prefix="dit-model-") as tmp, \
             tracking.autoencoder_folder(bundle.latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
-        folder = write_bundle(os.path.join(tmp, "model"), bundle.build_model(), info, tracking.sampling_defaults(), ae_dir)
+        folder = write_bundle(os.path.join(tmp, "model"), bundle.build_model(), info, tracking.sampling_defaults(None, bundle.diffusion), ae_dir)
         storage.write_json(str(folder / TRAINED_RECORD_FILE), record)
         storage.publish_folder(folder, out, last=MODEL_CONFIG_FILE)
     return out

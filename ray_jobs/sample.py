@@ -33,9 +33,9 @@ from dit_core.contract import (IMAGE_COLUMN, INDEX_COLUMN, LABEL_COLUMN, MODEL_V
                                SAMPLE_CONFIG_FILE, SAMPLE_GRID_FILE, SAMPLE_PARQUET_DIR, SAMPLE_PNG_DIR, SAMPLE_SUMMARY_FILE,
                                SEED_COLUMN, WEIGHTS_SHA256_KEY)
 from dit_core.data import image_grid, png_bytes, pngs_to_uint8
-from dit_core.diffusion import check_sampler, make_objective
+from dit_core.diffusion import make_objective
 from dit_core.metrics import AdmNpzWriter
-from dit_core.pipeline import CLASS_LABEL_MODES, ImagePipeline, SamplingSettings, class_labels_for, image_seed
+from dit_core.pipeline import CLASS_LABEL_MODES, ImagePipeline, SamplingSettings, class_labels_for, fit_sampling, image_seed
 
 from . import runtime, storage
 from .model_source import ModelBundle, load_autoencoder_for, load_bundle
@@ -374,7 +374,9 @@ def run(cfg: SampleConfig, progress: bool = True) -> dict[str, Any]:
     storage.check_writable(cfg.output)
     bundle = load_bundle(cfg.model, cfg.expect_preset)
     mc = bundle.config
-    check_sampler(bundle.diffusion, cfg.sampler)   # before any work: an eps sampler on a flow model is refused
+    # before any work: an eps sampler on a flow model is refused; a meanflow model's guidance_scale is
+    # set to 1 (warned once, here): the samples' record and the actors see what is sampled
+    cfg = fit_sampling(bundle.diffusion, cfg)
     labels = cfg.labels(mc.num_classes)
     base_labels = cfg.labels(mc.num_classes, baseline=True)
     if cfg.grid_per_class:

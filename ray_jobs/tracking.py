@@ -207,7 +207,7 @@ def log_model(
     latents = dict(model_info.get("latents") or {})
     with tempfile.TemporaryDirectory(prefix="dit-bundle-") as tmp, autoencoder_folder(latents.get(AUTOENCODER_PATH_KEY)) as ae_dir:
         bundle = mlflow_model.write_bundle(Path(tmp, MODEL_BUNDLE_ARTIFACT), model.cpu().eval(), model_info,
-                                           sampling_defaults(model_info.get("sampling")), ae_dir)
+                                           sampling_defaults(model_info.get("sampling"), model_info.get("diffusion")), ae_dir)
         num_classes = int(model_info["model_config"]["num_classes"])
         with mlflow.start_run(run_id=run_id):
             mlflow.log_dict(dict(model_info), MODEL_INFO_ARTIFACT)
@@ -230,18 +230,19 @@ def log_model(
     return version
 
 
-def sampling_defaults(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def sampling_defaults(given: Mapping[str, Any] | None = None, diffusion: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The sampling defaults a registered model records: ``dit_core.pipeline.SamplingSettings``'s
-    (= the ``sample`` settings' defaults), updated with ``given``; checked."""
+    (= the ``sample`` settings' defaults), with its objective's own (``diffusion``: a meanflow model
+    samples in one step of its sampler, without guidance), updated with ``given``; checked."""
     from dataclasses import asdict, fields
 
-    from dit_core.pipeline import SamplingSettings
+    from dit_core.pipeline import SamplingSettings, objective_sampling
 
     known = [f.name for f in fields(SamplingSettings)]
     unknown = sorted(set(given or {}) - set(known))
     if unknown:
         raise ValueError(f"model_info sampling keys {unknown} are unknown; known: {known}")
-    return asdict(SamplingSettings(**(given or {})))
+    return asdict(SamplingSettings(**{**objective_sampling(diffusion), **(given or {})}))
 
 
 @contextlib.contextmanager

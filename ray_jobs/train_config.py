@@ -13,7 +13,7 @@ from typing import Any
 
 from dit_core import settings
 from dit_core.contract import DATASET_KEY, LATENT_SHAPE_KEY, LATENT_STATS_FILE, NUM_CLASSES_KEY
-from dit_core.diffusion import make_objective
+from dit_core.diffusion import MeanFlowSettings, Objective, make_objective
 from dit_core.models import DiTConfig, preset_config
 
 from .latent_input import stored_views
@@ -27,6 +27,14 @@ RESUMABLE_CHANGES = frozenset({
     "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "placement_strategy", "storage_path", "name", "experiment",
     "registered_model", "tracking", "compile", "latents",
 })
+# MeanFlowSettings' field that TrainConfig holds under the name the flow objective shares
+MEANFLOW_SHARED = ("timestep_sampling",)
+
+
+def meanflow_recipe() -> dict[str, float]:
+    """``train.meanflow``'s defaults: MeanFlowSettings' (the paper's; the time scale, 1, measured
+    here), but ``timestep_sampling``, shared with flow."""
+    return {k: v for k, v in MeanFlowSettings().to_dict().items() if k not in MEANFLOW_SHARED}
 
 
 @dataclass(frozen=True)
@@ -42,13 +50,16 @@ class TrainConfig:
     class_dropout_prob: float = 0.1               # label dropout for classifier-free guidance
     # the training objective (docs/training.md: recipes). The digits default is the flow recipe (linear
     # interpolant, velocity, logit-normal times); the paper's is eps, uniform, learn_sigma true
-    objective: str = "flow"                       # flow | eps (the paper's)
-    timestep_sampling: str = "logit-normal"       # uniform | logit-normal (flow only)
+    objective: str = "flow"                       # flow | eps (the paper's) | meanflow (one- or few-step sampling)
+    timestep_sampling: str = "logit-normal"       # uniform | logit-normal (flow and meanflow)
     loss_weighting: str = "none"                  # none | min-snr (eps only)
     min_snr_gamma: float = 5.0
     learn_sigma: bool = False                     # eps only (flow learns no variance; the paper: true)
     noise_schedule: str = "linear"                # eps: the paper's (cosine: Improved DDPM's)
     diffusion_steps: int = 1000                   # eps: the discrete steps; flow: the timestep input's scale
+    # meanflow only: dit_core.diffusion.MeanFlowSettings' fields (time_scale, interval_share, logit_mean,
+    # logit_std, guidance_omega, guidance_kappa, weight_power, weight_eps); keys left out keep these defaults
+    meanflow: dict[str, float] = field(default_factory=meanflow_recipe)
     random_flip: bool = False                     # horizontal flips (the paper: true); off for digits, text
     shuffle_rows: int = 1024                      # rows a worker shuffles together (its input memory: ~4 such windows)
     # optimisation (steps = optimizer steps; batch_size = global: all workers, all micro-batches)
@@ -110,7 +121,9 @@ class TrainConfig:
         if self.lr <= 0 or self.class_embed_lr_scale <= 0:
             raise ValueError(f"train.lr={self.lr} and class_embed_lr_scale={self.class_embed_lr_scale} must be positive")
         try:
-            diffusion_settings(self)
+            objective = training_objective(self)
+            if objective.name == "meanflow":
+                objective.meanflow.settings.check_label_dropout(self.class_dropout_prob)
         except ValueError as e:
             raise ValueError(f"train: {e}") from None
         unknown = set(self.model) - {f.name for f in fields(DiTConfig)}
@@ -122,8 +135,12 @@ class TrainConfig:
         return self.batch_size // (self.num_workers * self.grad_accum)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that decide the trained weights; a resumed run must share them."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        """The settings that decide the trained weights; a resumed run must share them. The meanflow
+        recipe only with objective meanflow (so that other runs keep the names they had before it)."""
+        out = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        if self.objective != "meanflow":
+            del out["meanflow"]
+        return out
 
 
 MODEL_NAME_PREFIX = "dit-"
@@ -159,7 +176,11 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
             f"train.model {', '.join(f'{k}={a}' for k, (a, _) in clash.items())} contradicts the latents "
             f"({', '.join(f'{k}={b}' for k, (_, b) in clash.items())} from {cfg.latents}/{LATENT_STATS_FILE}); remove those keys"
         )
-    fields_ = {"class_dropout_prob": cfg.class_dropout_prob, "learn_sigma": cfg.learn_sigma,
+    interval = cfg.objective == "meanflow"   # the second time input r: MeanFlow's, and no other objective's
+    if cfg.model.get("interval_embed", interval) != interval:
+        raise ValueError(f"train.model.interval_embed={cfg.model['interval_embed']} contradicts train.objective="
+                         f"{cfg.objective!r}, which decides it (true for meanflow only); remove the key")
+    fields_ = {"class_dropout_prob": cfg.class_dropout_prob, "learn_sigma": cfg.learn_sigma, "interval_embed": interval,
                "grad_checkpointing": cfg.grad_checkpointing, **{k: v for k, v in cfg.model.items() if k not in data}, **data}
     if cfg.preset:
         return preset_config(cfg.preset, **fields_)  # raises naming the preset if unknown / overridden
@@ -169,12 +190,27 @@ def model_config(cfg: TrainConfig, stats: dict[str, Any]) -> DiTConfig:
     return DiTConfig(**fields_)
 
 
-def diffusion_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The objective's record (checkpoints and registered models: which objective, which samplers fit)."""
-    return make_objective({
+def training_objective(cfg: TrainConfig) -> Objective:
+    """The objective these settings train (``train.meanflow`` read with objective meanflow only)."""
+    record: dict[str, Any] = {
         "objective": cfg.objective, "noise_schedule": cfg.noise_schedule, "diffusion_steps": cfg.diffusion_steps,
         "learn_sigma": cfg.learn_sigma, "timestep_sampling": cfg.timestep_sampling, "loss_weighting": cfg.loss_weighting,
-        "min_snr_gamma": cfg.min_snr_gamma}).settings()
+        "min_snr_gamma": cfg.min_snr_gamma}
+    if cfg.objective == "meanflow":
+        known = meanflow_recipe()
+        unknown = sorted(set(cfg.meanflow) - set(known))
+        if unknown:
+            raise ValueError(f"meanflow has unknown settings {unknown}; known: {sorted(known)} (its time sampling "
+                             "is train.timestep_sampling)")
+        recipe = {**known, **cfg.meanflow}
+        # the record keeps a time scale as diffusion_steps (the flow objective's name for it)
+        record |= {**recipe, "diffusion_steps": recipe.pop("time_scale")}
+    return make_objective(record)
+
+
+def diffusion_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The objective's record (checkpoints and registered models: which objective, which samplers fit)."""
+    return training_objective(cfg).settings()
 
 
 def config_from(latents: str, params: dict[str, Any]) -> TrainConfig:

@@ -24,14 +24,13 @@ from typing import Any
 import torch
 
 from dit_core.contract import FINGERPRINT_KEY, LATENT_SHAPE_KEY, SCALE_FACTOR_KEY
-from dit_core.diffusion import make_objective
 from dit_core.models import DiT, DiTConfig
 from dit_core.training import EMA, derive_seed, flatten, learning_rate, noisy_latents
 
 from . import tracking
 from .checkpoints import check_resumable, identity_record, layout_digest, read_checkpoint, write_checkpoint
 from .latent_input import Batch, LatentStream, StreamPlan, Unit, plan_stream, read_stats, scan_units, train_shards
-from .train_config import TrainConfig, diffusion_settings, model_config
+from .train_config import TrainConfig, diffusion_settings, model_config, training_objective
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ class Run:
     units: list[Unit]
     layout: str                      # the latents' row-group layout (part of the run's identity)
     mcfg: DiTConfig
-    objective: Any                   # dit_core.diffusion objective: sample_t, losses
+    objective: Any                   # dit_core.diffusion objective: sample_t, losses (``objective_losses``)
     model: torch.nn.Module           # wrapped by Ray (DDP / FSDP)
     forward: Any                     # the model, compiled when train.compile
     ema: EMA
@@ -192,7 +191,7 @@ def setup(cfg: TrainConfig, name: str, git_commit: str) -> Run:
     opt = _optimizer(model, cfg, state)
     run = Run(
         cfg=cfg, name=name, rank=rank, world=world, device=device, stats=stats, plan=plan, units=units, layout=layout,
-        mcfg=mcfg, objective=make_objective(diffusion_settings(cfg)), model=model,
+        mcfg=mcfg, objective=training_objective(cfg), model=model,
         forward=torch.compile(model) if cfg.compile else model, ema=ema, opt=opt,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"),
         start_step=start_step, history=list(state.get("history", [])),
@@ -217,19 +216,40 @@ def set_learning_rate(run: Run, step: int) -> None:
         group["lr"] = learning_rate(step, run.cfg.lr, run.cfg.warmup_steps) * group.get("lr_scale", 1.0)
 
 
+def objective_losses(run: Run, x: torch.Tensor, y: torch.Tensor, times: Any) -> dict[str, torch.Tensor]:
+    """The objective's per-sample terms (``loss``, ``mse``) of a micro-batch. MeanFlow's model takes
+    (z, r, t, y) and drops no labels itself (the objective drops them, for its learned guidance); its
+    no-gradient passes (the JVP, the guidance's own predictions) run through the DiT without the DDP
+    wrapper (or the compiled module), whose hooks are for the backward pass. FSDP keeps the wrapper:
+    its parameters are sharded outside the wrapper's forward."""
+    if run.objective.name != "meanflow":
+        return run.objective.losses(lambda xt, tt: run.forward(xt, tt, y), x, times)
+    plain = run.model if run.cfg.strategy == "fsdp" else unwrap(run.model)
+
+    def forward(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return run.forward(z, t, labels, r=r, drop_labels=False)
+
+    def no_grad_pass(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return plain(z, t, labels, r=r, drop_labels=False)
+
+    return run.objective.losses(forward, x, times, y, run.mcfg.num_classes, run.cfg.class_dropout_prob, jvp_fn=no_grad_pass)
+
+
 def micro_step(run: Run, batch: Batch, step: int, micro: int) -> torch.Tensor:
-    """Forward and backward of one micro-batch (gradients synchronised on the last one); its loss."""
+    """Forward and backward of one micro-batch (gradients synchronised on the last one); its
+    (loss, mse): the objective's loss and its plain squared error (equal for flow)."""
     cfg, model = run.cfg, run.model
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, micro, 0))
     x = noisy_latents(batch.mean, batch.std, float(run.stats[SCALE_FACTOR_KEY]), gen)          # x_0 ~ q(z | image)
     x, y = x.to(run.device, non_blocking=True), torch.from_numpy(batch.labels).to(run.device, non_blocking=True)
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank, micro, 1))  # timesteps, noise, label dropout
-    t = run.objective.sample_t(x.shape[0], run.device)
+    t = run.objective.sample_t(x.shape[0], run.device)   # meanflow: (r, t)
     sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
     with (contextlib.nullcontext() if sync else model.no_sync()), run.autocast:
-        loss = run.objective.losses(lambda xt, tt: run.forward(xt, tt, y), x, t)["loss"].mean()
+        terms = objective_losses(run, x, y, t)
+        loss = terms["loss"].mean()
     (loss / cfg.grad_accum).backward()
-    return loss.detach()
+    return torch.stack([loss.detach(), terms["mse"].detach().mean()])
 
 
 def optimizer_step(run: Run, step: int) -> None:
@@ -254,11 +274,12 @@ class LossWindow:
     """The loss and the throughput since the last log line, over all workers."""
 
     def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+        self.loss = torch.zeros(3, dtype=torch.float64, device=device)  # [sum of losses, sum of mse, count]
         self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=self.loss.device)])
+    def add(self, terms: torch.Tensor) -> None:
+        """``terms``: a micro-batch's (loss, mse)."""
+        self.loss += torch.cat([terms.double(), torch.ones(1, dtype=torch.float64, device=self.loss.device)])
 
     def report(self, run: Run, stream: LatentStream, step: int) -> dict[str, Any]:
         """The metrics of the window ending after ``step`` (logged to MLflow and the history), then a new window."""
@@ -268,7 +289,8 @@ class LossWindow:
             dist.all_reduce(self.loss)  # the loss of every worker, not rank 0's alone
         done, elapsed = step + 1, time.perf_counter() - self.start
         metrics = {
-            "loss": float(self.loss[0] / self.loss[1]),
+            "loss": float(self.loss[0] / self.loss[2]),
+            "mse": float(self.loss[1] / self.loss[2]),   # the plain squared error (meanflow's loss is weighted)
             "lr": run.opt.param_groups[0]["lr"],
             "steps_per_sec": self.steps / elapsed,
             "images_per_sec": self.steps * run.cfg.batch_size / elapsed,

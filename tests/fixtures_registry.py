@@ -29,16 +29,21 @@ def random_dit(config: DiTConfig, seed: int = 0) -> DiT:
     return model.eval()
 
 
+def save_tiny_autoencoder(folder: Path) -> None:
+    """A small autoencoder of IMAGE_SIZE images into 4-channel latents of half the size (scale 0.7)."""
+    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
+    torch.manual_seed(0)
+    ae = Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", 0.7, 4, cfg.downsample, IMAGE_SIZE))
+    save_autoencoder(ae, folder)
+
+
 def register_tiny_model(root: Path) -> dict[str, Any]:
     """Register version 1 of ``NAME`` in the MLflow registry of ``MLFLOW_TRACKING_URI`` (set by the caller)."""
     from mlflow import MlflowClient
 
     from ray_jobs import tracking
 
-    cfg = SmallAutoencoderConfig(latent_channels=4, block_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
-    torch.manual_seed(0)
-    ae = Autoencoder(build_small_autoencoder(cfg, IMAGE_SIZE), AutoencoderRecord("tiny", 0.7, 4, cfg.downsample, IMAGE_SIZE))
-    save_autoencoder(ae, root / "autoencoder")
+    save_tiny_autoencoder(root / "autoencoder")
     model = random_dit(TINY10)
     tracking.configure_tracking()
     MlflowClient().create_experiment("registry-test", artifact_location=(root / "artifacts").as_uri())  # not ./mlruns

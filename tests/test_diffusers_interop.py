@@ -288,6 +288,8 @@ def test_missing_folder_and_unexportable_models_are_refused(tmp_path: Path) -> N
         export_pipeline(tiny_dit(), tmp_path / "d", tiny_vae())
     with pytest.raises(FileExistsError, match="overwrite"):
         export(tiny_dit(), tmp_path / "d")
+    with pytest.raises(ValueError, match="a meanflow model .* has no diffusers pipeline"):   # none samples u(z, r, t)
+        export_pipeline(tiny_dit(interval_embed=True), tmp_path / "e", tiny_vae(), diffusion={"objective": "meanflow"})
 
 
 # ----------------------------------------------------------------------------------------------

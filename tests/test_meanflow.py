@@ -13,14 +13,14 @@ from dit_core.diffusion import (
     MeanFlow,
     MeanFlowSettings,
     average_velocity_target,
-    check_guidance,
     check_sampler,
     make_objective,
     sample_loop,
+    sampling_guidance,
 )
 from dit_core.diffusion.meanflow import adaptive_weighted_loss
 from dit_core.models import DiT, DiTConfig, check_state_dict, config_from_state_dict
-from dit_core.pipeline import ImagePipeline, SamplingSettings, make_model_fn
+from dit_core.pipeline import ImagePipeline, SamplingSettings, fit_sampling, make_model_fn
 from tests.test_objectives import _Identity   # latents are the images: the pipeline without an autoencoder
 
 # Gaussian data x_0 ~ N(MU, S^2 I). On z_t = (1 - t) x_0 + t eps, z_t ~ N(m_t, sigma_t^2 I) with
@@ -32,7 +32,7 @@ from tests.test_objectives import _Identity   # latents are the images: the pipe
 #     u(z, r, t) = -MU + (z - m_t) ((t + r) - S^2 (2 - t - r)) / (sigma_t (sigma_t + sigma_r)),
 # with u(z, t, t) = (t - (1 - t) S^2) (z - m_t) / sigma_t^2 - MU, the flow's optimal velocity.
 MU, S = 0.4, 0.5
-SCALE = 1000.0   # the network's time input is t * SCALE
+SCALE = MeanFlowSettings().time_scale   # the network's time input is t * SCALE
 
 
 def sigma(t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ def test_meanflow_loss_at_r_equals_t_is_the_flow_loss():
     r, t = obj.sample_t(6, "cpu")
     assert torch.equal(r, t)
     mf = obj.losses(lambda z, rr, tt, yy: model(z, tt, yy, r=rr), x0, (r, t), y, null_class=3, class_dropout_prob=0.0, noise=noise)
-    flow = FlowMatching().losses(lambda z, tt: model(z, tt, y), x0, t, noise)
+    flow = FlowMatching(obj.meanflow.settings.time_scale).losses(lambda z, tt: model(z, tt, y), x0, t, noise)
     torch.testing.assert_close(mf["mse"], flow["mse"], rtol=0, atol=0)
     torch.testing.assert_close(mf["loss"], flow["mse"] * x0[0].numel())
 
@@ -338,20 +338,27 @@ def test_learned_guidance_without_label_dropout_is_refused():
         obj.losses(lambda z, r, t, y: z, x, (torch.zeros(2), torch.ones(2)), torch.tensor([0, 1]), 3, 0.0)
 
 
-def test_sampling_guidance_is_refused_for_a_meanflow_model():
+def test_sampling_guidance_is_ignored_for_a_meanflow_model_with_one_warning():
+    """A meanflow model learned its guidance: guidance_scale != 1 is set to 1, with a warning that
+    names the setting and the fix, once where the settings meet the model (``fit_sampling``)."""
     rec = make_objective({"objective": "meanflow", "guidance_omega": 2.0}).settings()
-    check_guidance(rec, 1.0)
-    check_guidance({"objective": "flow"}, 2.0)
-    with pytest.raises(ValueError, match="guidance_scale: 1") as err:
-        check_guidance(rec, 2.0)
-    assert "guidance_omega=2.0" in str(err.value)
+    assert sampling_guidance(rec, 1.0) == (1.0, None)
+    assert sampling_guidance({"objective": "flow"}, 2.0) == (2.0, None)
+    scale, why = sampling_guidance(rec, 2.0)
+    assert scale == 1.0 and "guidance_scale=2.0 is ignored" in why and "guidance_omega=2.0" in why
+    with pytest.warns(UserWarning, match="guidance_scale=2.0 is ignored.*sample.guidance_scale: 1") as seen:
+        fitted = fit_sampling(rec, SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=2.0))
+    assert fitted == SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0) and len(seen) == 1
+    assert fit_sampling({"objective": "flow"}, SamplingSettings(sampler="euler")).guidance_scale == 2.0
+    with pytest.raises(ValueError, match="does not fit"):
+        fit_sampling({"objective": "flow"}, SamplingSettings(sampler="meanflow"))
     model = tiny_dit(in_channels=3).eval()
     fn = make_model_fn(model, torch.tensor([0]), guidance_scale=2.0)
-    with pytest.raises(ValueError, match="guidance_scale: 1"):   # the guided function refuses an r too
+    with pytest.raises(ValueError, match="average-velocity sampler: pass 1"):   # the guided function refuses an r
         fn(torch.zeros(1, 3, 4, 4), torch.ones(1), torch.zeros(1))
     pipe = ImagePipeline(model, _Identity(), 1.0, rec, device="cpu")
-    with pytest.raises(ValueError, match="guidance_scale: 1"):
-        pipe.generate([0], [1], SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=2.0))
     one = pipe.generate([0, 2], [1, 2], SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0))
     assert one.shape == (2, 4, 4, 3)
+    with pytest.warns(UserWarning, match="is ignored"):
+        np.testing.assert_array_equal(one, pipe.generate([0, 2], [1, 2], SamplingSettings(sampler="meanflow", num_steps=1)))
     np.testing.assert_array_equal(one[1], pipe.generate([2], [2], SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0))[0])

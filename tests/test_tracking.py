@@ -114,5 +114,10 @@ def test_recorded_sampling_defaults_are_the_sample_settings_defaults():
     assert recorded == {k: settings.defaults(SampleConfig)[k] for k in recorded}
     assert set(recorded) == set(settings.defaults(SamplingSettings))
     assert tracking.sampling_defaults({"num_steps": 8})["num_steps"] == 8
+    assert tracking.sampling_defaults(None, {"objective": "flow"}) == recorded
+    # a meanflow model: one step of its own sampler, without guidance (it learned its guidance)
+    meanflow = tracking.sampling_defaults(None, {"objective": "meanflow"})
+    assert meanflow == {**recorded, "sampler": "meanflow", "num_steps": 1, "guidance_scale": 1.0}
+    assert tracking.sampling_defaults({"num_steps": 2}, {"objective": "meanflow"})["num_steps"] == 2
     with pytest.raises(ValueError, match="sampling keys \\['steps'\\] are unknown"):
         tracking.sampling_defaults({"steps": 8})

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -349,12 +350,31 @@ def test_flow_objective_trains_is_recorded_and_refuses_eps_samplers(workspace, t
     ({"objective": "flow", "learn_sigma": True}, "learns no variance; set learn_sigma: false"),
     ({"objective": "eps", "timestep_sampling": "logit-normal"}, "timestep_sampling='logit-normal' is for objective 'flow'"),
     ({"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"}, "loss_weighting"),
+    ({"objective": "meanflow", "meanflow": {"interval_shares": 0.5}}, r"train: meanflow has unknown settings \['interval_shares'\]"),
+    ({"objective": "meanflow", "meanflow": {"interval_share": 1.5}}, r"interval_share=1.5 .* set a value in \[0, 1\]"),
+    ({"objective": "meanflow", "meanflow": {"guidance_omega": 2.0}, "class_dropout_prob": 0.0}, "set class_dropout_prob > 0"),
 ])
 def test_objective_settings_that_do_not_fit_are_refused(settings, match):
     from ray_jobs.train import config_from
 
     with pytest.raises(ValueError, match=match):
         config_from("x", settings).validate()
+
+
+def test_the_objective_decides_the_interval_input():
+    """The DiT gets MeanFlow's second time input for objective meanflow only; a model setting that
+    says otherwise is refused. The meanflow recipe's time scale is recorded as diffusion_steps."""
+    from ray_jobs.train import config_from, model_config
+    from ray_jobs.train_config import diffusion_settings
+
+    stats = {"latent_shape": [4, 8, 8], "num_classes": NUM_CLASSES}
+    assert model_config(config_from("x", {"objective": "meanflow"}), stats).interval_embed is True
+    assert model_config(config_from("x", {}), stats).interval_embed is False
+    with pytest.raises(ValueError, match="train.model.interval_embed=True contradicts train.objective='flow'"):
+        model_config(config_from("x", {"model": {**PARAMS["model"], "interval_embed": True}}), stats)
+    cfg = config_from("x", {"objective": "meanflow", "meanflow": {"time_scale": 100, "guidance_omega": 2}})
+    record = diffusion_settings(cfg)
+    assert record["diffusion_steps"] == 100 and record["guidance_omega"] == 2.0 and record["interval_share"] == 0.25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,3 +447,58 @@ def test_ema_warmup_forgets_the_initial_weights():
     assert float(plain.model.weight) == pytest.approx(1 - 0.999 ** 200)  # ~0.18
     assert float(warm.model.weight) > 0.99
     assert warm.decay_at(0) == pytest.approx(0.1) and warm.decay_at(10**7) == 0.999
+
+
+@pytest.mark.timeout(400)
+def test_meanflow_trains_resumes_exactly_and_generates_in_one_and_two_steps(workspace, tmp_path):
+    """A meanflow run (learned guidance, DDP on two nodes) through the train stage: its checkpoint and registered
+    version record the objective and the interval input, MLflow has the plain mse beside the weighted
+    loss, a stopped and resumed run ends bit-equal to it, and the registered pyfunc generates in 1
+    (its recorded default) and 2 evaluations, as the pipeline does, with guidance_scale ignored."""
+    import mlflow
+    import pandas as pd
+
+    from fixtures_registry import save_tiny_autoencoder
+    from dit_core.data import pngs_to_uint8
+    from dit_core.pipeline import ImagePipeline, SamplingSettings
+    from pipelines.train import train_and_report
+    from ray_jobs.model_source import load_bundle
+    from ray_jobs.sample import load_autoencoder_for
+    from ray_jobs.train import config_from, train
+
+    # 4x4x4 latents of 8px images, with an autoencoder that decodes them: the registered model generates
+    save_tiny_autoencoder(tmp_path / "autoencoder")
+    latents = tmp_path / "latents"
+    stats = write_synthetic_latents(latents, n=64, num_classes=NUM_CLASSES, shape=(4, 4, 4), views=("image",))
+    stats |= {"autoencoder_path": str(tmp_path / "autoencoder"), "scale_factor": 0.7}
+    (latents / "stats.json").write_text(json.dumps(stats))
+    params = {**PARAMS, "storage_path": workspace["storage"], "objective": "meanflow", "learn_sigma": False,
+              "timestep_sampling": "logit-normal", "meanflow": {"guidance_omega": 1.5}, "batch_size": 16,
+              "steps": 6, "checkpoint_every": 3, "log_every": 3,   # two DDP workers: the JVP on the unwrapped DiT
+              "lr": 1e-2, "warmup_steps": 0}   # 6 steps that move the zero-initialised output: 1 and 2 steps differ
+    train_and_report(str(latents), {**params, "name": "meanflow"}, str(tmp_path / "train.json"), str(tmp_path / "dit"))
+    pointer = json.loads((tmp_path / "dit" / "trained.json").read_text())
+    state = _state(pointer["checkpoint"])
+    assert state["diffusion"]["objective"] == "meanflow" and state["diffusion"]["guidance_omega"] == 1.5
+    assert state["model_config"]["interval_embed"] is True and "interval_embedder.mlp.0.weight" in state["model"]
+    run = _client().get_run(pointer["mlflow_run_id"])
+    assert run.data.params["meanflow.guidance_omega"] == "1.5" and run.data.tags["objective"] == "meanflow"
+    assert 0 < run.data.metrics["mse"] and run.data.metrics["mse"] != run.data.metrics["loss"]   # the loss is weighted
+
+    base = {**params, "name": "meanflow-resume", "tracking": False}
+    train(config_from(str(latents), {**base, "steps": 3}))
+    assert_same_training_state(_state(train(config_from(str(latents), base)).checkpoint), state)
+
+    bundle = load_bundle(pointer["model_uri"])
+    assert bundle.sampling["sampler"] == "meanflow" and bundle.sampling["num_steps"] == 1 and bundle.sampling["guidance_scale"] == 1.0
+    pyfunc = mlflow.pyfunc.load_model(pointer["model_uri"])
+    rows = pd.DataFrame({"class_label": [1, 2, 1], "seed": [5, 6, 5], "num_steps": [None, 2, 2]})
+    got = pngs_to_uint8(list(pyfunc.predict(rows)["image"]))
+    ae, scale = load_autoencoder_for(bundle)
+    pipe = ImagePipeline(bundle.build_model(), ae, scale, bundle.diffusion, device="cpu")
+    one = pipe.generate([1], [5], SamplingSettings(sampler="meanflow", num_steps=1, guidance_scale=1.0))
+    two = pipe.generate([2, 1], [6, 5], SamplingSettings(sampler="meanflow", num_steps=2, guidance_scale=1.0))
+    assert (got == np.concatenate([one, two])).all() and not (one[0] == two[1]).all()   # 1 and 2 steps differ
+    with pytest.warns(UserWarning, match="guidance_scale=3.0 is ignored"):
+        guided = pyfunc.predict(pd.DataFrame({"class_label": [1], "seed": [5], "guidance_scale": [3.0]}))
+    assert (pngs_to_uint8(list(guided["image"])) == one).all()

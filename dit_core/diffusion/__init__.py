@@ -23,10 +23,11 @@ from .objectives import (
     MEANFLOW_SAMPLER,
     MeanFlowObjective,
     Objective,
-    check_guidance,
     check_sampler,
+    guidance_learned,
     make_objective,
     objective_name,
+    sampling_guidance,
 )
 from .schedule import GaussianDiffusion, create_diffusion, make_betas, respace, space_timesteps
 
@@ -47,7 +48,8 @@ __all__ = [
     "MeanFlowSampler",
     "MeanFlowSettings",
     "average_velocity_target",
-    "check_guidance",
+    "guidance_learned",
+    "sampling_guidance",
     "meanflow_times",
     "Objective",
     "check_sampler",

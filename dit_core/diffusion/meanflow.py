@@ -21,8 +21,9 @@ guidance scale is omega / (1 - kappa)). A sample whose class is dropped learns t
 field: its v_tilde is v (the official code does the same). v_tilde is also the JVP's tangent, since
 the guided field's trajectories move along it. Sampling then needs no unconditional pass.
 
-Network times: the model sees ``t * time_scale`` and ``r * time_scale`` (the DiT's timestep range,
-as under ``flow``); the JVP differentiates in t in [0, 1] through that scaling.
+Network times: the model sees ``t * time_scale`` and ``r * time_scale`` (as under ``flow``, whose
+scale is 1000, the DiT's timestep range; MeanFlow's default is 1, see ``MeanFlowSettings``); the JVP
+differentiates in t in [0, 1] through that scaling, so d/dt u grows with the scale.
 
 The JVP runs under the math attention kernel: forward-mode AD through PyTorch's flash and
 memory-efficient SDPA kernels is not implemented (CPU and GPU). benchmarks/meanflow_step.py
@@ -51,7 +52,10 @@ AverageVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 class MeanFlowSettings:
     """The MeanFlow recipe; the defaults are the paper's ImageNet ones (Table 4) unless said."""
 
-    time_scale: float = 1000.0             # the network's time input is t * time_scale (``diffusion_steps``)
+    # the network's time input is t * time_scale (recorded as ``diffusion_steps``). 1: t in [0, 1], as SiT
+    # and MeanFlow's reference code; the flow objective's 1000 made the JVP target diverge on digits
+    # (docs/training.md: MeanFlow; benchmarks/meanflow_time_scale.py), where 1 trained smoothly
+    time_scale: float = 1.0
     timestep_sampling: str = "logit-normal"  # of t and r: uniform | logit-normal; each pair sorted so t >= r
     logit_mean: float = -0.4
     logit_std: float = 1.0
@@ -79,6 +83,13 @@ class MeanFlowSettings:
     @property
     def guided(self) -> bool:
         return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
+
+    def check_label_dropout(self, class_dropout_prob: float) -> None:
+        """Learned guidance needs the unconditional model: refuse it without label dropout."""
+        if self.guided and not class_dropout_prob > 0:
+            raise ValueError(f"learned guidance (guidance_omega={self.guidance_omega}, guidance_kappa="
+                             f"{self.guidance_kappa}) needs the unconditional model: set class_dropout_prob > 0 "
+                             "(the paper: 0.1), or guidance_omega: 1 and guidance_kappa: 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,15 +166,12 @@ class MeanFlow:
 
         The objective drops labels itself (share ``class_dropout_prob``, to ``null_class``, from the
         global RNG): ``model_fn`` must not drop them again (the DiT: ``drop_labels=False``).
-        ``jvp_fn``: the function the no-gradient JVP runs through (default ``model_fn``); a training
-        job passes the module without its DDP wrapper there."""
+        ``jvp_fn``: the function the no-gradient passes (the JVP, the guidance's own predictions) run
+        through (default ``model_fn``); a training job passes the module without its DDP wrapper there."""
         r, t = times
         if r.shape != t.shape or t.shape != (x_start.shape[0],):
             raise ValueError(f"times r {tuple(r.shape)} and t {tuple(t.shape)} must both have shape ({x_start.shape[0]},)")
-        if self.settings.guided and not class_dropout_prob > 0:
-            raise ValueError(f"learned guidance (guidance_omega={self.settings.guidance_omega}, guidance_kappa="
-                             f"{self.settings.guidance_kappa}) needs the unconditional model: set class_dropout_prob > 0 "
-                             "(the paper: 0.1), or guidance_omega: 1 and guidance_kappa: 0")
+        self.settings.check_label_dropout(class_dropout_prob)
         if noise is None:
             noise = torch.randn_like(x_start)
         x, c = x_start.float(), x_start.shape[1]
@@ -171,9 +179,10 @@ class MeanFlow:
         y_in = torch.where(dropped, torch.full_like(y, null_class), y)
         z = self.flow.interpolate(x, noise.float(), t)
         v = noise.float() - x
+        no_grad_fn = jvp_fn or model_fn
         if self.settings.guided:
-            v = self.guided_velocity(model_fn, z, t, v, y, dropped, null_class)
-        u_tgt = average_velocity_target(self.average_velocity_fn(jvp_fn or model_fn, y_in, c), z, r.float(), t.float(), v)
+            v = self.guided_velocity(no_grad_fn, z, t, v, y, dropped, null_class)
+        u_tgt = average_velocity_target(self.average_velocity_fn(no_grad_fn, y_in, c), z, r.float(), t.float(), v)
         u = model_fn(z, self.model_time(r), self.model_time(t), y_in)[:, :c].float()
         return adaptive_weighted_loss(u, u_tgt, self.settings.weight_power, self.settings.weight_eps)
 

@@ -62,15 +62,22 @@ def check_sampler(settings: Mapping[str, Any] | None, sampler: str) -> None:
                            f"sampler {sampler!r} {problem}; set sample.sampler to one of them")
 
 
-def check_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> None:
-    """Refuse classifier-free guidance at sampling for a model whose guidance was learned (MeanFlow)."""
-    if objective_name(settings) == "meanflow" and float(guidance_scale) != 1.0:
-        omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
-        learned = (f"this model was trained with objective 'meanflow', whose guidance is learned in training "
-                   f"(guidance_omega={omega}); it takes no classifier-free guidance at sampling")
-        stronger = "(a stronger guidance needs a model trained with a larger guidance_omega)"
-        raise SettingError("guidance_scale", guidance_scale, f"does not fit: {learned}; give 1 {stronger}",
-                           f"guidance_scale={guidance_scale}: {learned}. Set sample.guidance_scale: 1 {stronger}")
+def guidance_learned(settings: Mapping[str, Any] | None) -> bool:
+    """Whether the model's guidance was learned in training (MeanFlow's, guidance_omega), so that
+    it takes no classifier-free guidance at sampling."""
+    return objective_name(settings) == "meanflow"
+
+
+def sampling_guidance(settings: Mapping[str, Any] | None, guidance_scale: float) -> tuple[float, str | None]:
+    """The classifier-free guidance scale a model samples with for ``guidance_scale`` asked, and why
+    it is another (None: it is the one asked): a model whose guidance was learned samples with 1."""
+    if not guidance_learned(settings) or float(guidance_scale) == 1.0:
+        return float(guidance_scale), None
+    omega = (settings or {}).get("guidance_omega", MeanFlowSettings.guidance_omega)
+    return 1.0, (f"guidance_scale={guidance_scale} is ignored: this model was trained with objective 'meanflow', "
+                 f"whose guidance is learned in training (train.meanflow.guidance_omega={omega}), and it samples without "
+                 "classifier-free guidance. Set guidance_scale to 1 (sample.guidance_scale: 1, --guidance-scale 1) to "
+                 "silence this; for stronger guidance train with a larger train.meanflow.guidance_omega")
 
 
 class EpsObjective:
@@ -171,7 +178,8 @@ class MeanFlowObjective:
 
     def settings(self) -> dict[str, Any]:
         s = self.meanflow.settings
-        out = {"objective": "meanflow", "diffusion_steps": int(s.time_scale), "learn_sigma": False, **s.to_dict(),
+        scale = int(s.time_scale) if float(s.time_scale).is_integer() else s.time_scale   # 0.5 stays 0.5
+        out = {"objective": "meanflow", "diffusion_steps": scale, "learn_sigma": False, **s.to_dict(),
                "sample_shift": self.sample_shift}
         del out["time_scale"]   # recorded as diffusion_steps, as the flow objective records it
         return out
@@ -199,7 +207,7 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
                              "weights its loss adaptively (weight_power, weight_eps): set loss_weighting: none")
         defaults = MeanFlowSettings()
         fields = {k: type(getattr(defaults, k))(s[k]) for k in defaults.to_dict() if k in s and k != "time_scale"}
-        settings_ = MeanFlowSettings(time_scale=float(s.get("diffusion_steps", 1000)), **fields)
+        settings_ = MeanFlowSettings(time_scale=float(s.get("diffusion_steps", defaults.time_scale)), **fields)
         return MeanFlowObjective(settings_, float(s.get("sample_shift", 1.0)))
     if name == "flow":
         if s.get("learn_sigma") or learn_sigma:
@@ -212,5 +220,5 @@ def make_objective(settings: Mapping[str, Any] | None = None, learn_sigma: bool 
 
 
 __all__ = ["ALL_SAMPLERS", "LOSS_WEIGHTINGS", "MEANFLOW_SAMPLER", "OBJECTIVES", "SAMPLERS_BY_OBJECTIVE",
-           "TIMESTEP_SAMPLING", "EpsObjective", "FlowObjective", "MeanFlowObjective", "Objective", "check_guidance",
-           "check_sampler", "make_objective", "objective_name"]
+           "TIMESTEP_SAMPLING", "EpsObjective", "FlowObjective", "MeanFlowObjective", "Objective", "check_sampler",
+           "guidance_learned", "make_objective", "objective_name", "sampling_guidance"]
