@@ -125,6 +125,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "groups4": {**TODAY, "norm_num_groups": 4},
     "groups1": {**TODAY, "norm_num_groups": 1},
     "groups1-mean": {**TODAY, "norm_num_groups": 1, "deterministic": True},
+    "groups1-mean-b32x800": {**TODAY, "norm_num_groups": 1, "deterministic": True, "batch_size": 32, "steps": 800},
+    "groups1-mean-b32x1200": {**TODAY, "norm_num_groups": 1, "deterministic": True, "batch_size": 32, "steps": 1200},
     "default": {},  # whatever AutoencoderSettings holds now
 }
 
@@ -159,7 +161,7 @@ def run_variant(name: str, overrides: dict[str, Any], images: np.ndarray, seed: 
     }
 
 
-COLUMNS = ["set", "variant", "train_seconds", "val_mse", "flat_mse", "sat_bright_in", "sat_bright_out", "ratio_bright",
+COLUMNS = ["set", "variant", "seed", "train_seconds", "val_mse", "flat_mse", "sat_bright_in", "sat_bright_out", "ratio_bright",
            "sat_dark_in", "sat_dark_out", "ratio_dark"]
 
 
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=None, help="comma list; default: all on dark-ground, today,default elsewhere")
     p.add_argument("--image-size", type=int, default=32, help="of the drawn sets (digits stay 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
+    p.add_argument("--seeds", default="0", help="comma list: each variant trained once per seed (the run-to-run spread is large)")
     p.add_argument("--tag", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -178,10 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         images = SETS[set_name](a.image_size)
         names = a.variants.split(",") if a.variants else (list(VARIANTS) if set_name == "dark-ground" else ["today", "default"])
         for v in names:
-            start = time.time()
-            row = {"set": set_name, "images": len(images), "image_size": images.shape[1], **run_variant(v, VARIANTS[v], images)}
-            rows.append(row)
-            print(table([row], COLUMNS).splitlines()[-1], f"({time.time() - start:.0f} s)", flush=True)
+            for seed in (int(x) for x in a.seeds.split(",")):
+                start = time.time()
+                row = {"set": set_name, "images": len(images), "image_size": images.shape[1], "seed": seed,
+                       **run_variant(v, VARIANTS[v], images, seed)}
+                rows.append(row)
+                print(table([row], COLUMNS).splitlines()[-1], f"({time.time() - start:.0f} s)", flush=True)
     print(table(rows, COLUMNS))
     print("wrote", write_result("autoencoder_colour", {"default": asdict(AutoencoderSettings()), "argv": vars(a), "rows": rows,
                                                        "table": table(rows, COLUMNS)}, a.tag))
