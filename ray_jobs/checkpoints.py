@@ -11,11 +11,12 @@ logged row) and ``attempts.json`` (the steps each start, resume or restart execu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -93,6 +94,32 @@ def check_identity(cfg: TrainConfig, name: str, fingerprint: str, layout: str) -
         _refuse_other_layout(run, started_layout, cfg, layout)
     if saved != current:
         _refuse_other_settings(run, saved, current)
+
+
+@contextlib.contextmanager
+def run_lock(storage_path: str, name: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """One training process per run at a time in a local ``storage_path``: a second start of the same
+    run (two queued experiments with the same settings and data: the same name) waits for the first
+    and then resumes from its last checkpoint, rather than writing into the same folder at once.
+    On S3 there is no lock: give experiments that run side by side different settings or train.name."""
+    if storage.is_s3(storage_path):
+        yield
+        return
+    import fcntl
+
+    path = Path(storage_path) / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"train: another process is training run {name!r} (the same settings and data) in {storage_path}; "
+                "waiting for it to finish, then resuming from its last checkpoint")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_checkpoint(folder: str, state: dict[str, Any], history: list[dict[str, Any]], attempts: list[dict[str, int]]) -> None:

@@ -29,7 +29,7 @@ from dit_core import settings
 from dit_core.contract import FINGERPRINT_KEY
 
 from . import runtime, storage, tracking
-from .checkpoints import check_identity, checkpoint_uri, default_name, layout_digest, run_records
+from .checkpoints import check_identity, checkpoint_uri, default_name, layout_digest, run_lock, run_records
 from .latent_input import VIEWS_BEFORE_FLIP_VIEWS, check_data, plan_stream, read_stats, stored_views, train_shards
 from .train_config import (DATA_FIELDS, RESUMABLE_CHANGES, STRATEGIES, TrainConfig, config_from, diffusion_settings,
                            load_train_params, model_config, registered_name)
@@ -146,12 +146,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime.require_persistent({"train.storage_path": cfg.storage_path}, tracking_uri)
     storage.check_writable(cfg.storage_path)
     name = cfg.name or default_name(cfg, stats)
-    check_identity(cfg, name, stats[FINGERPRINT_KEY], layout_digest(units))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if cfg.strategy == "fsdp" and not use_gpu:
         raise ValueError("train.strategy=fsdp needs GPU workers (Ray's FSDP is GPU-only) and this cluster has none "
                          "(or use_gpu is false); use strategy: ddp on CPU")
-    result = _trainer(cfg, name, use_gpu).fit()
+    with run_lock(cfg.storage_path, name):
+        check_identity(cfg, name, stats[FINGERPRINT_KEY], layout_digest(units))
+        result = _trainer(cfg, name, use_gpu).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint under {cfg.storage_path}")
     metrics = dict(result.metrics or {})

@@ -178,3 +178,32 @@ def test_model_folder_written_whole_and_read_back_through_its_pointer(kind, tmp_
     assert bundle.weights_digest() == state_digest(model.state_dict())
     assert bundle.diffusion["objective"] == "flow" and bundle.latents["class_names"] == ["a", "b", "c"]
     assert bundle.pinned_uri == "models:/dit-test/4"
+
+
+def test_a_second_start_of_the_same_run_waits_for_the_first(tmp_path):
+    """Two queued experiments with the same settings share a run name: the second start waits for
+    the first process's lock (then resumes from its checkpoint) instead of writing beside it."""
+    import subprocess
+    import sys
+    import time
+
+    from ray_jobs.checkpoints import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from ray_jobs.checkpoints import run_lock\n"
+        f"with run_lock({str(tmp_path)!r}, 'dit-digits-abc', log=lambda m: None):\n"
+        "    print('held', flush=True); time.sleep(3)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        said: list[str] = []
+        start = time.monotonic()
+        with run_lock(str(tmp_path), "dit-digits-abc", log=said.append):
+            waited = time.monotonic() - start
+        assert waited > 1.5, waited   # it held the lock for 3 s
+        assert len(said) == 1 and "waiting for it to finish" in said[0] and "dit-digits-abc" in said[0]
+        with run_lock(str(tmp_path), "dit-digits-other", log=said.append):   # another run does not wait
+            pass
+        assert len(said) == 1
+    finally:
+        holder.wait(timeout=30)
