@@ -81,9 +81,9 @@ class TrainConfig:
     lr: float
     kl_weight: float  # small: we want a near-deterministic code, the KL only keeps it bounded
     seed: int
-    # decode the posterior mean in training (a plain autoencoder, as DC-AE): a sampled code's noise
-    # (std about 1 at the start, shrunk only by the tiny KL) makes the decoder average colours away
-    deterministic: bool = True
+    # decode the posterior mean in training (a plain autoencoder, as DC-AE) rather than a sample of
+    # it (the SD VAE's way: the decoder learns to read codes near the mean, which the DiT draws)
+    deterministic: bool = False
 
 
 class Autoencoder:

@@ -58,7 +58,7 @@ class AutoencoderSettings:
     batch_size: int = 32
     lr: float = 0.001
     kl_weight: float = 1e-6
-    deterministic: bool = True           # decode the posterior mean in training, latents with std 0 (false: sample it, the SD VAE's way)
+    deterministic: bool = False          # true: decode the posterior mean in training, latents with std 0 (false: a sample, the SD VAE's way)
     seed: int = 0
     max_images: int = 20000              # training subset (seeded) on large data sets
     eval_batch_size: int = 256

@@ -76,17 +76,20 @@ def test_trained_scale_factor_is_inverse_std_and_survives_save_load(tmp_path):
     assert loaded.record == ae.record
     assert torch.allclose(loaded.encode(images[:4])[0], ae.encode(images[:4])[0], atol=1e-6)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    # the default is a plain autoencoder: its latents are the means, std 0 (encode draws no noise)
-    assert loaded.record.deterministic and bool((loaded.encode(images[:4])[1] == 0).all())
+    # the default is the SD VAE's way: trained on posterior samples, latents with their std
+    assert not loaded.record.deterministic and bool((loaded.encode(images[:4])[1] > 0).all())
 
 
-def test_a_sampled_posterior_keeps_its_std_and_old_records_read_as_sampled(tmp_path):
-    """train_autoencoder.deterministic=false trains on posterior samples, as the SD VAE; its std is
-    kept. A record written before the setting existed has no key: it was such a KL autoencoder."""
+def test_a_plain_autoencoder_has_std_0_and_old_records_read_as_sampled(tmp_path):
+    """train_autoencoder.deterministic=true trains on the posterior mean (a plain autoencoder): its
+    latents have std 0, also after a save and load. A record written before the setting existed has
+    no key: it was a KL autoencoder trained on samples."""
     images = torch.rand(16, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
-    train = TrainConfig(steps=2, batch_size=8, lr=1e-3, kl_weight=1e-6, seed=0, deterministic=False)
-    ae, _ = train_small_autoencoder(images, small_config(), train, "kl-ae")
-    assert not ae.record.deterministic and bool((ae.encode(images[:2])[1] > 0).all())
+    train = TrainConfig(steps=2, batch_size=8, lr=1e-3, kl_weight=1e-6, seed=0, deterministic=True)
+    ae, _ = train_small_autoencoder(images, small_config(), train, "plain-ae")
+    save_autoencoder(ae, tmp_path / "plain")
+    loaded = load_autoencoder(tmp_path / "plain")
+    assert loaded.record.deterministic and bool((loaded.encode(images[:2])[1] == 0).all())
     assert AutoencoderRecord.from_dict({"id": "old", "scale_factor": 0.5, "latent_channels": 4, "downsample": 2}).deterministic is False
 
 
