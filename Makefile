@@ -18,7 +18,7 @@ run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m ray_jobs.local_cluster dvc repro
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
