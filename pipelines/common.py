@@ -95,20 +95,24 @@ def write_location(local: str, uri: str) -> None:
 
 
 def stage_arguments(argv: Sequence[str] | None, doc: str | None, flags: Mapping[str, str], settings_cls: type, section: str,
-                    example: str, optional: Sequence[str] = (), skip: Sequence[str] = ()
+                    example: str, optional: Sequence[str] = (), skip: Sequence[str] = (), build: bool = False
                     ) -> tuple[settings.CommandParser, argparse.Namespace, dict[str, Any]]:
     """A stage's command line: its path flags (``flags``: flag -> help, in order; required but for
     those in ``optional``), as ``dvc.yaml`` gives them, then ``--params``/``--set`` for its params.yaml
     ``section`` with the settings list of ``settings_cls`` (``skip``: fields its flags give). Returns
     the parser (its ``refusing`` turns a refused value into one line naming the flag), the parsed
-    flags and the section's settings (``settings.read_settings``; a bad one is refused that way)."""
+    flags and the section's settings (``settings.read_settings``; a bad one is refused that way).
+    ``build``: also check them whole (``settings.build`` of ``settings_cls``) before any work."""
     p = settings.command_parser(doc)
     for flag, text in flags.items():
         p.add_argument(flag, required=flag not in optional, default=None, help=text)
     settings.add_settings_arguments(p, settings_cls, section, PARAMS_FILE, skip=skip, example=example)
     a = p.parse_args(argv)
     with p.refusing(a):
-        return p, a, settings.read_settings(a, settings_cls, section)
+        params = settings.read_settings(a, settings_cls, section)
+        if build:
+            settings.build(settings_cls, params, section)
+    return p, a, params
 
 
 def _argv(args: argparse.Namespace) -> str:

@@ -166,10 +166,8 @@ def write_version(ae: Autoencoder, staging: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "autoencoder folder or s3:// URI",
              "--metrics": "JSON metrics file (local)"}
-    p, a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200",
-                                   optional=("--metrics",))
-    with p.refusing(a):   # typed and sound before any work
-        settings.build(AutoencoderSettings, params, "train_autoencoder")
+    _, a, params = stage_arguments(argv, __doc__, flags, AutoencoderSettings, "train_autoencoder", "steps=200",
+                                  optional=("--metrics",), build=True)   # typed and sound before any work
 
     def core(job: argparse.Namespace) -> None:
         with storage.publishing(job.out, AUTOENCODER_RECORD_FILE) as staging:  # before training: a killed run leaves only this

@@ -86,10 +86,8 @@ def publish(model: Any, metrics: dict[str, Any], out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--prepared": "prepared data folder or s3:// URI", "--out": "classifier folder or s3:// URI",
              "--metrics": "JSON metrics file (local)"}
-    p, a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5",
-                                   optional=("--metrics",))
-    with p.refusing(a):   # typed and sound before any work
-        settings.build(ClassifierSettings, params, "train_classifier")
+    _, a, params = stage_arguments(argv, __doc__, flags, ClassifierSettings, "train_classifier", "epochs=5",
+                                  optional=("--metrics",), build=True)   # typed and sound before any work
 
     def core(job: argparse.Namespace) -> None:
         model, metrics = build_classifier(job.prepared, params)
